@@ -1,0 +1,7 @@
+"""`python -m blueberry ...`: the same command line as train.py."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

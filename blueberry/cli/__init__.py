@@ -1,0 +1,5 @@
+"""The command line: `python train.py ...`, `python -m blueberry ...`, `blueberry ...`."""
+
+from .main import main
+
+__all__ = ["main"]

@@ -1,0 +1,60 @@
+"""`train`: build the config from preset/file + flags, then validate-setup, one run, a resume, or a sweep."""
+
+from __future__ import annotations
+
+from ..configs import AdaptiveMoEModelConfig, get_config, load_config_file
+from ..errors import ConfigError
+
+
+def config_from_args(args) -> AdaptiveMoEModelConfig:
+    from .args import overrides_from
+
+    overrides = overrides_from(args)
+    lrs = overrides.pop("lr", None)
+    if lrs is not None:
+        overrides["lr"] = lrs[0]
+    if args.config.endswith((".yaml", ".yml", ".json")):
+        config = AdaptiveMoEModelConfig(**{**load_config_file(args.config), **overrides})
+    else:
+        config = get_config(args.config, **overrides)
+    return config.validate()
+
+
+def train_command(args) -> int:
+    if args.resume_from:
+        return _resume(args)
+    config = config_from_args(args)
+    if args.validate_setup:
+        from .validate_setup import validate_setup
+
+        return validate_setup(config)
+    lrs = getattr(args, "lr", None) or []
+    if len(lrs) > 1:
+        from ..training.sweep import run_lr_sweep
+
+        run_lr_sweep(config, lrs)
+        return 0
+    from ..training.run import run_training
+
+    run_training(config)
+    return 0
+
+
+def _resume(args) -> int:
+    from ..training.checkpoint import read_state, resolve_checkpoint, run_dir_of
+    from ..training.run import run_training
+    from .args import overrides_from
+
+    ckpt = resolve_checkpoint(args.resume_from)
+    state = read_state(ckpt)
+    saved = AdaptiveMoEModelConfig.from_dict(state["config"])
+    overrides = overrides_from(args)
+    if "lr" in overrides:
+        if len(overrides["lr"]) > 1:
+            raise ConfigError("lr", "a resumed run continues one learning rate; give --lr once")
+        overrides["lr"] = overrides["lr"][0]
+    overrides.setdefault("out_dir", str(run_dir_of(ckpt)))
+    config = saved.replace(**overrides).validate()
+    print(f"Resuming from {ckpt}")
+    run_training(config, resume_state=state, resume_checkpoint=ckpt)
+    return 0

@@ -1,0 +1,101 @@
+"""Batch loaders with a resumable position: what a checkpoint needs to replay the same batches.
+
+`BatchLoader` shuffles indices with a permutation drawn from (seed, epoch); with several processes
+each rank takes every world_size-th index of the same permutation, so ranks read disjoint samples.
+Its state is (epoch, position); `load_state_dict` continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def collate(items) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.from_numpy(np.stack(column)) for column in zip(*items))
+
+
+class BatchLoader:
+    def __init__(self, dataset, batch_size: int, *, shuffle: bool = True, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, max_batches: int | None = None):
+        self.dataset, self.batch_size = dataset, batch_size
+        self.shuffle, self.seed = shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.max_batches = max_batches  # evaluation: a fixed number of batches per pass
+        self.epoch, self.position = 0, 0
+        self._order = None
+        if self.batches_per_epoch == 0:
+            from ..errors import DataError
+
+            raise DataError(f"{len(dataset)} samples cannot fill one batch of {batch_size} per process "
+                            f"on {world_size} process(es); use a smaller --batch-size or more data")
+
+    @property
+    def batches_per_epoch(self) -> int:
+        per_rank = len(self.dataset) // self.world_size
+        n = per_rank // self.batch_size
+        return min(n, self.max_batches) if self.max_batches else n
+
+    def _epoch_order(self) -> np.ndarray:
+        if self._order is None:
+            n = len(self.dataset)
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+                order = torch.randperm(n, generator=g).numpy()
+            else:
+                order = np.arange(n)
+            self._order = order[self.rank::self.world_size]
+            self.dataset.set_epoch(self.epoch)
+        return self._order
+
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        """The next training batch; epochs roll over forever."""
+        if self.position >= self.batches_per_epoch:
+            self.epoch, self.position, self._order = self.epoch + 1, 0, None
+        order = self._epoch_order()
+        idx = order[self.position * self.batch_size:(self.position + 1) * self.batch_size]
+        self.position += 1
+        return collate([self.dataset[int(i)] for i in idx])
+
+    def __iter__(self):
+        """One pass of `batches_per_epoch` batches from the start (evaluation)."""
+        order = self._epoch_order() if self.shuffle else np.arange(len(self.dataset))[self.rank::self.world_size]
+        for b in range(self.batches_per_epoch):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            yield collate([self.dataset[int(i)] for i in idx])
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "world_size": self.world_size, "num_samples": len(self.dataset)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("num_samples") not in (None, len(self.dataset)):
+            from ..errors import CheckpointError
+
+            raise CheckpointError(f"the checkpoint's data position is for {state['num_samples']} samples, this "
+                                  f"dataset has {len(self.dataset)}: resume with the same data settings")
+        self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]
+        self._order = None
+
+
+def create_dataloaders(config, corpus, rank: int = 0, world_size: int = 1) -> tuple[BatchLoader, BatchLoader]:
+    """Training loader (dataset_type from the config) and validation loader (every val token once)."""
+    from .dataset import create_dataset
+
+    train_ds = create_dataset(corpus.train, config.dataset_type, config.max_seq_len, stride=config.stride,
+                              doc_starts=corpus.train_doc_starts, document_mask=config.document_mask,
+                              seed=config.seed)
+    if config.dataset_type == "document":
+        val_ds = create_dataset(corpus.val, "document", config.max_seq_len, doc_starts=corpus.val_doc_starts,
+                                document_mask=config.document_mask)
+    else:
+        val_ds = create_dataset(corpus.val, "packed", config.max_seq_len)
+    train = BatchLoader(train_ds, config.batch_size, shuffle=True, seed=config.seed, rank=rank,
+                        world_size=world_size)
+    val_batch = max(1, min(config.batch_size, len(val_ds) // world_size))
+    val = BatchLoader(val_ds, val_batch, shuffle=False, rank=rank, world_size=world_size,
+                      max_batches=config.eval_batches)
+    return train, val

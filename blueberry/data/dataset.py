@@ -1,0 +1,109 @@
+"""Datasets of (input, target) windows over a token stream; `create_dataset` picks one by name.
+
+  text_token    windows every `stride` tokens (the seed's TextTokenDataset; stride 1 = every offset)
+  packed        non-overlapping windows (stride = seq_len): every token seen once per epoch
+  random_chunk  windows at random offsets drawn from (seed, epoch, index)
+  document      windows starting at document starts (long documents continue in further windows);
+                with `return_doc_ids` each item also carries a document id per position, so that
+                attention can be stopped at document boundaries
+Each item is (x, y) or (x, y, doc_ids), numpy int64 arrays of length seq_len.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from ..errors import DataError
+
+
+def _check_length(tokens, seq_len: int) -> None:
+    if len(tokens) < seq_len + 1:
+        raise DataError(f"corpus too small for one training sequence: need at least {seq_len + 1} tokens "
+                        f"(seq_len + 1), have {len(tokens)}. Use more data or a smaller --seq-len")
+
+
+class TextTokenDataset(Dataset):
+    def __init__(self, tokens, seq_len: int = 512, stride: int = 1):
+        _check_length(tokens, seq_len)
+        if stride <= 0:
+            raise ValueError(f"stride must be positive, got {stride}")
+        self.tokens, self.seq_len, self.stride = tokens, seq_len, stride
+        self.starts = np.arange(0, len(tokens) - seq_len, stride, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def window(self, start: int):
+        chunk = np.asarray(self.tokens[start:start + self.seq_len + 1], dtype=np.int64)
+        return chunk[:-1], chunk[1:]
+
+    def __getitem__(self, i: int):
+        return self.window(int(self.starts[i]))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Datasets whose windows change per epoch override this."""
+
+
+class PackedDataset(TextTokenDataset):
+    def __init__(self, tokens, seq_len: int = 512):
+        super().__init__(tokens, seq_len, stride=seq_len)
+
+
+class RandomChunkDataset(TextTokenDataset):
+    def __init__(self, tokens, seq_len: int = 512, num_samples: int | None = None, seed: int = 0):
+        super().__init__(tokens, seq_len, stride=seq_len)
+        self.num_samples = num_samples or max(1, len(tokens) // seq_len)
+        self.seed, self.epoch = seed, 0
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, i: int):
+        rng = np.random.default_rng([self.seed, self.epoch, int(i)])
+        return self.window(int(rng.integers(0, len(self.tokens) - self.seq_len)))
+
+
+class DocumentDataset(TextTokenDataset):
+    def __init__(self, tokens, seq_len: int, doc_starts, return_doc_ids: bool = False):
+        _check_length(tokens, seq_len)
+        self.tokens, self.seq_len = tokens, seq_len
+        self.doc_starts = np.asarray(doc_starts, dtype=np.int64)
+        self.return_doc_ids = return_doc_ids
+        ends = np.append(self.doc_starts[1:], len(tokens))
+        last_start = len(tokens) - seq_len - 1
+        starts = [np.arange(s, e, seq_len) for s, e in zip(self.doc_starts, ends)]
+        starts = np.concatenate(starts) if starts else np.zeros(0, dtype=np.int64)
+        self.starts = starts[starts <= last_start]
+        if len(self.starts) == 0:
+            self.starts = np.array([last_start], dtype=np.int64)
+
+    def __getitem__(self, i: int):
+        start = int(self.starts[i])
+        x, y = self.window(start)
+        if not self.return_doc_ids:
+            return x, y
+        positions = np.arange(start, start + self.seq_len)
+        doc_ids = np.searchsorted(self.doc_starts, positions, side="right") - 1
+        return x, y, doc_ids.astype(np.int64)
+
+
+DATASET_TYPES = ("text_token", "packed", "random_chunk", "document")
+
+
+def create_dataset(tokens, dataset_type: str = "packed", seq_len: int = 512, *, stride: int | None = None,
+                   doc_starts=None, document_mask: bool = False, seed: int = 0, num_samples: int | None = None):
+    if dataset_type == "text_token":
+        return TextTokenDataset(tokens, seq_len, stride or max(1, seq_len // 2))
+    if dataset_type == "packed":
+        return PackedDataset(tokens, seq_len)
+    if dataset_type == "random_chunk":
+        return RandomChunkDataset(tokens, seq_len, num_samples=num_samples, seed=seed)
+    if dataset_type in ("document", "document_aware"):
+        if doc_starts is None:
+            raise ValueError("the document dataset needs doc_starts (the offsets where documents begin)")
+        return DocumentDataset(tokens, seq_len, doc_starts, return_doc_ids=document_mask)
+    raise ValueError(f"unknown dataset_type {dataset_type!r}; choose one of {', '.join(DATASET_TYPES)}")

@@ -1,0 +1,150 @@
+"""Complete language models: the MoE model of the seed and a dense transformer, plus `create_model`.
+
+Init: every matrix N(0, init_std); the projections that write into the residual stream (attention
+output, MLP down, expert down) are scaled by 1/sqrt(2 * n_layers); norms start at one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import KVCache
+from .components import TransformerBlock
+from .layers import AdaptiveLinear, RMSNorm
+from .moe import MixtureOfExperts
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None  # lm_loss + aux_loss: what training minimises
+    lm_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    expert_load: list[torch.Tensor] = field(default_factory=list)  # one (num_experts,) per MoE layer
+
+
+class TransformerLM(nn.Module):
+    """Decoder-only transformer; `use_moe` puts a Mixture of Experts in every block's feed-forward."""
+
+    def __init__(self, config, use_moe: bool):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList([TransformerBlock(config, use_moe) for _ in range(config.n_layers)])
+        self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
+        self.lm_head = AdaptiveLinear(config.d_model, config.vocab_size, use_fp8=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue
+            is_output = name.endswith(("o_proj.weight", "down.weight", "w_down"))
+            nn.init.normal_(p, mean=0.0, std=out_std if is_output else std)
+        for m in self.modules():
+            if isinstance(m, nn.RMSNorm):
+                nn.init.ones_(m.weight)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None, kv_caches: list[KVCache] | None = None) -> LMOutput:
+        x = self.embed(idx)
+        aux_total = x.new_zeros((), dtype=torch.float32)
+        loads = []
+        for i, block in enumerate(self.blocks):
+            x, aux = block(x, doc_ids=doc_ids, kv_cache=kv_caches[i] if kv_caches else None)
+            if aux is not None:
+                aux_total = aux_total + aux.loss
+                loads.append(aux.expert_load)
+        logits = self.lm_head(self.norm(x))
+        out = LMOutput(logits=logits, aux_loss=aux_total, expert_load=loads)
+        if targets is not None:
+            out.lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+            out.loss = out.lm_loss + aux_total
+        return out
+
+    # ---- reporting ----
+    def parameter_report(self) -> dict:
+        """Total, embedding and active-per-token parameter counts (tied weights counted once)."""
+        total = sum(p.numel() for p in self.parameters())
+        inactive = 0
+        for block in self.blocks:
+            if isinstance(block.ffn, MixtureOfExperts):
+                moe = block.ffn
+                inactive += (moe.num_experts - moe.top_k) * moe.expert_parameters_per_expert()
+        return {"total": total, "active_per_token": total - inactive, "embedding": self.embed.weight.numel()}
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 * active non-embedding params + 12 * layers * d_model * seq (attention)."""
+        rep = self.parameter_report()
+        matmul_params = rep["active_per_token"] - (0 if self.config.tie_embeddings else rep["embedding"])
+        return 6 * matmul_params + 12 * self.config.n_layers * self.config.d_model * seq_len
+
+    # ---- generation ----
+    def new_kv_caches(self, batch: int, max_len: int | None = None) -> list[KVCache]:
+        cfg = self.config
+        p = self.embed.weight
+        return [KVCache(batch, cfg.n_kv_heads, max_len or cfg.max_seq_len, cfg.d_model // cfg.n_heads,
+                        p.device, p.dtype) for _ in self.blocks]
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, eos: int | None = None,
+                 use_cache: bool = True, generator: torch.Generator | None = None):
+        """Sample `max_new_tokens` after `idx` (batch, seq); yields each new (batch, 1) token as it comes.
+
+        temperature 0 is greedy. With `use_cache`, keys/values are kept so each step runs one token;
+        when the window is full the cache is rebuilt from the last half window.
+        """
+        from .generation import sample_next
+
+        max_len = self.config.max_seq_len
+        caches = None
+        seq = idx
+        for _ in range(max_new_tokens):
+            if use_cache:
+                if caches is None or caches[0].length >= max_len:
+                    caches = self.new_kv_caches(seq.shape[0])
+                    context = seq[:, -(max_len // 2 if seq.shape[1] >= max_len else max_len):]
+                    logits = self(context, kv_caches=caches).logits[:, -1]
+                else:
+                    logits = self(seq[:, -1:], kv_caches=caches).logits[:, -1]
+            else:
+                logits = self(seq[:, -max_len:]).logits[:, -1]
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            seq = torch.cat([seq, nxt], dim=1)
+            yield nxt
+            if eos is not None and bool((nxt == eos).all()):
+                return
+
+
+class AdaptiveMoEMinimalLLM(TransformerLM):
+    """The seed's Mixture-of-Experts language model."""
+
+    def __init__(self, config):
+        super().__init__(config, use_moe=True)
+
+
+class StandardTransformerLLM(TransformerLM):
+    """Dense transformer with the same attention, norms and embeddings."""
+
+    def __init__(self, config):
+        super().__init__(config, use_moe=False)
+
+
+MODEL_TYPES = {"moe": AdaptiveMoEMinimalLLM, "standard": StandardTransformerLLM}
+
+
+def create_model(config, model_type: str | None = None) -> TransformerLM:
+    model_type = model_type or config.model_type
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"unknown model_type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
+    return MODEL_TYPES[model_type](config)

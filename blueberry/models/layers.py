@@ -1,0 +1,93 @@
+"""Basic building blocks: RMSNorm, rotary embeddings, the FP8-capable linear layer and the MLPs."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops import linear
+
+RMSNorm = nn.RMSNorm  # PyTorch's own (fused where available)
+
+
+class AdaptiveLinear(nn.Module):
+    """A linear layer whose matmul goes through `ops.linear`: FP8 when `use_fp8` and the shape qualifies."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, use_fp8: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.use_fp8 = use_fp8
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, use_fp8=self.use_fp8)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, use_fp8={self.use_fp8}"
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embeddings in the "rotate half" layout (as Llama in Hugging Face transformers).
+
+    cos/sin are computed once in fp32 and cast to the dtype of q/k at use: left in fp32 under autocast
+    they would promote q and k, and with them the whole attention, to fp32.
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        t = torch.arange(max_seq_len, dtype=torch.float64)
+        freqs = torch.outer(t, inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos().float(), persistent=False)
+        self.register_buffer("sin", emb.sin().float(), persistent=False)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, start_pos: int = 0):
+        """q, k: (batch, heads, seq, head_dim). Positions start at `start_pos`."""
+        seq = q.shape[-2]
+        if start_pos + seq > self.cos.shape[0]:
+            raise ValueError(f"sequence of {start_pos + seq} positions exceeds max_seq_len {self.cos.shape[0]}")
+        cos = self.cos[start_pos:start_pos + seq].to(q.dtype)
+        sin = self.sin[start_pos:start_pos + seq].to(q.dtype)
+        return q * cos + rotate_half(q) * sin, k * cos.to(k.dtype) + rotate_half(k) * sin.to(k.dtype)
+
+
+class MLP(nn.Module):
+    """The seed's feed-forward: Linear -> SiLU -> Linear."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0, use_fp8: bool = False):
+        super().__init__()
+        self.up = AdaptiveLinear(d_model, d_ff, use_fp8=use_fp8)
+        self.down = AdaptiveLinear(d_ff, d_model, use_fp8=use_fp8)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(F.silu(self.up(x))))
+
+
+class SwiGLU(nn.Module):
+    """Gated feed-forward: down(silu(gate(x)) * up(x)), as in Llama."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0, use_fp8: bool = False):
+        super().__init__()
+        self.gate = AdaptiveLinear(d_model, d_ff, use_fp8=use_fp8)
+        self.up = AdaptiveLinear(d_model, d_ff, use_fp8=use_fp8)
+        self.down = AdaptiveLinear(d_ff, d_model, use_fp8=use_fp8)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(F.silu(self.gate(x)) * self.up(x)))
+
+
+def make_mlp(kind: str, d_model: int, d_ff: int, dropout: float = 0.0, use_fp8: bool = False) -> nn.Module:
+    return {"swiglu": SwiGLU, "silu": MLP}[kind](d_model, d_ff, dropout, use_fp8)

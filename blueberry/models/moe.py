@@ -1,0 +1,145 @@
+"""Mixture of Experts: top-k router, sorted dispatch, grouped expert matmuls, balancing losses.
+
+Dispatch: the (token, slot) assignments are sorted by expert so each expert's tokens are contiguous,
+then all experts run in one `F.grouped_mm` (or a loop over the contiguous slices where grouped_mm is
+not available). Nothing loops over experts with a boolean mask over all tokens.
+
+Losses (returned, weighted by the config):
+  load balancing  N * sum_i f_i * P_i   f_i: fraction of assignments routed to expert i,
+                                        P_i: mean router probability of expert i  (1.0 when uniform)
+  router z-loss   mean(logsumexp(logits)^2)
+Capacity: with capacity_factor c > 0, each expert takes at most ceil(c * tokens * k / N) assignments
+during training, first come first served in token order; the rest pass through the residual only.
+Evaluation and generation are dropless.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layers import SwiGLU
+
+
+@dataclass
+class MoEAux:
+    loss: torch.Tensor  # weighted sum of the two losses below
+    load_balancing_loss: torch.Tensor
+    z_loss: torch.Tensor
+    expert_load: torch.Tensor  # (num_experts,) fraction of assignments per expert (before capacity)
+    dropped_fraction: torch.Tensor
+
+
+def _grouped_mm_supported(x: torch.Tensor) -> bool:
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return True
+    if x.device.type == "cuda":
+        return torch.cuda.get_device_capability(x.device) >= (9, 0) and x.dtype == torch.bfloat16
+    return False
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+def expert_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
+                  use_grouped_mm: bool = True) -> torch.Tensor:
+    """Rows of `x` sorted by expert; `weight` (E, out, in); `counts` (E,) rows per expert -> (rows, out)."""
+    if use_grouped_mm and _grouped_mm_supported(x):
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        return F.grouped_mm(x, weight.transpose(1, 2), offs=offs)
+    outs = [xe @ we.t() for xe, we in zip(torch.split(x, counts.tolist()), weight.unbind(0))]
+    return torch.cat(outs) if outs else x.new_zeros(0, weight.shape[1])
+
+
+class MixtureOfExperts(nn.Module):
+    def __init__(self, d_model: int, d_ff: int, num_experts: int = 16, top_k: int = 2,
+                 capacity_factor: float = 0.0, load_balancing_weight: float = 0.01,
+                 z_loss_weight: float = 0.001, router_noise: float = 0.0, shared_expert: bool = False,
+                 mlp_type: str = "swiglu", use_grouped_mm: bool = True):
+        super().__init__()
+        if top_k > num_experts:
+            raise ValueError(f"top_k {top_k} exceeds num_experts {num_experts}")
+        self.num_experts, self.top_k, self.d_ff = num_experts, top_k, d_ff
+        self.capacity_factor = capacity_factor
+        self.load_balancing_weight, self.z_loss_weight = load_balancing_weight, z_loss_weight
+        self.router_noise = router_noise
+        self.gated = mlp_type == "swiglu"
+        self.use_grouped_mm = use_grouped_mm
+        self.router = nn.Linear(d_model, num_experts, bias=False)
+        # Expert weights stacked (E, out, in); for SwiGLU the gate rows come first, then the up rows.
+        up_rows = 2 * d_ff if self.gated else d_ff
+        self.w_up = nn.Parameter(torch.empty(num_experts, up_rows, d_model))
+        self.w_down = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+        nn.init.normal_(self.w_up, std=d_model ** -0.5)
+        nn.init.normal_(self.w_down, std=d_ff ** -0.5)
+        self.shared = SwiGLU(d_model, d_ff) if shared_expert else None
+        self.shared_gate = nn.Linear(d_model, 1, bias=False) if shared_expert else None
+
+    def route(self, x: torch.Tensor):
+        """x (T, D) -> logits (T, E) fp32, probs (T, E), top-k weights (T, k) and indices (T, k)."""
+        logits = F.linear(x.float(), self.router.weight.float())
+        if self.training and self.router_noise > 0:
+            logits = logits + torch.randn_like(logits) * self.router_noise
+        probs = logits.softmax(dim=-1)
+        top_w, top_i = probs.topk(self.top_k, dim=-1)
+        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        return logits, probs, top_w, top_i
+
+    def capacity(self, num_tokens: int) -> int | None:
+        if not (self.training and self.capacity_factor > 0):
+            return None
+        return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        num_tokens = x.shape[0]
+        logits, probs, top_w, top_i = self.route(x)
+
+        flat_expert = top_i.reshape(-1)
+        order = torch.argsort(flat_expert, stable=True)  # assignments grouped by expert, token order kept
+        counts = torch.bincount(flat_expert, minlength=self.num_experts)
+        kept_counts = counts
+        cap = self.capacity(num_tokens)
+        if cap is not None:
+            sorted_expert = flat_expert[order]
+            starts = torch.cumsum(counts, 0) - counts
+            rank = torch.arange(order.numel(), device=x.device) - starts[sorted_expert]
+            order = order[rank < cap]
+            kept_counts = counts.clamp(max=cap)
+        token_idx = order // self.top_k
+
+        dtype = _compute_dtype(x)
+        xs = x[token_idx].to(dtype)
+        h = expert_matmul(xs, self.w_up.to(dtype), kept_counts, self.use_grouped_mm)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.silu(h)
+        h = expert_matmul(h, self.w_down.to(dtype), kept_counts, self.use_grouped_mm)
+        h = h * top_w.reshape(-1)[order].unsqueeze(-1).to(h.dtype)
+        out = torch.zeros(num_tokens, shape[-1], device=x.device, dtype=h.dtype).index_add_(0, token_idx, h)
+        if self.shared is not None:
+            out = out + torch.sigmoid(self.shared_gate(x)) * self.shared(x)
+
+        load = counts.float() / flat_expert.numel()
+        lb_loss = self.num_experts * (load.detach() * probs.mean(dim=0)).sum()
+        z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
+        aux = MoEAux(
+            loss=self.load_balancing_weight * lb_loss + self.z_loss_weight * z_loss,
+            load_balancing_loss=lb_loss.detach(), z_loss=z_loss.detach(), expert_load=load.detach(),
+            dropped_fraction=1.0 - kept_counts.sum().float() / flat_expert.numel(),
+        )
+        return out.reshape(shape), aux
+
+    def expert_parameters_per_expert(self) -> int:
+        return (self.w_up.numel() + self.w_down.numel()) // self.num_experts

@@ -1,0 +1,84 @@
+"""`setup_optimizers(model, config)`: which parameters each optimizer owns, with which settings.
+
+--optimizer muon (the hybrid): Muon for the hidden matrices (attention, MLP, stacked experts);
+  AdamW for embeddings, output head, norms, biases and the router, at `adamw_lr`.
+--optimizer adamw | lion | adafactor: that optimizer for everything at `lr`.
+Weight decay applies to matrices only; norms, biases and embeddings never decay.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .lion import Lion
+from .muon import MuonWithWarmup
+
+
+def _fused_ok(params) -> bool:
+    return all(p.device.type in ("cuda", "cpu") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+               for p in params)
+
+
+def split_parameters(model: torch.nn.Module) -> dict[str, list[tuple[str, torch.nn.Parameter]]]:
+    """Named parameters by role: hidden (matrices inside blocks), embed, head, router, scalar (norms/biases)."""
+    groups = {"hidden": [], "embed": [], "head": [], "router": [], "scalar": []}
+    seen = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if name.startswith("embed"):
+            groups["embed"].append((name, p))
+        elif name.startswith("lm_head"):
+            groups["head"].append((name, p))
+        elif "router" in name or "shared_gate" in name:
+            groups["router"].append((name, p))
+        elif p.dim() >= 2:
+            groups["hidden"].append((name, p))
+        else:
+            groups["scalar"].append((name, p))
+    return groups
+
+
+def _adamw(groups, config, lr):
+    params = [p for g in groups for p in g["params"]]
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(config.adamw_betas), eps=1e-8,
+                             fused=_fused_ok(params) or None)
+
+
+def setup_optimizers(model: torch.nn.Module, config, log=print, distributed: bool = False) -> list[torch.optim.Optimizer]:
+    parts = split_parameters(model)
+    p = lambda role: [param for _, param in parts[role]]  # noqa: E731
+    wd = config.weight_decay
+    if config.optimizer == "muon":
+        muon = MuonWithWarmup(p("hidden"), lr=config.lr, momentum=config.muon_momentum,
+                              momentum_start=config.muon_momentum_start,
+                              momentum_warmup_steps=config.momentum_warmup_steps, weight_decay=wd,
+                              scale_mode=config.muon_update_scale, distributed=distributed)
+        adam_groups = [g for g in (
+            {"params": p("embed") + p("head"), "weight_decay": 0.0, "name": "embed/head"},
+            {"params": p("router") + p("scalar"), "weight_decay": 0.0, "name": "router/norms/biases"},
+        ) if g["params"]]
+        optimizers = [muon, _adamw(adam_groups, config, config.adamw_lr)]
+        log(f"Optimizers: Muon lr={config.lr} on {_count(p('hidden'))} params (hidden matrices); "
+            f"AdamW lr={config.adamw_lr} on {_count(p('embed') + p('head') + p('router') + p('scalar'))} "
+            "params (embeddings, head, router, norms)")
+        return optimizers
+    decay = p("hidden") + p("head") + p("router")
+    no_decay = p("embed") + p("scalar")
+    groups = [g for g in ({"params": decay, "weight_decay": wd, "name": "matrices"},
+                          {"params": no_decay, "weight_decay": 0.0, "name": "embeddings/norms"}) if g["params"]]
+    if config.optimizer == "adamw":
+        opt = _adamw(groups, config, config.lr)
+    elif config.optimizer == "lion":
+        opt = Lion(groups, lr=config.lr, betas=(0.9, 0.99))
+    elif config.optimizer == "adafactor":
+        opt = torch.optim.Adafactor(groups, lr=config.lr)
+    else:
+        raise ValueError(f"unknown optimizer {config.optimizer!r}")
+    log(f"Optimizer: {type(opt).__name__} lr={config.lr} on {_count(decay + no_decay)} params")
+    return [opt]
+
+
+def _count(params) -> str:
+    return f"{sum(x.numel() for x in params):,}"

@@ -1,0 +1,142 @@
+"""Muon: momentum SGD whose update is orthogonalised by a quintic Newton-Schulz iteration.
+
+For each weight matrix G (or each matrix of a stacked 3-D expert weight):
+    buf   <- momentum * buf + (1 - momentum) * grad
+    upd   <- grad + momentum * (buf - grad)        (Nesterov; plain: upd = buf)
+    O     <- NewtonSchulz5(upd)                    (~ U V^T of upd's SVD; singular values in ~[0.7, 1.2])
+    W     <- W * (1 - lr * weight_decay) - lr * scale * O
+scale = max(1, rows / cols) ** 0.5 ("shape"), or 0.2 * sqrt(max(rows, cols)) ("adamw": matches
+AdamW's update RMS so AdamW learning rates carry over).
+
+Distributed (`distributed=True` with an initialised process group): gradients are already equal on
+every rank (DDP averaged them), so every rank keeps the same momentum; the expensive Newton-Schulz is
+split: rank r orthogonalises matrices r, r + world, ... and the results are all-gathered, so each
+rank applies every update and the weights stay identical.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, eps: float = 1e-7,
+                                dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Approximately orthogonalise the last two dims of G (batched over any leading dims)."""
+    a, b, c = NS_COEFFICIENTS
+    X = G.to(dtype)
+    transposed = X.size(-2) > X.size(-1)
+    if transposed:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+    for _ in range(steps):
+        A = X @ X.mT
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    if transposed:
+        X = X.mT
+    return X
+
+
+def update_scale(shape: torch.Size, mode: str = "shape") -> float:
+    rows, cols = shape[-2], shape[-1]
+    if mode == "adamw":
+        return 0.2 * max(rows, cols) ** 0.5
+    return max(1.0, rows / cols) ** 0.5
+
+
+class Muon(torch.optim.Optimizer):
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
+                 weight_decay: float = 0.0, ns_steps: int = 5, scale_mode: str = "shape",
+                 distributed: bool = False, ns_dtype: torch.dtype = torch.bfloat16):
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                        ns_steps=ns_steps, scale_mode=scale_mode)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dim() < 2:
+                    raise ValueError(f"Muon handles matrices (2-D or stacked 3-D); got a {p.dim()}-D parameter")
+        self.distributed = distributed
+        self.ns_dtype = ns_dtype
+
+    def _momentum_update(self, p: torch.Tensor, group: dict) -> torch.Tensor:
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        buf = state["momentum_buffer"]
+        grad = p.grad
+        buf.lerp_(grad, 1 - group["momentum"])
+        return grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+
+    def _orthogonalised(self, upd: torch.Tensor, group: dict) -> torch.Tensor:
+        return zeropower_via_newtonschulz5(upd, steps=group["ns_steps"], dtype=self.ns_dtype)
+
+    @staticmethod
+    def _apply(p: torch.Tensor, ortho: torch.Tensor, group: dict) -> None:
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.add_(ortho.to(p.dtype), alpha=-group["lr"] * update_scale(p.shape, group["scale_mode"]))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        use_dist = self.distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            updates = [self._momentum_update(p, group) for p in params]
+            if not use_dist:
+                for p, upd in zip(params, updates):
+                    self._apply(p, self._orthogonalised(upd, group), group)
+            else:
+                self._distributed_apply(params, updates, group)
+        return loss
+
+    def _distributed_apply(self, params, updates, group) -> None:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        # Group by shape so that all_gather moves equal-sized tensors.
+        by_shape: dict[tuple, list[int]] = {}
+        for i, p in enumerate(params):
+            by_shape.setdefault(tuple(p.shape), []).append(i)
+        for indices in by_shape.values():
+            for start in range(0, len(indices), world):
+                chunk = indices[start:start + world]
+                mine = chunk[rank] if rank < len(chunk) else None
+                local = (self._orthogonalised(updates[mine], group) if mine is not None
+                         else torch.zeros_like(updates[chunk[0]], dtype=self.ns_dtype))
+                gathered = [torch.empty_like(local) for _ in range(world)]
+                dist.all_gather(gathered, local.contiguous())
+                for owner, i in enumerate(chunk):
+                    self._apply(params[i], gathered[owner], group)
+
+
+class MuonWithWarmup(Muon):
+    """Muon whose momentum rises linearly from `momentum_start` to `momentum` over
+    `momentum_warmup_steps` optimizer steps (the count is kept in the param groups, so it resumes)."""
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, momentum_start: float = 0.85,
+                 momentum_warmup_steps: int = 300, **kwargs):
+        super().__init__(params, lr=lr, momentum=momentum, **kwargs)
+        for group in self.param_groups:
+            group.setdefault("momentum_target", momentum)
+            group.setdefault("momentum_start", momentum_start)
+            group.setdefault("momentum_warmup_steps", momentum_warmup_steps)
+            group.setdefault("steps_taken", 0)
+            self._set_momentum(group)
+
+    @staticmethod
+    def _set_momentum(group: dict) -> None:
+        warm = group["momentum_warmup_steps"]
+        frac = 1.0 if warm == 0 else min(1.0, group["steps_taken"] / warm)
+        group["momentum"] = group["momentum_start"] + frac * (group["momentum_target"] - group["momentum_start"])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        for group in self.param_groups:
+            group["steps_taken"] += 1
+            self._set_momentum(group)
+        return loss

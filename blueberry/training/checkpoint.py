@@ -1,0 +1,173 @@
+"""Checkpoints that survive crashes and refuse to execute code.
+
+A checkpoint is a directory `RUN/checkpoints/step_000123/` holding
+  model.safetensors   the weights (safetensors: data only, never code)
+  state.pt            optimizer, scheduler, scaler, RNG and data-loader states, config, step;
+                      loadable with torch.load(weights_only=True), which refuses pickled code
+It is written to a temporary directory, fsynced and renamed into place; only then is the pointer file
+`RUN/checkpoints/latest` replaced (also by rename). A kill at any moment therefore leaves `latest`
+naming a complete checkpoint. `best` is a copy of the checkpoint with the lowest validation loss.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_model, save_model
+
+from ..errors import CheckpointError
+
+FORMAT = 1
+WEIGHTS, STATE, POINTER = "model.safetensors", "state.pt", "latest"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_pointer(ckpt_root: Path, name: str) -> None:
+    tmp = ckpt_root / f".{POINTER}.{os.getpid()}.tmp"
+    tmp.write_text(name + "\n")
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, ckpt_root / POINTER)
+    _fsync_dir(ckpt_root)
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, state: dict, keep: int = 2,
+                    best: bool = False) -> Path:
+    """Write checkpoint `step_{step}` atomically, point `latest` at it, keep the newest `keep`."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+    try:
+        save_model(model, str(tmp / WEIGHTS))
+        torch.save({"format": FORMAT, "step": step, **state}, tmp / STATE)
+        for f in (WEIGHTS, STATE):
+            with open(tmp / f, "rb") as fh:
+                os.fsync(fh.fileno())
+        final = root / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _write_pointer(root, name)
+    if best:
+        _replace_best(root, final)
+    _prune(root, keep, current=name)
+    return final
+
+
+def _replace_best(root: Path, source: Path) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=".best.", dir=root))
+    for f in (WEIGHTS, STATE):
+        shutil.copy2(source / f, tmp / f)
+    old = root / ".best.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if (root / "best").exists():
+        os.replace(root / "best", old)
+    os.replace(tmp, root / "best")
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _prune(root: Path, keep: int, current: str) -> None:
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for old in steps[:-keep] if keep > 0 else []:
+        if old.name != current:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_stale_temporaries(run_dir: str | Path) -> None:
+    """Remove half-written checkpoints left by a killed process (never complete ones)."""
+    root = Path(run_dir) / "checkpoints"
+    for tmp in root.glob(".*"):
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.suffix == ".tmp":
+            tmp.unlink(missing_ok=True)
+
+
+def resolve_checkpoint(path: str | Path, runs_root: str | Path = "runs") -> Path:
+    """A checkpoint directory from: 'latest' (newest run under runs_root), a run directory,
+    a checkpoint directory, or a file inside one."""
+    if str(path) == "latest":
+        candidates = sorted(Path(runs_root).glob(f"*/checkpoints/{POINTER}"), key=lambda p: p.stat().st_mtime)
+        if not candidates:
+            raise CheckpointError(f"--resume-from latest: no run with a checkpoint under {runs_root}/; "
+                                  "give the run directory or checkpoint path")
+        path = candidates[-1].parent.parent
+    p = Path(path)
+    if p.is_file():
+        p = p.parent
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {p} does not exist; give a run directory, a checkpoint "
+                              "directory, or 'latest'")
+    if (p / "checkpoints" / POINTER).exists():
+        p = p / "checkpoints"
+    if (p / POINTER).exists():
+        name = (p / POINTER).read_text().strip()
+        p = p / name
+    if not (p / WEIGHTS).exists() or not (p / STATE).exists():
+        raise CheckpointError(f"{p} is not a complete checkpoint (needs {WEIGHTS} and {STATE})")
+    return p
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    return checkpoint.parent.parent
+
+
+def read_state(checkpoint: Path) -> dict:
+    try:
+        state = torch.load(checkpoint / STATE, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{checkpoint / STATE} was refused: it holds objects other than tensors and plain "
+                              f"data, which could run code on load ({str(exc).splitlines()[0]}). Only load "
+                              "checkpoints you trust, and never with weights_only=False") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{checkpoint / STATE} is damaged or truncated ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{checkpoint / STATE} is not a Blueberry checkpoint of format {FORMAT}")
+    return state
+
+
+def load_weights(checkpoint: Path, model: torch.nn.Module) -> None:
+    """Load model.safetensors into `model`; a mismatch lists the tensors that differ."""
+    path = checkpoint / WEIGHTS
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is damaged or truncated ({exc})") from None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = [f"{k}: checkpoint {s} vs model {expected[k]}" for k, s in shapes.items()
+                if k in expected and s != expected[k]]
+    problems += [f"unexpected {k} {s}" for k, s in shapes.items() if k not in expected]
+    if not problems:
+        try:
+            missing, unexpected = load_model(model, str(path), strict=False)
+        except (SafetensorError, RuntimeError, OSError) as exc:
+            raise CheckpointError(f"{path} is damaged or truncated ({str(exc).splitlines()[0]})") from None
+        problems += [f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected]
+    if problems:
+        raise CheckpointError(f"{path} was saved from a different architecture: {'; '.join(problems[:12])}"
+                              f"{' ...' if len(problems) > 12 else ''}. "
+                              "Use the same model settings as the run that wrote it")

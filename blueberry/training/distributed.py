@@ -1,0 +1,98 @@
+"""Process-group set-up for `torchrun` and how the model is wrapped (DDP or FSDP2).
+
+The model itself knows nothing of this: `wrap_model` applies PyTorch's own engines from outside.
+Backend: nccl on CUDA, gloo on CPU. Rendezvous comes from torchrun's environment variables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def all_reduce_mean(self, value: float) -> float:
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t)
+        return t.item() / self.world_size
+
+
+def init_distributed(device_type: str) -> DistContext:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); else a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if device_type == "cuda":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend)
+    return DistContext(rank=rank, world_size=world, local_rank=local_rank)
+
+
+def wrap_model(model: torch.nn.Module, ctx: DistContext, parallel: str, precision_dtype=None):
+    """DDP or FSDP2 (`fully_shard` per block, then the root) when running on several processes."""
+    if not ctx.enabled:
+        return model
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = MixedPrecisionPolicy(param_dtype=precision_dtype, reduce_dtype=torch.float32) if precision_dtype else None
+        kwargs = {"mp_policy": mp} if mp else {}
+        for block in model.blocks:
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    device_ids = [ctx.local_rank] if next(model.parameters()).is_cuda else None
+    return DDP(model, device_ids=device_ids)
+
+
+def no_sync(model, active: bool):
+    """Skip DDP's gradient all-reduce on micro-steps that are not the last of an accumulation."""
+    if active and hasattr(model, "no_sync"):
+        return model.no_sync()
+    if active and hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        return _restore_sync(model)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _restore_sync(model):
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
