@@ -5,7 +5,6 @@ This is what `python train.py` calls; an LR sweep calls it once per learning rat
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -145,4 +144,3 @@ def print_summary(metrics: dict, run_dir: Path, log=print) -> None:
     log(f"  accuracy       {fmt('accuracy', '.4f')}")
     log(f"  bits per byte  {fmt('bits_per_byte', '.4f')}")
     log(f"  train tokens/s {fmt('train_tokens_per_sec', ',.0f')}")
-    (run_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
