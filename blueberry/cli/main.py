@@ -18,7 +18,9 @@ VERBS = ("train", "generate", "eval", "export", "info")
 def build_parser() -> OneLineParser:
     parser = OneLineParser(prog="blueberry", description="Train, sample, evaluate and export language models.")
     sub = parser.add_subparsers(dest="command")
-    add_train_flags(sub.add_parser("train", help="train a model (default)"))
+    add_train_flags(sub.add_parser(
+        "train", help="train a model (default)",
+        description="Train a model (the default verb). Other verbs: blueberry generate|eval|export|info --help"))
 
     g = sub.add_parser("generate", help="stream text from a checkpoint")
     g.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory, or 'latest'")
@@ -52,7 +54,7 @@ def build_parser() -> OneLineParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in VERBS + ("-h", "--help"):
+    if not argv or argv[0] not in VERBS:
         argv = ["train"] + argv
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", message=".*TypedStorage.*")

@@ -132,7 +132,10 @@ def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokeni
         nonlocal best_val
         result = evaluate_model(model, val_loader, config, token_bytes=token_bytes, precision=precision,
                                 device=device, peak_flops=peak)
-        result["loss"] = ctx.all_reduce_mean(result["loss"])
+        for key in ("loss", "accuracy", "bits_per_byte"):  # every rank scored an equal share
+            if key in result:
+                result[key] = ctx.all_reduce_mean(result[key])
+        result["perplexity"] = math.exp(min(result["loss"], 50.0))
         is_best = result["loss"] < best_val
         best_val = min(best_val, result["loss"])
         if ctx.is_main:
@@ -174,6 +177,9 @@ def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokeni
                 loss_sum += loss.item()
                 lm_sum += out.lm_loss.item() / config.grad_accum_steps
                 finite = finite and math.isfinite(loss.item())
+            if ctx.enabled:  # log the global mean, not rank 0's share
+                loss_sum, lm_sum = ctx.all_reduce_mean(loss_sum), ctx.all_reduce_mean(lm_sum)
+                finite = math.isfinite(loss_sum)  # one rank's NaN makes every rank skip together
             if precision.scaler is not None:
                 for opt in optimizers:
                     precision.scaler.unscale_(opt)
