@@ -12,8 +12,17 @@ from helpers import ROOT, TINY_FLAGS, cli_env
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process tests run on Linux")
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def torchrun(*args, nproc=2, timeout=300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=cli_env(), cwd=ROOT)
 
@@ -64,8 +73,9 @@ def test_distributed_muon_equals_single_process():
     assert r.returncode == 0 and "DIST_MUON_OK" in r.stdout, r.stderr[-3000:]
 
 
-def test_two_process_resume_continues_exactly(corpus_dir, tmp_path):
-    args = [*common(corpus_dir, tmp_path, 4), "--model-type", "moe", "--max-steps", "10"]
+@pytest.mark.parametrize("parallel,model_type", [("ddp", "moe"), ("fsdp", "standard")])
+def test_two_process_resume_continues_exactly(corpus_dir, tmp_path, parallel, model_type):
+    args = [*common(corpus_dir, tmp_path, 4), "--model-type", model_type, "--max-steps", "10", "--parallel", parallel]
     full = torchrun("train.py", *args, "--out-dir", tmp_path / "full")
     assert full.returncode == 0, full.stderr[-3000:]
     ck = tmp_path / "full" / "checkpoints" / "step_000005"

@@ -15,6 +15,10 @@ from .muon import MuonWithWarmup
 
 
 def _fused_ok(params) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in params):  # FSDP2 shards: let AdamW pick its own path
+        return False
     return all(p.device.type in ("cuda", "cpu") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
                for p in params)
 
@@ -54,7 +58,9 @@ def setup_optimizers(model: torch.nn.Module, config, log=print, distributed: boo
         muon = MuonWithWarmup(p("hidden"), lr=config.lr, momentum=config.muon_momentum,
                               momentum_start=config.muon_momentum_start,
                               momentum_warmup_steps=config.momentum_warmup_steps, weight_decay=wd,
-                              scale_mode=config.muon_update_scale, distributed=distributed)
+                              scale_mode=config.muon_update_scale, distributed=distributed,
+                              # bf16 Newton-Schulz as designed; --no-amp asks for fp32 everywhere
+                              ns_dtype=torch.bfloat16 if config.use_amp else torch.float32)
         adam_groups = [g for g in (
             {"params": p("embed") + p("head"), "weight_decay": 0.0, "name": "embed/head"},
             {"params": p("router") + p("scalar"), "weight_decay": 0.0, "name": "router/norms/biases"},

@@ -12,12 +12,15 @@ Distributed (`distributed=True` with an initialised process group): gradients ar
 every rank (DDP averaged them), so every rank keeps the same momentum; the expensive Newton-Schulz is
 split: rank r orthogonalises matrices r, r + world, ... and the results are all-gathered, so each
 rank applies every update and the weights stay identical.
+Under FSDP2 parameters, gradients and momenta are sharded DTensors: each momentum-updated matrix is
+all-gathered whole (`full_tensor`), orthogonalised, and each rank keeps its own shard of the result.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
@@ -60,6 +63,9 @@ class Muon(torch.optim.Optimizer):
                     raise ValueError(f"Muon handles matrices (2-D or stacked 3-D); got a {p.dim()}-D parameter")
         self.distributed = distributed
         self.ns_dtype = ns_dtype
+        for group in self.param_groups:  # eager state: checkpoint helpers never need a dummy step
+            for p in group["params"]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
 
     def _momentum_update(self, p: torch.Tensor, group: dict) -> torch.Tensor:
         state = self.state[p]
@@ -71,6 +77,9 @@ class Muon(torch.optim.Optimizer):
         return grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
 
     def _orthogonalised(self, upd: torch.Tensor, group: dict) -> torch.Tensor:
+        if isinstance(upd, DTensor):  # FSDP2 shard: orthogonalise the whole matrix, keep our shard
+            full = zeropower_via_newtonschulz5(upd.full_tensor(), steps=group["ns_steps"], dtype=self.ns_dtype)
+            return distribute_tensor(full.to(upd.dtype), upd.device_mesh, upd.placements, src_data_rank=None)
         return zeropower_via_newtonschulz5(upd, steps=group["ns_steps"], dtype=self.ns_dtype)
 
     @staticmethod
@@ -88,7 +97,7 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             updates = [self._momentum_update(p, group) for p in params]
-            if not use_dist:
+            if not use_dist or any(isinstance(p, DTensor) for p in params):
                 for p, upd in zip(params, updates):
                     self._apply(p, self._orthogonalised(upd, group), group)
             else:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 
 from ..errors import CheckpointError
 
@@ -47,15 +47,20 @@ def _write_pointer(ckpt_root: Path, name: str) -> None:
     _fsync_dir(ckpt_root)
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, state: dict, keep: int = 2,
+def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module | dict, state: dict, keep: int = 2,
                     best: bool = False) -> Path:
-    """Write checkpoint `step_{step}` atomically, point `latest` at it, keep the newest `keep`."""
+    """Write checkpoint `step_{step}` atomically, point `latest` at it, keep the newest `keep`.
+
+    `model` is a module, or a full state dict already gathered from FSDP2 shards."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
     try:
-        save_model(model, str(tmp / WEIGHTS))
+        if isinstance(model, dict):
+            save_file({k: v.detach().contiguous().cpu() for k, v in model.items()}, str(tmp / WEIGHTS))
+        else:
+            save_model(model, str(tmp / WEIGHTS))
         torch.save({"format": FORMAT, "step": step, **state}, tmp / STATE)
         for f in (WEIGHTS, STATE):
             with open(tmp / f, "rb") as fh:

@@ -96,3 +96,36 @@ def _restore_sync(model):
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def is_sharded(model) -> bool:
+    """True when FSDP2 has turned the parameters into DTensors."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def gathered_states(model, optimizers) -> tuple:
+    """Full (unsharded) model and optimizer state dicts; a collective: every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    optim_states = [get_optimizer_state_dict(model, opt, options=options) for opt in optimizers]
+    return model_state, optim_states
+
+
+def load_sharded_optimizer_states(model, optimizers, states) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True)
+    for opt, state in zip(optimizers, states):
+        set_optimizer_state_dict(model, opt, state, options=options)
+
+
+def scalar(value) -> float:
+    """A Python float from a tensor that may be a sharded DTensor."""
+    if hasattr(value, "full_tensor"):
+        value = value.full_tensor()
+    return float(value)

@@ -110,6 +110,9 @@ def run_training(config, resume_state: dict | None = None, resume_checkpoint: Pa
                 raise CheckpointError(f"{resume_checkpoint} was written by {resume_state.get('world_size', 1)} "
                                       f"process(es); resume it with the same --nproc_per_node "
                                       f"(now {ctx.world_size}) so that the data position continues exactly")
+            if ctx.enabled and resume_state.get("parallel", "ddp") != config.parallel:
+                raise CheckpointError(f"{resume_checkpoint} was written with --parallel "
+                                      f"{resume_state.get('parallel')}; resume it with the same engine")
             load_weights(resume_checkpoint, model)
         model.to(device)
         config.validate()

@@ -22,7 +22,8 @@ from ..errors import RunError
 from ..models.generation import generate_text
 from ..optimizers import get_lr_scheduler, setup_optimizers
 from .checkpoint import save_checkpoint
-from .distributed import DistContext, no_sync
+from .distributed import (DistContext, gathered_states, is_sharded, load_sharded_optimizer_states, no_sync,
+                          scalar)
 from .evaluation import evaluate_model
 from .metrics import MetricsLogger
 from .plots import plot_run
@@ -72,12 +73,14 @@ def _core(model):
     return getattr(model, "module", model)
 
 
-def _write_samples(model, tokenizer, corpus_prompts, run_dir: Path, step: int, config) -> list[str]:
+def _write_samples(model, tokenizer, corpus_prompts, run_dir: Path, step: int, config, write: bool) -> list[str]:
     texts = []
     for i, prompt in enumerate(corpus_prompts):
         cont = generate_text(_core(model), tokenizer, prompt, max_new_tokens=config.sample_tokens,
                              temperature=0.8, top_k=50, seed=config.seed + i, eos=tokenizer.eot_id)
         texts.append(prompt + cont)
+    if not write:
+        return texts
     with open(run_dir / "samples.txt", "a", encoding="utf-8") as f:
         f.write(f"===== step {step} =====\n")
         for t in texts:
@@ -104,10 +107,14 @@ def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokeni
     flops_per_token = core.flops_per_token(config.max_seq_len)
     peak = caps.peak_flops * (caps.device_count if caps.is_cuda else 1)
 
+    sharded = is_sharded(model)
     step, best_val, skipped, consecutive_bad = 0, math.inf, 0, 0
     if resume_state is not None:
-        for opt, sd in zip(optimizers, resume_state["optimizers"]):
-            opt.load_state_dict(sd)
+        if sharded:
+            load_sharded_optimizer_states(model, optimizers, resume_state["optimizers"])
+        else:
+            for opt, sd in zip(optimizers, resume_state["optimizers"]):
+                opt.load_state_dict(sd)
         scheduler.load_state_dict(resume_state["scheduler"])
         if precision.scaler is not None and resume_state.get("scaler"):
             precision.scaler.load_state_dict(resume_state["scaler"])
@@ -119,13 +126,17 @@ def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokeni
         log(f"Resumed at step {step} (epoch {train_loader.epoch}, batch {train_loader.position})")
 
     def checkpoint(is_best=False):
-        state = {"optimizers": [o.state_dict() for o in optimizers], "scheduler": scheduler.state_dict(),
+        if sharded:  # FSDP2: gather full tensors (every rank takes part), rank 0 writes
+            weights, optim_states = gathered_states(model, optimizers)
+        else:
+            weights, optim_states = core, [o.state_dict() for o in optimizers]
+        state = {"optimizers": optim_states, "scheduler": scheduler.state_dict(),
                  "scaler": precision.scaler.state_dict() if precision.scaler else None,
                  "data": train_loader.state_dict(), "rng": rng_state(), "config": config.to_dict(),
                  "tokenizer": getattr(tokenizer, "identity", None), "best_val": best_val,
-                 "skipped_steps": skipped, "world_size": ctx.world_size}
+                 "skipped_steps": skipped, "world_size": ctx.world_size, "parallel": config.parallel}
         if ctx.is_main:
-            return save_checkpoint(run_dir, step, core, state, keep=config.keep_checkpoints, best=is_best)
+            return save_checkpoint(run_dir, step, weights, state, keep=config.keep_checkpoints, best=is_best)
         return None
 
     def evaluate():
@@ -138,10 +149,10 @@ def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokeni
         result["perplexity"] = math.exp(min(result["loss"], 50.0))
         is_best = result["loss"] < best_val
         best_val = min(best_val, result["loss"])
+        if tokenizer is not None and (ctx.is_main or sharded):  # sharded forwards need every rank
+            _write_samples(model, tokenizer, sample_prompts, run_dir, step, config, write=ctx.is_main)
         if ctx.is_main:
             logger.log("eval", step, result)
-            if tokenizer is not None:
-                _write_samples(model, tokenizer, sample_prompts, run_dir, step, config)
             plot_run(logger.records, run_dir)
         return result, is_best
 
@@ -184,7 +195,7 @@ def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokeni
                 for opt in optimizers:
                     precision.scaler.unscale_(opt)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
-            grad_norm = float(grad_norm)
+            grad_norm = scalar(grad_norm)
             if finite and math.isfinite(grad_norm):
                 for opt in optimizers:
                     if precision.scaler is not None:
