@@ -128,6 +128,8 @@ def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokeni
     def checkpoint(is_best=False):
         if sharded:  # FSDP2: gather full tensors (every rank takes part), rank 0 writes
             weights, optim_states = gathered_states(model, optimizers)
+            if config.tie_embeddings:  # stored once, as safetensors' save_model does for tied weights
+                weights.pop("lm_head.weight", None)
         else:
             weights, optim_states = core, [o.state_dict() for o in optimizers]
         state = {"optimizers": optim_states, "scheduler": scheduler.state_dict(),
