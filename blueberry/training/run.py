@@ -115,6 +115,17 @@ def run_training(config, resume_state: dict | None = None, resume_checkpoint: Pa
                                       f"{resume_state.get('parallel')}; resume it with the same engine")
             load_weights(resume_checkpoint, model)
         model.to(device)
+        if device.type == "cuda" and "batch_size" in config.auto_fields and resume_state is None:
+            from .auto_batch import auto_batch_size
+            from .precision import choose_precision
+
+            micro, accum = auto_batch_size(model, config, device, choose_precision(config, config.capabilities()))
+            if (micro, accum) != (config.batch_size, config.grad_accum_steps):
+                say(f"Auto batch size: micro-batch {micro} x {accum} accumulation steps "
+                    f"(keeps {config.batch_size * config.grad_accum_steps} sequences per optimizer step)")
+                config.batch_size, config.grad_accum_steps = micro, accum
+                train_loader, val_loader = create_dataloaders(config, corpus, rank=ctx.rank,
+                                                              world_size=ctx.world_size)
         config.validate()
         if ctx.is_main:
             save_config(config, run_dir / "config.json")

@@ -1,0 +1,115 @@
+"""FP8 numerics on CPU (float8 matmuls run on CPU in this torch), dispatch, and --no-fp8."""
+
+import pytest
+import torch
+
+from blueberry.configs import AdaptiveMoEModelConfig
+from blueberry.models import AdaptiveLinear, create_model
+from blueberry.ops import fp8_linear, fp8_shapes_qualify, matmul, to_float8
+import importlib
+
+matmul_module = importlib.import_module("blueberry.ops.matmul")
+from blueberry.training.auto_batch import largest_fitting_batch, plan_accumulation
+
+FP8_TOLERANCE = 0.08  # relative Frobenius error of e4m3 (3 mantissa bits) / e5m2 (2 bits) products
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_fp8_linear_matches_bf16_within_tolerance():
+    x = torch.randn(48, 256, requires_grad=True)
+    w = torch.randn(512, 256, requires_grad=True)
+    y = fp8_linear(x, w, out_dtype=torch.float32)
+    g = torch.randn_like(y)
+    y.backward(g)
+    xb, wb = x.detach().bfloat16().requires_grad_(), w.detach().bfloat16().requires_grad_()
+    yb = xb @ wb.t()
+    yb.backward(g.bfloat16())
+    assert rel(y, yb) < FP8_TOLERANCE
+    assert rel(x.grad, xb.grad) < FP8_TOLERANCE
+    assert rel(w.grad, wb.grad) < FP8_TOLERANCE
+    assert rel(y, yb) > 1e-4  # it really is FP8: not bit-identical to bf16
+
+
+def test_to_float8_scales_to_the_format_range():
+    t = torch.randn(64, 64) * 1e-3
+    t8, inv = to_float8(t, torch.float8_e4m3fn)
+    assert t8.dtype == torch.float8_e4m3fn
+    assert t8.float().abs().max().item() == pytest.approx(448.0)
+    torch.testing.assert_close(t8.float() * inv, t, rtol=0.07, atol=1e-6)
+
+
+def test_fp8_handles_leading_dims_and_odd_rows():
+    x = torch.randn(3, 7, 256)
+    w = torch.randn(256, 256)
+    y = fp8_linear(x, w, out_dtype=torch.float32)
+    assert y.shape == (3, 7, 256) and rel(y, x @ w.t()) < FP8_TOLERANCE
+
+
+def test_shape_qualification():
+    assert fp8_shapes_qualify(256, 512)
+    assert not fp8_shapes_qualify(250, 512)  # not a multiple of 16
+    assert not fp8_shapes_qualify(64, 64)  # too small to pay
+
+
+def test_dispatch_uses_fp8_only_when_asked(monkeypatch):
+    calls = []
+    monkeypatch.setattr(matmul_module, "fp8_linear", lambda *a, **k: calls.append(1) or torch.zeros(2, 512))
+    lin = AdaptiveLinear(256, 512, use_fp8=True)
+    lin(torch.randn(2, 256))
+    assert calls == [1]
+    AdaptiveLinear(256, 512, use_fp8=False)(torch.randn(2, 256))
+    assert calls == [1]
+    x, w = torch.randn(4, 256), torch.randn(256, 512)
+    torch.testing.assert_close(matmul(x, w, use_fp8=False), x @ w)
+
+
+def test_no_fp8_disables_every_layer(monkeypatch):
+    def forbidden(*a, **k):
+        raise AssertionError("FP8 used although --no-fp8")
+
+    monkeypatch.setattr(matmul_module, "fp8_linear", forbidden)
+    cfg = AdaptiveMoEModelConfig(d_model=256, n_layers=1, n_heads=4, max_seq_len=16, vocab_size=512,
+                                 device="cpu", use_fp8=False).validate()
+    model = create_model(cfg)
+    assert not any(m.use_fp8 for m in model.modules() if isinstance(m, AdaptiveLinear))
+    idx = torch.randint(0, 512, (2, 16))
+    model(idx, idx).loss.backward()
+
+
+def test_fp8_model_trains_on_cpu():
+    cfg = AdaptiveMoEModelConfig(d_model=256, n_layers=1, n_heads=4, max_seq_len=16, vocab_size=512,
+                                 device="cpu", use_fp8=False, model_type="standard").validate()
+    cfg.use_fp8 = True  # bypass the capability check: the numerics run on CPU, the speed needs a GPU
+    model = create_model(cfg)
+    assert sum(m.use_fp8 for m in model.modules() if isinstance(m, AdaptiveLinear)) >= 6
+    idx = torch.randint(0, 512, (2, 16))
+    out = model(idx, idx)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and model.blocks[0].attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_auto_batch_backs_off_on_oom():
+    tried = []
+
+    def step(batch):
+        tried.append(batch)
+        if batch > 12:
+            raise torch.cuda.OutOfMemoryError("fake")
+
+    assert largest_fitting_batch(step, 64) == 8
+    assert tried == [64, 32, 16, 8]
+    assert plan_accumulation(64, 8) == 8
+    with pytest.raises(RuntimeError, match="does not fit"):
+        largest_fitting_batch(lambda b: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("x")), 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp8_on_gpu_matches_bf16():
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 needs compute capability >= 8.9")
+    x = torch.randn(256, 1024, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(1024, 1024, device="cuda", dtype=torch.bfloat16)
+    assert rel(fp8_linear(x, w), x @ w.t()) < FP8_TOLERANCE
