@@ -35,7 +35,7 @@ def generate_command(args) -> int:
 
 def eval_command(args) -> int:
     from ..data import BatchLoader, create_dataset, load_and_cache_data, load_documents
-    from ..data.loader import _encode_stream
+    from ..data.loader import encode_documents
     from ..training.evaluation import evaluate_model
     from ..training.loading import load_trained
     from ..training.precision import choose_precision
@@ -43,7 +43,7 @@ def eval_command(args) -> int:
     model, config, tok, ckpt = load_trained(args.checkpoint, args.device)
     if args.dataset:
         docs = load_documents(args.dataset, args.text_field)
-        tokens, _ = _encode_stream(tok, docs, None)
+        tokens, _ = encode_documents(tok, docs, None)
         source = f"{args.dataset} ({len(docs)} documents, all evaluated)"
     else:
         _, _, corpus = load_and_cache_data(config, log=lambda *a: None)

@@ -71,7 +71,7 @@ def cut_into_pieces(docs: list[Document], pieces: int) -> list[Document]:
     return out
 
 
-def _encode_stream(tokenizer: Tokenizer, docs: list[Document], cap: int | None) -> tuple[np.ndarray, np.ndarray]:
+def encode_documents(tokenizer: Tokenizer, docs: list[Document], cap: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Concatenate [EOT] + doc tokens for each document, stopping exactly at `cap` tokens."""
     chunks, starts, total = [], [], 0
     for b in range(0, len(docs), ENCODE_BATCH):
@@ -159,8 +159,8 @@ def _build_entry(config, tokenizer, train_docs, val_docs, parts, key, log):
     if config.max_tokens is not None:
         val_cap = max(1, math.ceil(config.max_tokens * config.val_fraction))
         train_cap = config.max_tokens - val_cap
-    train, train_starts = _encode_stream(tokenizer, train_docs, train_cap)
-    val, val_starts = _encode_stream(tokenizer, val_docs, val_cap)
+    train, train_starts = encode_documents(tokenizer, train_docs, train_cap)
+    val, val_starts = encode_documents(tokenizer, val_docs, val_cap)
     if train_cap is not None and train.size < train_cap:
         log(f"Note: max_tokens={config.max_tokens} asked, the corpus has {train.size + val.size:,} tokens")
     dtype = token_dtype(tokenizer.vocab_size)
