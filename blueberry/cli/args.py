@@ -14,7 +14,7 @@ FLAG_FIELDS = {
     "grad_accum": "grad_accum_steps",
 }
 FIELD_FLAGS = {v: k for k, v in FLAG_FIELDS.items()}
-FIELD_FLAGS.update({"use_fp8": "fp8", "use_amp": "amp", "config": "config"})
+FIELD_FLAGS.update({"use_fp8": "fp8", "use_amp": "no_amp", "config": "config"})
 
 
 def flag_for(field: str) -> str:

@@ -37,7 +37,7 @@ def load_config_file(path: str | Path) -> dict:
     unknown = sorted(set(data) - _FIELDS)
     if unknown:
         raise ConfigError("config", f"unknown key(s) {', '.join(unknown)} in {path}; "
-                          f"allowed keys are the fields of AdaptiveMoEModelConfig (see docs/CONFIG.md)")
+                          f"allowed keys are the fields of AdaptiveMoEModelConfig (blueberry/configs/adaptive_moe_config.py)")
     if "adamw_betas" in data:
         data["adamw_betas"] = tuple(data["adamw_betas"])
     return {**PRESETS[preset], **data}
