@@ -112,3 +112,14 @@ def test_lr_sweep_writes_table_and_plot(tiny, tmp_path):
     assert (root / "lr_0.01" / "checkpoints").exists() and (root / "lr_0.03" / "checkpoints").exists()
     # same seed and data: the first step's loss is identical across the sweep
     assert train_losses(root / "lr_0.01")[1] == train_losses(root / "lr_0.03")[1]
+
+
+def test_compiled_run_trains_evaluates_and_checkpoints(tiny):
+    cfg = tiny(max_steps=4, eval_every=2, checkpoint_every=2, compile=True)
+    model, metrics = run_training(cfg, log=quiet)
+    assert metrics["step"] == 4 and math.isfinite(metrics["loss"])
+    state = read_state(resolve_checkpoint(cfg.out_dir))
+    assert state["step"] == 4
+    from blueberry.training.checkpoint import load_weights
+
+    load_weights(resolve_checkpoint(cfg.out_dir), create_model(cfg))  # plain names, no _orig_mod prefix

@@ -236,5 +236,6 @@ def _hardware_defaults(caps: Capabilities, cfg: AdaptiveMoEModelConfig) -> dict:
         checkpoint_every=max(1, min(1000, max_steps // 2)),
         use_amp=caps.autocast_dtype is not None,
         use_fp8=caps.supports_fp8,
-        compile=caps.is_cuda and max_steps >= 500,
+        # torch.compile costs ~30-60 s here (docs/LOG.md) and saves 25-35% per step: worth it past ~150 steps
+        compile=max_steps >= 150,
     )

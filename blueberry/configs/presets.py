@@ -12,7 +12,8 @@ from .adaptive_moe_config import AdaptiveMoEModelConfig
 PRESETS: dict[str, dict] = {
     # Seconds on a laptop CPU: for smoke tests and iterating on code.
     "dev": dict(d_model=128, n_layers=2, n_heads=4, max_seq_len=128, batch_size=8, num_experts=4,
-                vocab_size=2048, max_steps=200, eval_every=50, eval_batches=5, momentum_warmup_steps=50),
+                vocab_size=2048, max_steps=200, eval_every=50, eval_batches=5, momentum_warmup_steps=50,
+                compile=False),
     # Everything from the hardware (AdaptiveMoEModelConfig()).
     "default": dict(),
     # The CPU-sized model whatever the machine (what `default` picks on a CPU).

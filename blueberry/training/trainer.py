@@ -70,7 +70,10 @@ def set_rng_state(state: dict) -> None:
 
 
 def _core(model):
-    return getattr(model, "module", model)
+    """The plain model inside torch.compile and DDP wrappers."""
+    while hasattr(model, "_orig_mod") or hasattr(model, "module"):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return model
 
 
 def _write_samples(model, tokenizer, corpus_prompts, run_dir: Path, step: int, config, write: bool) -> list[str]:
@@ -143,7 +146,10 @@ def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokeni
 
     def evaluate():
         nonlocal best_val
-        result = evaluate_model(model, val_loader, config, token_bytes=token_bytes, precision=precision,
+        # forward-only passes run the plain model (a compiled one would recompile for eval mode);
+        # FSDP2 shards live in the model itself, so it is used as is there
+        eval_model = model if sharded else core
+        result = evaluate_model(eval_model, val_loader, config, token_bytes=token_bytes, precision=precision,
                                 device=device, peak_flops=peak)
         for key in ("loss", "accuracy", "bits_per_byte"):  # every rank scored an equal share
             if key in result:
