@@ -106,7 +106,9 @@ class MixtureOfExperts(nn.Module):
 
         flat_expert = top_i.reshape(-1)
         order = torch.argsort(flat_expert, stable=True)  # assignments grouped by expert, token order kept
-        counts = torch.bincount(flat_expert, minlength=self.num_experts)
+        # scatter_add rather than bincount: a fixed (E,) shape keeps torch.compile's graph whole
+        counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).scatter_add_(
+            0, flat_expert, torch.ones_like(flat_expert))
         kept_counts = counts
         cap = self.capacity(num_tokens)
         if cap is not None:
