@@ -102,7 +102,7 @@ def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokeni
     run_dir = Path(run_dir or config.out_dir)
     logger = MetricsLogger(run_dir, enabled=ctx.is_main)
     core = _core(model)
-    optimizers = setup_optimizers(core if config.parallel != "fsdp" else model, config,
+    optimizers = setup_optimizers(core, config,
                                   log=log if ctx.is_main else (lambda *_: None),
                                   distributed=ctx.enabled)
     scheduler = get_lr_scheduler(optimizers, config)
@@ -114,7 +114,7 @@ def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokeni
     step, best_val, skipped, consecutive_bad = 0, math.inf, 0, 0
     if resume_state is not None:
         if sharded:
-            load_sharded_optimizer_states(model, optimizers, resume_state["optimizers"])
+            load_sharded_optimizer_states(core, optimizers, resume_state["optimizers"])
         else:
             for opt, sd in zip(optimizers, resume_state["optimizers"]):
                 opt.load_state_dict(sd)
@@ -130,7 +130,7 @@ def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokeni
 
     def checkpoint(is_best=False):
         if sharded:  # FSDP2: gather full tensors (every rank takes part), rank 0 writes
-            weights, optim_states = gathered_states(model, optimizers)
+            weights, optim_states = gathered_states(core, optimizers)
             if config.tie_embeddings:  # stored once, as safetensors' save_model does for tied weights
                 weights.pop("lm_head.weight", None)
         else:
@@ -147,8 +147,8 @@ def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokeni
     def evaluate():
         nonlocal best_val
         # forward-only passes run the plain model (a compiled one would recompile for eval mode);
-        # FSDP2 shards live in the model itself, so it is used as is there
-        eval_model = model if sharded else core
+        # under FSDP2 the plain model is the sharded one, so every rank still takes part
+        eval_model = core
         result = evaluate_model(eval_model, val_loader, config, token_bytes=token_bytes, precision=precision,
                                 device=device, peak_flops=peak)
         for key in ("loss", "accuracy", "bits_per_byte"):  # every rank scored an equal share
