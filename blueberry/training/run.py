@@ -135,6 +135,10 @@ def run_training(config, resume_state: dict | None = None, resume_checkpoint: Pa
         precision_dtype = config.capabilities().autocast_dtype if config.use_amp else None
         model = wrap_model(model, ctx, config.parallel, precision_dtype)
         if config.compile:
+            import torch._dynamo
+
+            # a machine without a working C++ toolchain gets eager mode and a warning, not a crash
+            torch._dynamo.config.suppress_errors = True
             model = torch.compile(model)
         model, metrics = train_model(
             model, train_loader, val_loader, config, run_dir=run_dir, tokenizer=tokenizer,
