@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._dynamo
 
 from ..configs import save_config
 from ..data import create_dataloaders, load_and_cache_data
@@ -135,8 +136,6 @@ def run_training(config, resume_state: dict | None = None, resume_checkpoint: Pa
         precision_dtype = config.capabilities().autocast_dtype if config.use_amp else None
         model = wrap_model(model, ctx, config.parallel, precision_dtype)
         if config.compile:
-            import torch._dynamo
-
             # a machine without a working C++ toolchain gets eager mode and a warning, not a crash
             torch._dynamo.config.suppress_errors = True
             model = torch.compile(model)
