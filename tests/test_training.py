@@ -123,3 +123,20 @@ def test_compiled_run_trains_evaluates_and_checkpoints(tiny):
     from blueberry.training.checkpoint import load_weights
 
     load_weights(resolve_checkpoint(cfg.out_dir), create_model(cfg))  # plain names, no _orig_mod prefix
+
+
+def test_seed_style_api(tiny, tmp_path, monkeypatch):
+    """The seed's README calls: load data, build loaders, create_model, train_model with four arguments."""
+    from blueberry.data import create_dataloaders, load_and_cache_data
+    from blueberry.models import create_model
+    from blueberry.training import evaluate_model, train_model
+
+    monkeypatch.chdir(tmp_path)
+    config = tiny(out_dir=None, max_steps=2, eval_every=2, checkpoint_every=2)
+    texts, tokenizer, tokens = load_and_cache_data(config, log=quiet)
+    train_loader, val_loader = create_dataloaders(config, tokens)
+    model = create_model(config, "moe")
+    model, metrics = train_model(model, train_loader, val_loader, config)
+    assert metrics["step"] == 2 and (tmp_path / config.out_dir / "checkpoints").exists()
+    result = evaluate_model(model, val_loader, config)
+    assert {"loss", "accuracy", "perplexity", "tokens_per_sec"} <= set(result)

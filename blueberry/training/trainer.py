@@ -99,6 +99,10 @@ def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokeni
     caps = config.capabilities()
     device = next(model.parameters()).device
     precision: Precision = choose_precision(config, caps)
+    if run_dir is None and config.out_dir is None:
+        from .run import default_run_dir
+
+        config.out_dir = str(default_run_dir(config))
     run_dir = Path(run_dir or config.out_dir)
     logger = MetricsLogger(run_dir, enabled=ctx.is_main)
     core = _core(model)
