@@ -145,6 +145,7 @@ def run_training(config, resume_state: dict | None = None, resume_checkpoint: Pa
             sample_prompts=sample_prompts(tokenizer, corpus))
         if ctx.is_main:
             print_summary(metrics, run_dir, say)
+        ctx.barrier()  # every rank done with its last collective before the group is torn down
         return model, metrics
     finally:
         cleanup()
