@@ -25,9 +25,8 @@ import json
 import resource
 import subprocess
 import sys
-import time
 
-from common import ROOT, table
+from common import ROOT, table, timed
 
 VARIANTS = ("pytorch-fp32", "blueberry", "blueberry-adamw", "hf", "hf-compiled")  # + "blueberry-nofp8" (GPU)
 
@@ -80,14 +79,7 @@ def worker(variant: str, model_type: str, preset: str, steps: int) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(2):
-        step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    sec = sorted(times)[len(times) // 2]
+    sec = timed(step, warmup=2, repeats=steps)  # compilation happens in the warm-up
     tps = cfg.batch_size * cfg.max_seq_len / sec
     peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

@@ -99,7 +99,7 @@ class AdaptiveMoEModelConfig:
     auto_fields: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
-        if self.auto_fields:  # already resolved (loaded from a checkpoint or copied)
+        if self.auto_fields:  # already resolved (loaded from a checkpoint or copied): keep its record
             return
         caps = self.capabilities()
         auto = []
@@ -135,7 +135,7 @@ class AdaptiveMoEModelConfig:
     def from_dict(cls, d: dict) -> "AdaptiveMoEModelConfig":
         d = dict(d)
         d["adamw_betas"] = tuple(d.get("adamw_betas", (0.9, 0.95)))
-        d["auto_fields"] = tuple(d.get("auto_fields", ())) or ("<loaded>",)
+        d["auto_fields"] = tuple(d.get("auto_fields", ()))
         return cls(**d)
 
     def replace(self, **changes) -> "AdaptiveMoEModelConfig":

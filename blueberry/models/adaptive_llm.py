@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .attention import KVCache
 from .components import TransformerBlock
+from .generation import sample_next
 from .layers import AdaptiveLinear, RMSNorm
 from .moe import MixtureOfExperts
 
@@ -104,8 +105,6 @@ class TransformerLM(nn.Module):
         temperature 0 is greedy. With `use_cache`, keys/values are kept so each step runs one token;
         when the window is full the cache is rebuilt from the last half window.
         """
-        from .generation import sample_next
-
         max_len = self.config.max_seq_len
         caches = None
         seq = idx

@@ -9,6 +9,7 @@ SIGINT/SIGTERM) a checkpoint is written atomically.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import signal
@@ -197,9 +198,10 @@ def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokeni
                         precision.scaler.scale(loss).backward()
                     else:
                         loss.backward()
-                loss_sum += loss.item()
+                micro_loss = loss.item()  # one host sync per micro-step
+                loss_sum += micro_loss
                 lm_sum += out.lm_loss.item() / config.grad_accum_steps
-                finite = finite and math.isfinite(loss.item())
+                finite = finite and math.isfinite(micro_loss)
             if ctx.enabled:  # log the global mean, not rank 0's share
                 loss_sum, lm_sum = ctx.all_reduce_mean(loss_sum), ctx.all_reduce_mean(lm_sum)
                 finite = math.isfinite(loss_sum)  # one rank's NaN makes every rank skip together
@@ -270,8 +272,6 @@ def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokeni
     if ctx.is_main:
         if logger.records:
             plot_run(logger.records, run_dir)
-        import json
-
         (run_dir / "summary.json").write_text(json.dumps(metrics, indent=2, default=str))
     logger.close()
     return model, metrics
