@@ -11,6 +11,8 @@ Variants (each run in its own process, alternated, so peak memory is per variant
   hf               transformers LlamaForCausalLM (dense) / MixtralForCausalLM (MoE) at the same shapes, SDPA
                    attention, bf16 autocast where the hardware has it, fused AdamW
   hf-compiled      hf under torch.compile
+  hf-loop          (MoE only) hf with experts_implementation="eager": its loop over the experts instead of
+                   the default grouped_mm (the "best HF" column takes the fastest HF variant)
 The Blueberry variants use torch.compile when the config does (the default for runs of >= 150 steps);
 compilation happens in the untimed warm-up steps.
 MFU = (6 * active non-embedding params + 12 * layers * d_model * seq) * tokens/s / peak FLOP/s, the
@@ -28,7 +30,7 @@ import sys
 
 from common import ROOT, table, timed
 
-VARIANTS = ("pytorch-fp32", "blueberry", "blueberry-adamw", "hf", "hf-compiled")  # + "blueberry-nofp8" (GPU)
+VARIANTS = ("pytorch-fp32", "blueberry", "blueberry-adamw", "hf", "hf-compiled", "hf-loop")  # + "blueberry-nofp8" (GPU)
 
 
 def worker(variant: str, model_type: str, preset: str, steps: int) -> dict:
@@ -52,7 +54,8 @@ def worker(variant: str, model_type: str, preset: str, steps: int) -> dict:
     if variant.startswith("hf"):
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_config(hf_config(cfg), attn_implementation="sdpa").to(device)
+        experts = {"experts_implementation": "eager"} if variant == "hf-loop" else {}
+        model = AutoModelForCausalLM.from_config(hf_config(cfg), attn_implementation="sdpa", **experts).to(device)
         model.config.output_router_logits = True
         model.config.router_aux_loss_coef = cfg.load_balancing_weight
     else:
@@ -107,6 +110,8 @@ def main():
     for _ in range(args.repeats):
         for model in args.models.split(","):
             for variant in args.variants.split(","):  # alternated
+                if variant == "hf-loop" and model != "moe":
+                    continue
                 out = subprocess.run([sys.executable, __file__, "--worker", variant, "--model", model,
                                       "--config", args.config, "--steps", str(args.steps)],
                                      capture_output=True, text=True, cwd=ROOT)
@@ -120,7 +125,7 @@ def main():
         best = {v: max(results[(model, v)], key=lambda r: r["tokens_per_sec"])
                 for v in args.variants.split(",") if (model, v) in results}
         base = best.get("pytorch-fp32")
-        hf_runs = [best[v] for v in ("hf", "hf-compiled") if v in best]
+        hf_runs = [best[v] for v in ("hf", "hf-compiled", "hf-loop") if v in best]
         hf = max(hf_runs, key=lambda r: r["tokens_per_sec"]) if hf_runs else None
         for v, r in best.items():
             rows.append([model, v, r["precision"], f"{r['tokens_per_sec']:,.0f}", f"{r['mfu'] * 100:.2f}%",

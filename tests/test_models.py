@@ -126,6 +126,36 @@ def test_moe_matches_naive_reference(capacity, grouped):
     torch.testing.assert_close(moe(x)[0].double(), ref_eval, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("capacity", [0.0, 0.5])
+def test_dispatch_groups_are_aligned_with_a_fixed_total(capacity):
+    moe = MixtureOfExperts(16, 24, num_experts=4, top_k=2, capacity_factor=capacity)
+    T, align = 21, 8
+    flat_expert = torch.randint(0, 4, (T * 2,))
+    counts, kept, sizes, slot_token, slot_choice = moe.dispatch(flat_expert, T, align)
+    rows = 48 + 4 * align  # round_up(42, 8) + experts * align, whatever the routing
+    assert slot_token.shape == (rows,) and int(sizes.sum()) == rows and bool((sizes % align == 0).all())
+    starts = torch.cumsum(sizes, 0) - sizes
+    for e in range(4):
+        group = slice(int(starts[e]), int(starts[e]) + int(sizes[e]))
+        real = slot_choice[group] < T * 2
+        assert int(real.sum()) == int(kept[e])  # kept choices first, then padding rows
+        assert bool(real[:int(kept[e])].all())
+        assert bool((flat_expert[slot_choice[group][real]] == e).all())
+        assert bool((slot_token[group][real] == slot_choice[group][real] // 2).all())
+        assert bool((slot_token[group][~real] == T).all())  # padding reads the zero row
+
+
+@pytest.mark.parametrize("capacity", [0.0, 0.5])
+def test_moe_compiles_as_one_graph(capacity):
+    moe = MixtureOfExperts(16, 24, num_experts=4, top_k=2, capacity_factor=capacity)
+    x = torch.randn(2, 9, 16)
+    compiled = torch.compile(moe, fullgraph=True, backend="aot_eager")  # fails on any graph break
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(compiled(x)[0], moe(x)[0])
+    # fp32 under compile takes the slice loop (grouped_mm compiles for bf16 only): same result
+    torch.testing.assert_close(torch.compile(moe, backend="aot_eager")(x)[0], moe(x)[0])
+
+
 def test_loss_weights_come_from_config():
     model = create_model(cfg(load_balancing_weight=0.5, router_z_loss_weight=0.0))
     moe = model.blocks[0].ffn
@@ -201,8 +231,11 @@ def test_model_forward_backward_and_tied_weights():
     model = create_model(cfg())
     assert model.lm_head.weight is model.embed.weight
     idx = torch.randint(0, 300, (2, 16))
-    out = model(idx, idx)
+    out = model(idx, idx, return_logits=True)
     assert out.logits.shape == (2, 16, 300) and torch.isfinite(out.loss)
+    reference = torch.nn.functional.cross_entropy(out.logits.view(-1, 300), idx.view(-1))
+    torch.testing.assert_close(out.lm_loss, reference)
+    assert model(idx, idx).logits is None  # a training call does not build the full logits
     assert len(out.expert_load) == 2
     out.loss.backward()
     assert all(p.grad is not None for p in model.parameters())

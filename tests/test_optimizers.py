@@ -60,6 +60,23 @@ def test_muon_update_equals_float64_reference(shape):
     torch.testing.assert_close(p.data.double(), W, atol=1e-5, rtol=1e-5)
 
 
+def test_same_shape_matrices_orthogonalised_together_equal_the_reference():
+    # three (24, 16) matrices share one stacked Newton-Schulz; a (16, 40) one runs alone
+    shapes = [(24, 16), (16, 40), (24, 16), (24, 16)]
+    W0 = [torch.randn(*s) for s in shapes]
+    params = [torch.nn.Parameter(w.clone()) for w in W0]
+    opt = Muon(params, lr=0.05, momentum=0.9, weight_decay=0.1, ns_dtype=torch.float64)
+    refs = [(w.double(), torch.zeros(w.shape, dtype=torch.float64)) for w in W0]
+    for _ in range(2):
+        grads = [torch.randn(*s) for s in shapes]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        refs = [reference_muon_step(W, g, buf, 0.05, 0.9, 0.1) for (W, buf), g in zip(refs, grads)]
+    for p, (W, _) in zip(params, refs):
+        torch.testing.assert_close(p.data.double(), W, atol=1e-5, rtol=1e-5)
+
+
 def test_batched_3d_equals_per_matrix():
     G = torch.randn(5, 24, 16)
     batched = zeropower_via_newtonschulz5(G, dtype=torch.float32)

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from ..ops.cross_entropy import linear_cross_entropy
 from .attention import KVCache
 from .components import TransformerBlock
 from .generation import sample_next
@@ -22,7 +22,7 @@ from .moe import MixtureOfExperts
 
 @dataclass
 class LMOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None for a call with targets unless return_logits=True
     loss: torch.Tensor | None = None  # lm_loss + aux_loss: what training minimises
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
@@ -56,7 +56,10 @@ class TransformerLM(nn.Module):
                 nn.init.ones_(m.weight)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None, kv_caches: list[KVCache] | None = None) -> LMOutput:
+                doc_ids: torch.Tensor | None = None, kv_caches: list[KVCache] | None = None,
+                return_logits: bool = False) -> LMOutput:
+        """Logits (batch, seq, vocab) without `targets`; with them the loss, from the fused chunked
+        cross-entropy (the full logits are not formed unless `return_logits`)."""
         x = self.embed(idx)
         aux_total = x.new_zeros((), dtype=torch.float32)
         loads = []
@@ -65,10 +68,11 @@ class TransformerLM(nn.Module):
             if aux is not None:
                 aux_total = aux_total + aux.loss
                 loads.append(aux.expert_load)
-        logits = self.lm_head(self.norm(x))
-        out = LMOutput(logits=logits, aux_loss=aux_total, expert_load=loads)
+        h = self.norm(x)
+        want_logits = targets is None or return_logits
+        out = LMOutput(logits=self.lm_head(h) if want_logits else None, aux_loss=aux_total, expert_load=loads)
         if targets is not None:
-            out.lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+            out.lm_loss = linear_cross_entropy(h, self.lm_head.weight, targets)
             out.loss = out.lm_loss + aux_total
         return out
 

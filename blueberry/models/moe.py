@@ -1,8 +1,14 @@
 """Mixture of Experts: top-k router, sorted dispatch, grouped expert matmuls, balancing losses.
 
-Dispatch: the (token, slot) assignments are sorted by expert so each expert's tokens are contiguous,
-then all experts run in one `F.grouped_mm` (or a loop over the contiguous slices where grouped_mm is
-not available). Nothing loops over experts with a boolean mask over all tokens.
+Dispatch: the (token, slot) assignments are sorted by expert and written into a buffer of fixed size
+R = round_up(tokens * k) + num_experts * align rows, where each expert's group starts at a multiple of
+`align` and has a length that is a multiple of `align` (padding rows are zeros, their outputs carry zero
+weight); the last group absorbs the remainder. All experts then run in one `F.grouped_mm` (or a loop over
+the contiguous slices where grouped_mm is not available). Why aligned groups: every shape in the step is
+static (torch.compile keeps one graph, capacity dropping included), and on CPU the per-group matmuls see a
+small set of shapes, so oneDNN reuses its compiled bf16 kernels instead of building one for every new
+routing count (an unaligned bf16 matmul of a new shape costs ~4x a cached one: docs/LOG.md).
+Nothing loops over experts with a boolean mask over all tokens.
 
 Losses (returned, weighted by the config):
   load balancing  N * sum_i f_i * P_i   f_i: fraction of assignments routed to expert i,
@@ -37,11 +43,19 @@ class MoEAux:
 def _grouped_mm_supported(x: torch.Tensor) -> bool:
     if not hasattr(F, "grouped_mm"):
         return False
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return False  # inductor lowers grouped_mm for bf16 only; other dtypes take the slice loop
     if x.device.type == "cpu":
         return True
     if x.device.type == "cuda":
         return torch.cuda.get_device_capability(x.device) >= (9, 0) and x.dtype == torch.bfloat16
     return False
+
+
+def group_alignment(x: torch.Tensor) -> int:
+    """Rows per alignment unit of an expert group: 64 on CPU (bounds the set of matmul shapes oneDNN
+    compiles kernels for), 16 elsewhere (tile-friendly, little padding)."""
+    return 64 if x.device.type == "cpu" else 16
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -98,38 +112,56 @@ class MixtureOfExperts(nn.Module):
             return None
         return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
 
+    def dispatch(self, flat_expert: torch.Tensor, num_tokens: int, align: int):
+        """Plan the aligned expert groups for the flattened (token, slot) choices `flat_expert`.
+
+        Returns counts (E,) assignments per expert before capacity, kept_counts (E,) after it,
+        group_sizes (E,) padded rows per expert (sum = R), slot_token (R,) the token each buffer row
+        reads (num_tokens = the zero row) and slot_choice (R,) the flat choice whose weight scales the
+        row (A = the zero weight)."""
+        num_choices, device = flat_expert.numel(), flat_expert.device
+        order = torch.argsort(flat_expert, stable=True)  # choices grouped by expert, token order kept
+        # scatter_add rather than bincount: a fixed (E,) shape keeps torch.compile's graph whole
+        counts = torch.zeros(self.num_experts, dtype=torch.long, device=device).scatter_add_(
+            0, flat_expert, torch.ones_like(flat_expert))
+        sorted_expert = flat_expert[order]
+        rank = torch.arange(num_choices, device=device) - (torch.cumsum(counts, 0) - counts)[sorted_expert]
+        cap = self.capacity(num_tokens)
+        kept_counts = counts if cap is None else counts.clamp(max=cap)
+        rows = -(-num_choices // align) * align + self.num_experts * align
+        group_sizes = (kept_counts + align - 1) // align * align
+        group_sizes[-1] += rows - group_sizes.sum()  # the last group takes the spare rows (zeros)
+        dest = (torch.cumsum(group_sizes, 0) - group_sizes)[sorted_expert] + rank
+        if cap is not None:
+            dest = torch.where(rank < cap, dest, rows)  # dropped choices land in a discarded row
+        slot_token = torch.full((rows + 1,), num_tokens, dtype=torch.long, device=device)
+        slot_token = slot_token.scatter(0, dest, order // self.top_k)[:rows]
+        slot_choice = torch.full((rows + 1,), num_choices, dtype=torch.long, device=device)
+        slot_choice = slot_choice.scatter(0, dest, order)[:rows]
+        return counts, kept_counts, group_sizes, slot_token, slot_choice
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         num_tokens = x.shape[0]
         logits, probs, top_w, top_i = self.route(x)
-
         flat_expert = top_i.reshape(-1)
-        order = torch.argsort(flat_expert, stable=True)  # assignments grouped by expert, token order kept
-        # scatter_add rather than bincount: a fixed (E,) shape keeps torch.compile's graph whole
-        counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).scatter_add_(
-            0, flat_expert, torch.ones_like(flat_expert))
-        kept_counts = counts
-        cap = self.capacity(num_tokens)
-        if cap is not None:
-            sorted_expert = flat_expert[order]
-            starts = torch.cumsum(counts, 0) - counts
-            rank = torch.arange(order.numel(), device=x.device) - starts[sorted_expert]
-            order = order[rank < cap]
-            kept_counts = counts.clamp(max=cap)
-        token_idx = order // self.top_k
+        counts, kept_counts, group_sizes, slot_token, slot_choice = self.dispatch(
+            flat_expert, num_tokens, group_alignment(x))
 
         dtype = _compute_dtype(x)
-        xs = x[token_idx].to(dtype)
-        h = expert_matmul(xs, self.w_up.to(dtype), kept_counts, self.use_grouped_mm)
+        x_padded = torch.cat([x.to(dtype), x.new_zeros(1, shape[-1], dtype=dtype)])
+        h = expert_matmul(x_padded[slot_token], self.w_up.to(dtype), group_sizes, self.use_grouped_mm)
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
             h = F.silu(h)
-        h = expert_matmul(h, self.w_down.to(dtype), kept_counts, self.use_grouped_mm)
-        h = h * top_w.reshape(-1)[order].unsqueeze(-1).to(h.dtype)
-        out = torch.zeros(num_tokens, shape[-1], device=x.device, dtype=h.dtype).index_add_(0, token_idx, h)
+        h = expert_matmul(h, self.w_down.to(dtype), group_sizes, self.use_grouped_mm)
+        weights = torch.cat([top_w.reshape(-1), top_w.new_zeros(1)])[slot_choice]
+        h = h * weights.unsqueeze(-1).to(h.dtype)
+        out = torch.zeros(num_tokens + 1, shape[-1], device=x.device, dtype=h.dtype)
+        out = out.index_add_(0, slot_token, h)[:num_tokens]
         if self.shared is not None:
             out = out + torch.sigmoid(self.shared_gate(x)) * self.shared(x)
 
