@@ -1,5 +1,7 @@
-"""MoE layer forward+backward: Blueberry (sorted dispatch + grouped_mm) vs a boolean-mask loop over
+"""MoE layer forward+backward: Blueberry (sorted dispatch into aligned groups + grouped_mm) vs the same
+without group alignment (align 1: every routing gives new matmul shapes) vs a boolean-mask loop over
 experts (the seed's original approach) vs Hugging Face's MixtralSparseMoeBlock, same shapes and weights.
+Every step draws fresh inputs, so the routing (and the tokens per expert) changes as in training.
 
     python benchmarks/moe_layer.py [--tokens 4096] [--d-model 256] [--d-ff 512] [--experts 8] [--top-k 2]
 
@@ -68,12 +70,14 @@ def main():
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     moe = MixtureOfExperts(args.d_model, args.d_ff, args.experts, args.top_k).to(device)
-    variants = {"blueberry (grouped_mm)": moe, "boolean-mask loop": MaskLoopMoE(moe).to(device),
+    unaligned = MixtureOfExperts(args.d_model, args.d_ff, args.experts, args.top_k, group_align=1).to(device)
+    unaligned.load_state_dict(moe.state_dict())
+    variants = {"blueberry (grouped_mm)": moe, "blueberry, unaligned groups": unaligned,
+                "boolean-mask loop": MaskLoopMoE(moe).to(device),
                 "HF MixtralSparseMoeBlock": hf_block(moe, args.d_model).to(device)}
-    x = torch.randn(args.tokens // 256, 256, args.d_model, device=device)
 
     def step(module, amp):
-        xx = x.clone().requires_grad_()
+        xx = torch.randn(args.tokens // 256, 256, args.d_model, device=device, requires_grad=True)
         with torch.autocast(device, dtype=torch.bfloat16) if amp else contextlib.nullcontext():
             out = module(xx)
             out = out[0] if isinstance(out, tuple) else out

@@ -3,11 +3,12 @@
 Dispatch: the (token, slot) assignments are sorted by expert and written into a buffer of fixed size
 R = round_up(tokens * k) + num_experts * align rows, where each expert's group starts at a multiple of
 `align` and has a length that is a multiple of `align` (padding rows are zeros, their outputs carry zero
-weight); the last group absorbs the remainder. All experts then run in one `F.grouped_mm` (or a loop over
-the contiguous slices where grouped_mm is not available). Why aligned groups: every shape in the step is
-static (torch.compile keeps one graph, capacity dropping included), and on CPU the per-group matmuls see a
-small set of shapes, so oneDNN reuses its compiled bf16 kernels instead of building one for every new
-routing count (an unaligned bf16 matmul of a new shape costs ~4x a cached one: docs/LOG.md).
+weight); the last group absorbs the remainder; `align` comes from `group_alignment(device, dtype)`.
+All experts then run in one `F.grouped_mm` (or a loop over the contiguous slices where grouped_mm is
+not available). Why aligned groups: every shape in the step is static (torch.compile keeps one graph,
+capacity dropping included), and on CPU the per-group bf16 matmuls see a small set of shapes, so oneDNN
+reuses its compiled kernels instead of building one for every new routing count (1.6x faster layer:
+`python benchmarks/moe_layer.py`).
 Nothing loops over experts with a boolean mask over all tokens.
 
 Losses (returned, weighted by the config):
@@ -52,10 +53,13 @@ def _grouped_mm_supported(x: torch.Tensor) -> bool:
     return False
 
 
-def group_alignment(x: torch.Tensor) -> int:
-    """Rows per alignment unit of an expert group: 64 on CPU (bounds the set of matmul shapes oneDNN
-    compiles kernels for), 16 elsewhere (tile-friendly, little padding)."""
-    return 64 if x.device.type == "cpu" else 16
+def group_alignment(device_type: str, dtype: torch.dtype) -> int:
+    """Rows per alignment unit of an expert group. CPU bf16/fp16: 64, which bounds the set of matmul
+    shapes oneDNN compiles kernels for (1.6x faster MoE layer: benchmarks/moe_layer.py); CPU fp32 runs
+    on kernels that need no compiling, so padding would only cost (1); GPUs: 16 (tile-friendly)."""
+    if device_type == "cpu":
+        return 64 if dtype in (torch.bfloat16, torch.float16) else 1
+    return 16
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -77,7 +81,7 @@ class MixtureOfExperts(nn.Module):
     def __init__(self, d_model: int, d_ff: int, num_experts: int = 16, top_k: int = 2,
                  capacity_factor: float = 0.0, load_balancing_weight: float = 0.01,
                  z_loss_weight: float = 0.001, router_noise: float = 0.0, shared_expert: bool = False,
-                 mlp_type: str = "swiglu", use_grouped_mm: bool = True):
+                 mlp_type: str = "swiglu", use_grouped_mm: bool = True, group_align: int | None = None):
         super().__init__()
         if top_k > num_experts:
             raise ValueError(f"top_k {top_k} exceeds num_experts {num_experts}")
@@ -87,6 +91,7 @@ class MixtureOfExperts(nn.Module):
         self.router_noise = router_noise
         self.gated = mlp_type == "swiglu"
         self.use_grouped_mm = use_grouped_mm
+        self.group_align = group_align  # rows per alignment unit of an expert group; None: by device
         self.router = nn.Linear(d_model, num_experts, bias=False)
         # Expert weights stacked (E, out, in); for SwiGLU the gate rows come first, then the up rows.
         up_rows = 2 * d_ff if self.gated else d_ff
@@ -146,10 +151,9 @@ class MixtureOfExperts(nn.Module):
         num_tokens = x.shape[0]
         logits, probs, top_w, top_i = self.route(x)
         flat_expert = top_i.reshape(-1)
-        counts, kept_counts, group_sizes, slot_token, slot_choice = self.dispatch(
-            flat_expert, num_tokens, group_alignment(x))
-
         dtype = _compute_dtype(x)
+        counts, kept_counts, group_sizes, slot_token, slot_choice = self.dispatch(
+            flat_expert, num_tokens, self.group_align or group_alignment(x.device.type, dtype))
         x_padded = torch.cat([x.to(dtype), x.new_zeros(1, shape[-1], dtype=dtype)])
         h = expert_matmul(x_padded[slot_token], self.w_up.to(dtype), group_sizes, self.use_grouped_mm)
         if self.gated:
