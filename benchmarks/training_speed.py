@@ -2,7 +2,9 @@
 
     python benchmarks/training_speed.py [--config cpu] [--steps 5] [--repeats 2] [--models moe,standard]
 
-Variants (each run in its own process, alternated, so peak memory is per variant):
+Variants (each run in its own process, alternated in an order rotated every repeat, so peak memory is
+per variant; a variant's time is its fastest timed step and the best of its processes, because on a
+shared machine neighbours only ever slow a step down):
   pytorch-fp32     our model in fp32 eager with unfused AdamW (foreach=False, fused=False)
   blueberry        our model with the detected settings (bf16 autocast on AMX/bf16 hardware, FP8 where
                    supported, Muon hybrid optimizer with fused AdamW)
@@ -82,7 +84,7 @@ def worker(variant: str, model_type: str, preset: str, steps: int) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    sec = timed(step, warmup=2, repeats=steps)  # compilation happens in the warm-up
+    sec = timed(step, warmup=2, repeats=steps, stat="min")  # compilation happens in the warm-up
     tps = cfg.batch_size * cfg.max_seq_len / sec
     peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -107,9 +109,11 @@ def main():
         print(json.dumps(worker(args.worker, args.model, args.config, args.steps)))
         return
     results: dict = {}
-    for _ in range(args.repeats):
+    variants = args.variants.split(",")
+    for repeat in range(args.repeats):
         for model in args.models.split(","):
-            for variant in args.variants.split(","):  # alternated
+            shift = repeat % len(variants)  # rotate the order so no variant always follows the same one
+            for variant in variants[shift:] + variants[:shift]:
                 if variant == "hf-loop" and model != "moe":
                     continue
                 out = subprocess.run([sys.executable, __file__, "--worker", variant, "--model", model,
@@ -133,7 +137,8 @@ def main():
                          f"{r['tokens_per_sec'] / base['tokens_per_sec']:.2f}x" if base else "n/a",
                          f"{r['tokens_per_sec'] / hf['tokens_per_sec']:.2f}x" if hf else "n/a"])
     device = next(iter(results.values()))[0]["device"] if results else "?"
-    print(f"Training step (fwd+bwd+optimizer), preset {args.config}, device {device}, best of {args.repeats}")
+    print(f"Training step (fwd+bwd+optimizer), preset {args.config}, device {device}, fastest of {args.steps} "
+          f"steps, best of {args.repeats} processes")
     print(table(["model", "variant", "precision", "tokens/s", "MFU", "peak MB", "vs pytorch-fp32", "vs best HF"], rows))
 
 

@@ -71,3 +71,18 @@ def test_compiled_matches_eager():
     compiled.backward()
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close((h.grad, w.grad), grads)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bf16_matches_float64():
+    torch.manual_seed(7)
+    h = torch.randn(4096, 128, device="cuda", requires_grad=True)
+    w = (torch.randn(1000, 128, device="cuda") * 0.1).requires_grad_()
+    targets = torch.randint(0, 1000, (4096,), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h, w, targets)
+    loss.backward()
+    ref_loss, ref_h, ref_w = reference(h, w, targets)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(h.grad.double(), ref_h, rtol=5e-2, atol=1e-4)
+    torch.testing.assert_close(w.grad.double(), ref_w, rtol=5e-2, atol=1e-4)

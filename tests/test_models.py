@@ -156,6 +156,16 @@ def test_moe_compiles_as_one_graph(capacity):
     torch.testing.assert_close(torch.compile(moe, backend="aot_eager")(x)[0], moe(x)[0])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_moe_on_cuda_bf16_matches_cpu_fp32():
+    moe = MixtureOfExperts(64, 96, num_experts=8, top_k=2)
+    x = torch.randn(4, 33, 64)
+    expected = moe(x)[0]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = moe.cuda()(x.cuda())[0]
+    torch.testing.assert_close(got.float().cpu(), expected, atol=3e-2, rtol=3e-2)
+
+
 def test_loss_weights_come_from_config():
     model = create_model(cfg(load_balancing_weight=0.5, router_z_loss_weight=0.0))
     moe = model.blocks[0].ffn
