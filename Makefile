@@ -1,5 +1,5 @@
 # Two commands for a newcomer: `make train` and `make test`. Both create .venv on first use.
-# `make bench` reruns the CPU benchmarks behind the README's tables (about 25 minutes on 2 cores).
+# `make bench` reruns the CPU benchmarks behind the README's tables (about 40 minutes on 2 cores).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -24,8 +24,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/matmul_throughput.py
 	$(PY) benchmarks/moe_layer.py
+	$(PY) benchmarks/cross_entropy.py
+	$(PY) benchmarks/newton_schulz.py
 	$(PY) benchmarks/tokenize_speed.py
-	$(PY) benchmarks/training_speed.py
+	$(PY) benchmarks/training_speed.py --repeats 3 --steps 8
 	$(PY) benchmarks/muon_vs_adamw.py
 
 clean:

@@ -221,7 +221,7 @@ def _hardware_defaults(caps: Capabilities, cfg: AdaptiveMoEModelConfig) -> dict:
                     max_seq_len=1024, batch_size=32 if big else 16, max_steps=5000)
     else:
         # Sized so that `python train.py` trains in under 10 minutes on 2 cores (docs/LOG.md).
-        size = dict(d_model=256, n_layers=4, n_heads=4, max_seq_len=256, batch_size=16, max_steps=200)
+        size = dict(d_model=256, n_layers=4, n_heads=4, max_seq_len=256, batch_size=16, max_steps=400)
     d_model = cfg.d_model or size["d_model"]
     max_steps = cfg.max_steps or size["max_steps"]
     lr_default = DEFAULT_LR.get(cfg.optimizer, 3e-3)

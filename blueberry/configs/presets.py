@@ -17,7 +17,7 @@ PRESETS: dict[str, dict] = {
     # Everything from the hardware (AdaptiveMoEModelConfig()).
     "default": dict(),
     # The CPU-sized model whatever the machine (what `default` picks on a CPU).
-    "cpu": dict(d_model=256, n_layers=4, n_heads=4, max_seq_len=256, batch_size=16, max_steps=200,
+    "cpu": dict(d_model=256, n_layers=4, n_heads=4, max_seq_len=256, batch_size=16, max_steps=400,
                 device="cpu"),
     # 24 GB Ada card: FP8 capable.
     "rtx4090": dict(d_model=768, n_layers=12, n_heads=12, max_seq_len=1024, batch_size=16, num_experts=8,
