@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 PRESET=${1:-h100}
 PY=${PYTHON:-python}
 $PY -m blueberry info
-$PY -m pytest -q tests/test_ops.py -k gpu
+$PY -m pytest -q tests -k "gpu or cuda"   # the GPU-only tests (FP8, fused cross-entropy, MoE)
 $PY benchmarks/training_speed.py --config "$PRESET" --repeats 1 --steps 5 \
-    --variants pytorch-fp32,blueberry-nofp8,blueberry,hf
+    --variants pytorch-fp32,blueberry-nofp8,blueberry,blueberry-adamw,hf,hf-compiled
 $PY benchmarks/moe_layer.py --tokens 65536 --d-model 1024 --d-ff 2048 --experts 8 --top-k 2
+$PY benchmarks/cross_entropy.py --tokens 65536 --d-model 1024 --vocab 32768
