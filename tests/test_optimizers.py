@@ -77,6 +77,33 @@ def test_same_shape_matrices_orthogonalised_together_equal_the_reference():
         torch.testing.assert_close(p.data.double(), W, atol=1e-5, rtol=1e-5)
 
 
+def test_row_blocks_orthogonalise_gate_and_up_separately():
+    # an expert weight (E, 2F, D) holding [gate; up] with row_blocks=2 gets the update of two separate
+    # (F, D) matrices per expert, scaled by the (F, D) shape
+    E, F_, D = 3, 8, 12
+    W0 = torch.randn(E, 2 * F_, D)
+    p = torch.nn.Parameter(W0.clone())
+    opt = Muon([{"params": [p], "row_blocks": 2}], lr=0.05, momentum=0.9, weight_decay=0.0,
+               ns_dtype=torch.float64)
+    g = torch.randn(E, 2 * F_, D)
+    p.grad = g.clone()
+    opt.step()
+    gate, up = reference_muon_step(W0[:, :F_], g[:, :F_], torch.zeros(E, F_, D), 0.05, 0.9, 0.0)[0], \
+        reference_muon_step(W0[:, F_:], g[:, F_:], torch.zeros(E, F_, D), 0.05, 0.9, 0.0)[0]
+    torch.testing.assert_close(p.data.double(), torch.cat([gate, up], dim=1), atol=1e-5, rtol=1e-5)
+
+
+def test_hybrid_setup_splits_gated_expert_up_projections():
+    cfg = AdaptiveMoEModelConfig(model_type="moe", vocab_size=300, d_model=32, n_layers=2, n_heads=2,
+                                 num_experts=4, max_seq_len=16, device="cpu").validate()
+    model = create_model(cfg)
+    muon = setup_optimizers(model, cfg, log=lambda *a: None)[0]
+    blocks = {id(q): g["row_blocks"] for g in muon.param_groups for q in g["params"]}
+    for block in model.blocks:
+        assert blocks[id(block.ffn.w_up)] == 2 and blocks[id(block.ffn.w_down)] == 1
+        assert blocks[id(block.attn.q_proj.weight)] == 1
+
+
 def test_batched_3d_equals_per_matrix():
     G = torch.randn(5, 24, 16)
     batched = zeropower_via_newtonschulz5(G, dtype=torch.float32)

@@ -55,7 +55,13 @@ def setup_optimizers(model: torch.nn.Module, config, log=print, distributed: boo
     p = lambda role: [param for _, param in parts[role]]  # noqa: E731
     wd = config.weight_decay
     if config.optimizer == "muon":
-        muon = MuonWithWarmup(p("hidden"), lr=config.lr, momentum=config.muon_momentum,
+        # an expert's gated up-projection holds [gate; up]: orthogonalised as two matrices, like the
+        # dense MLP's separate gate and up (so MoE-vs-dense ablations treat them alike)
+        gated_up = [q for name, q in parts["hidden"] if name.endswith("ffn.w_up") and config.mlp_type == "swiglu"]
+        rest = [q for q in p("hidden") if all(q is not g for g in gated_up)]
+        muon_groups = [g for g in ({"params": rest, "name": "hidden"},
+                                   {"params": gated_up, "row_blocks": 2, "name": "expert gate/up"}) if g["params"]]
+        muon = MuonWithWarmup(muon_groups, lr=config.lr, momentum=config.muon_momentum,
                               momentum_start=config.muon_momentum_start,
                               momentum_warmup_steps=config.momentum_warmup_steps, weight_decay=wd,
                               scale_mode=config.muon_update_scale, distributed=distributed,

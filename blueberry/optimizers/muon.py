@@ -1,6 +1,7 @@
 """Muon: momentum SGD whose update is orthogonalised by a quintic Newton-Schulz iteration.
 
-For each weight matrix G (or each matrix of a stacked 3-D expert weight):
+For each weight matrix G (or each matrix of a stacked 3-D expert weight; a param group's `row_blocks`
+n > 1 reads each matrix as n matrices stacked by rows, e.g. an expert's [gate; up]):
     buf   <- momentum * buf + (1 - momentum) * grad
     upd   <- grad + momentum * (buf - grad)        (Nesterov; plain: upd = buf)
     O     <- NewtonSchulz5(upd)                    (~ U V^T of upd's SVD; singular values in ~[0.7, 1.2])
@@ -59,7 +60,7 @@ class Muon(torch.optim.Optimizer):
                  weight_decay: float = 0.0, ns_steps: int = 5, scale_mode: str = "shape",
                  distributed: bool = False, ns_dtype: torch.dtype = torch.bfloat16):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                        ns_steps=ns_steps, scale_mode=scale_mode)
+                        ns_steps=ns_steps, scale_mode=scale_mode, row_blocks=1)
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -80,11 +81,21 @@ class Muon(torch.optim.Optimizer):
         buf.lerp_(grad, 1 - group["momentum"])
         return grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
 
+    def _newton_schulz(self, upd: torch.Tensor, group: dict) -> torch.Tensor:
+        """NS of each matrix; with `row_blocks` n > 1 each matrix is n stacked matrices (an expert's
+        [gate; up]) orthogonalised one by one, as the dense MLP's separate gate and up are."""
+        blocks = group["row_blocks"]
+        if blocks == 1:
+            return zeropower_via_newtonschulz5(upd, steps=group["ns_steps"], dtype=self.ns_dtype)
+        shape = upd.shape
+        split = upd.reshape(*shape[:-2], blocks, shape[-2] // blocks, shape[-1])
+        return zeropower_via_newtonschulz5(split, steps=group["ns_steps"], dtype=self.ns_dtype).reshape(shape)
+
     def _orthogonalised(self, upd: torch.Tensor, group: dict) -> torch.Tensor:
         if isinstance(upd, DTensor):  # FSDP2 shard: orthogonalise the whole matrix, keep our shard
-            full = zeropower_via_newtonschulz5(upd.full_tensor(), steps=group["ns_steps"], dtype=self.ns_dtype)
+            full = self._newton_schulz(upd.full_tensor(), group)
             return distribute_tensor(full.to(upd.dtype), upd.device_mesh, upd.placements, src_data_rank=None)
-        return zeropower_via_newtonschulz5(upd, steps=group["ns_steps"], dtype=self.ns_dtype)
+        return self._newton_schulz(upd, group)
 
     def _orthogonalised_together(self, updates: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
         """Same-shape 2-D updates stacked into one batched Newton-Schulz (each matrix is normalised on its
@@ -92,12 +103,13 @@ class Muon(torch.optim.Optimizer):
         if len(updates) == 1 or updates[0].dim() != 2:
             return [self._orthogonalised(u, group) for u in updates]
         stacked = torch.stack([u.to(self.ns_dtype) for u in updates])
-        return list(zeropower_via_newtonschulz5(stacked, steps=group["ns_steps"], dtype=self.ns_dtype).unbind(0))
+        return list(self._newton_schulz(stacked, group).unbind(0))
 
     @staticmethod
     def _apply(p: torch.Tensor, ortho: torch.Tensor, group: dict) -> None:
         p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(ortho.to(p.dtype), alpha=-group["lr"] * update_scale(p.shape, group["scale_mode"]))
+        rows, cols = p.shape[-2] // group["row_blocks"], p.shape[-1]
+        p.add_(ortho.to(p.dtype), alpha=-group["lr"] * update_scale((rows, cols), group["scale_mode"]))
 
     @torch.no_grad()
     def step(self, closure=None):
