@@ -206,3 +206,17 @@ def test_random_kill_9_always_leaves_a_loadable_checkpoint(corpus_dir, tmp_path)
     r = run_cli("--resume-from", run, "--max-steps", str(step + 2))
     assert r.returncode == 0, r.stderr
     assert read_state(resolve_checkpoint(run))["step"] == step + 2
+
+
+def test_optimizer_state_with_other_parameter_groups_is_refused_clearly():
+    from blueberry.errors import CheckpointError
+    from blueberry.training.checkpoint import check_optimizer_layout
+
+    a, b = torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4, 4))
+    ours = torch.optim.AdamW([{"params": [a]}, {"params": [b]}])
+    check_optimizer_layout([ours], [ours.state_dict()])  # the same layout passes
+    older = torch.optim.AdamW([a, b]).state_dict()  # one group of two: another version's layout
+    with pytest.raises(CheckpointError, match=r"sizes \[2\].*builds \[1, 1\]"):
+        check_optimizer_layout([ours], [older])
+    with pytest.raises(CheckpointError, match="same --optimizer"):
+        check_optimizer_layout([ours], [older, older])

@@ -176,3 +176,18 @@ def load_weights(checkpoint: Path, model: torch.nn.Module) -> None:
         raise CheckpointError(f"{path} was saved from a different architecture: {'; '.join(problems[:12])}"
                               f"{' ...' if len(problems) > 12 else ''}. "
                               "Use the same model settings as the run that wrote it")
+
+
+def check_optimizer_layout(optimizers: list, states: list[dict]) -> None:
+    """Refuse, with a clear message, optimizer states whose parameter groups do not match this version's."""
+    if len(states) != len(optimizers):
+        raise CheckpointError(f"the checkpoint holds {len(states)} optimizer state(s), this run builds "
+                              f"{len(optimizers)}: resume with the same --optimizer as the run that wrote it")
+    for opt, state in zip(optimizers, states):
+        saved = [len(g["params"]) for g in state.get("param_groups", [])]
+        ours = [len(g["params"]) for g in opt.param_groups]
+        if saved != ours:
+            raise CheckpointError(
+                f"the checkpoint's {type(opt).__name__} state has parameter groups of sizes {saved}, this version "
+                f"builds {ours} (an earlier Blueberry version, or other model settings, wrote it). Resume it with "
+                "the version and settings that wrote it; its weights still load with `blueberry eval`/`generate`")

@@ -22,7 +22,7 @@ import torch
 from ..errors import RunError
 from ..models.generation import generate_text
 from ..optimizers import get_lr_scheduler, setup_optimizers
-from .checkpoint import save_checkpoint
+from .checkpoint import check_optimizer_layout, save_checkpoint
 from .distributed import (DistContext, gathered_states, is_sharded, load_sharded_optimizer_states, no_sync,
                           scalar)
 from .evaluation import evaluate_model
@@ -118,6 +118,7 @@ def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokeni
     sharded = is_sharded(model)
     step, best_val, skipped, consecutive_bad = 0, math.inf, 0, 0
     if resume_state is not None:
+        check_optimizer_layout(optimizers, resume_state["optimizers"])
         if sharded:
             load_sharded_optimizer_states(core, optimizers, resume_state["optimizers"])
         else:
