@@ -28,9 +28,10 @@ def textbook(G, steps=5, eps=1e-7, dtype=torch.bfloat16):
 
 def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    # (shape, how many per step) for the cpu preset: 4 layers of d_model 256; dense d_ff 704, MoE 8 x 512
+    # (shape, how many per step) for the cpu preset: 4 layers of d_model 256; dense d_ff 704, MoE 8 experts
+    # of d_ff 512 whose [gate; up] Muon orthogonalises as two matrices each
     cases = [((256, 256), 16, "attention q/k/v/o"), ((704, 256), 8, "dense gate/up"),
-             ((256, 704), 4, "dense down"), ((8, 1024, 256), 4, "experts gate+up"), ((8, 256, 512), 4, "experts down")]
+             ((256, 704), 4, "dense down"), ((8, 2, 512, 256), 4, "experts gate, up"), ((8, 256, 512), 4, "experts down")]
     rows = []
     for shape, count, what in cases:
         mats = [torch.randn(*shape, device=device) for _ in range(count)]

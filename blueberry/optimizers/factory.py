@@ -57,9 +57,10 @@ def setup_optimizers(model: torch.nn.Module, config, log=print, distributed: boo
     if config.optimizer == "muon":
         # an expert's gated up-projection holds [gate; up]: orthogonalised as two matrices, like the
         # dense MLP's separate gate and up (so MoE-vs-dense ablations treat them alike)
-        gated_up = [q for name, q in parts["hidden"] if name.endswith("ffn.w_up") and config.mlp_type == "swiglu"]
-        rest = [q for q in p("hidden") if all(q is not g for g in gated_up)]
-        muon_groups = [g for g in ({"params": rest, "name": "hidden"},
+        hidden, gated_up = [], []
+        for name, q in parts["hidden"]:
+            (gated_up if config.mlp_type == "swiglu" and name.endswith("ffn.w_up") else hidden).append(q)
+        muon_groups = [g for g in ({"params": hidden, "name": "hidden"},
                                    {"params": gated_up, "row_blocks": 2, "name": "expert gate/up"}) if g["params"]]
         muon = MuonWithWarmup(muon_groups, lr=config.lr, momentum=config.muon_momentum,
                               momentum_start=config.muon_momentum_start,

@@ -154,8 +154,7 @@ def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokeni
         nonlocal best_val
         # forward-only passes run the plain model (a compiled one would recompile for eval mode);
         # under FSDP2 the plain model is the sharded one, so every rank still takes part
-        eval_model = core
-        result = evaluate_model(eval_model, val_loader, config, token_bytes=token_bytes, precision=precision,
+        result = evaluate_model(core, val_loader, config, token_bytes=token_bytes, precision=precision,
                                 device=device, peak_flops=peak)
         for key in ("loss", "accuracy", "bits_per_byte"):  # every rank scored an equal share
             if key in result:
@@ -199,9 +198,10 @@ def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokeni
                         precision.scaler.scale(loss).backward()
                     else:
                         loss.backward()
-                micro_loss = loss.item()  # one host sync per micro-step
+                # one host sync per micro-step for both numbers
+                micro_loss, micro_lm = torch.stack([loss.detach(), out.lm_loss.detach()]).tolist()
                 loss_sum += micro_loss
-                lm_sum += out.lm_loss.item() / config.grad_accum_steps
+                lm_sum += micro_lm / config.grad_accum_steps
                 finite = finite and math.isfinite(micro_loss)
             if ctx.enabled:  # log the global mean, not rank 0's share
                 loss_sum, lm_sum = ctx.all_reduce_mean(loss_sum), ctx.all_reduce_mean(lm_sum)
