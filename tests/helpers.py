@@ -27,3 +27,29 @@ def run_cli(*args, timeout: float = 300, cwd=None) -> subprocess.CompletedProces
 def popen_cli(*args, cwd=None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "blueberry", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=cwd or ROOT)
+
+
+def run_in_group(cmd: list, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """Run `cmd` in a process group of its own; on timeout, or whatever happens, the whole group (torchrun
+    and every rank it started) is killed, so that no orphan is left behind."""
+    import signal
+
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"{' '.join(map(str, cmd[:6]))} ... did not finish in {timeout} s; its process "
+                             f"group was killed. stderr tail:\n{err[-3000:]}") from None
+    finally:
+        _kill_group(proc.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _kill_group(pgid: int, sig) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -13,9 +13,10 @@ CASES = [
     dict(model_type="standard", n_kv_heads=2, tie_embeddings=False),
     dict(model_type="standard", qk_norm=True, n_kv_heads=1),
     dict(model_type="moe"),
-    dict(model_type="moe", n_kv_heads=2, expert_top_k=1, tie_embeddings=False),
+    dict(model_type="moe", n_kv_heads=2, expert_top_k=1, shared_expert=True, tie_embeddings=False),
     dict(model_type="moe", shared_expert=True),
     dict(model_type="moe", qk_norm=True),
+    dict(model_type="moe", qk_norm=True, expert_top_k=1),
 ]
 
 
@@ -30,7 +31,7 @@ def test_exported_logits_match(tmp_path, kw):
         torch.nn.init.normal_(p, std=0.3) if p.dim() > 1 else torch.nn.init.uniform_(p, 0.5, 1.5)
     tok = train_bpe(["the quick brown fox jumps over the lazy dog " * 20], 300)
     tok.save(tmp_path / "tokenizer.json")
-    out = export_hf(model, tmp_path / "tokenizer.json", tmp_path / "hf")
+    out = export_hf(model, tok, tmp_path / "hf")
     hf = AutoModelForCausalLM.from_pretrained(out, local_files_only=True, dtype=torch.float32).eval()
     assert type(hf).__name__ == hf_architecture(cfg)
     idx = torch.randint(0, 300, (2, 24))
@@ -46,3 +47,7 @@ def test_unmappable_options_are_refused(tmp_path):
                                  mlp_type="silu", device="cpu", use_fp8=False).validate()
     with pytest.raises(ExportError, match="no exact Hugging Face"):
         hf_architecture(cfg)
+    top1 = AdaptiveMoEModelConfig(d_model=32, n_layers=1, n_heads=4, max_seq_len=16, vocab_size=300,
+                                  expert_top_k=1, device="cpu", use_fp8=False).validate()
+    with pytest.raises(ExportError, match="top-1 MoE"):  # Mixtral would renormalise its weight to 1
+        hf_architecture(top1)

@@ -170,14 +170,15 @@ def _wait_for_steps(run_dir: Path, steps: int, proc, timeout=120):
     raise AssertionError("training did not reach the expected step")
 
 
-def test_sigint_saves_and_exits_cleanly(corpus_dir, tmp_path):
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_and_exits_with_the_signal_code(corpus_dir, tmp_path, sig, code):
     run = tmp_path / "run"
-    proc = popen_cli("--dataset", corpus_dir, "--cache-dir", tmp_path / "c", "--out-dir", run,
+    proc = popen_cli("--dataset", corpus_dir, "--cache-dir", tmp_path / "c", "--out-dir", run, "--no-compile",
                      "--max-steps", "100000", "--eval-every", "100000", "--checkpoint-every", "100000", *TINY_FLAGS)
     _wait_for_steps(run, 3, proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    assert proc.returncode == code, err  # a preempted run is not a finished one
     assert "Resume with" in out
     ck = resolve_checkpoint(run)
     assert read_state(ck)["step"] >= 3

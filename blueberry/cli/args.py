@@ -22,7 +22,12 @@ def flag_for(field: str) -> str:
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line naming the flag, and exit code 2."""
+    """argparse, but a usage error is one line naming the flag, and exit code 2. Abbreviations are off:
+    a typo (`--checkpoint` for `--checkpoint-every`) is an error, never another flag."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         print(f"error: {message} (see --help)", file=sys.stderr)

@@ -60,10 +60,9 @@ def eval_command(args) -> int:
 
 def export_command(args) -> int:
     from ..export import export_hf
-    from ..training.checkpoint import run_dir_of
     from ..training.loading import load_trained
 
     model, config, tok, ckpt = load_trained(args.run, "cpu")
-    out = export_hf(model, run_dir_of(ckpt) / "tokenizer.json", args.out)
+    out = export_hf(model, tok, args.out)
     print(f"Exported {ckpt} as {type(model).__name__} -> Hugging Face format in {out}")
     return 0

@@ -32,12 +32,19 @@ def train_command(args) -> int:
     if len(lrs) > 1:
         from ..training.sweep import run_lr_sweep
 
-        run_lr_sweep(config, lrs)
-        return 0
+        results = run_lr_sweep(config, lrs)
+        return exit_code(results[-1]) if results else 0
     from ..training.run import run_training
 
-    run_training(config)
-    return 0
+    _, metrics = run_training(config)
+    return exit_code(metrics)
+
+
+def exit_code(metrics: dict) -> int:
+    """0 for a finished run; 128 + the signal for one stopped by SIGINT (130) or SIGTERM (143), so that a
+    scheduler can tell a preempted run (saved, resumable) from a finished one."""
+    signum = metrics.get("stop_signal")
+    return 128 + int(signum) if signum else 0
 
 
 def _resume(args) -> int:
@@ -45,7 +52,7 @@ def _resume(args) -> int:
     from ..training.run import run_training
     from .args import overrides_from
 
-    ckpt = resolve_checkpoint(args.resume_from)
+    ckpt = resolve_checkpoint(args.resume_from, run_dir=getattr(args, "out_dir", None))
     state = read_state(ckpt)
     saved = AdaptiveMoEModelConfig.from_dict(state["config"])
     overrides = overrides_from(args)
@@ -56,5 +63,5 @@ def _resume(args) -> int:
     overrides.setdefault("out_dir", str(run_dir_of(ckpt)))
     config = saved.replace(**overrides).validate()
     print(f"Resuming from {ckpt}")
-    run_training(config, resume_state=state, resume_checkpoint=ckpt)
-    return 0
+    _, metrics = run_training(config, resume_state=state, resume_checkpoint=ckpt)
+    return exit_code(metrics)

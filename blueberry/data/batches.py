@@ -90,7 +90,7 @@ def create_dataloaders(config, corpus, rank: int = 0, world_size: int = 1) -> tu
                               seed=config.seed)
     if config.dataset_type == "document":
         val_ds = create_dataset(corpus.val, "document", config.max_seq_len, doc_starts=corpus.val_doc_starts,
-                                document_mask=config.document_mask)
+                                document_mask=config.document_mask, score_once=True)
     else:
         val_ds = create_dataset(corpus.val, "packed", config.max_seq_len)
     train = BatchLoader(train_ds, config.batch_size, shuffle=True, seed=config.seed, rank=rank,

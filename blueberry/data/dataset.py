@@ -15,6 +15,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ..errors import DataError
+from ..ops.cross_entropy import IGNORE_INDEX
 
 
 def _check_length(tokens, seq_len: int) -> None:
@@ -68,15 +69,25 @@ class RandomChunkDataset(TextTokenDataset):
 
 
 class DocumentDataset(TextTokenDataset):
-    def __init__(self, tokens, seq_len: int, doc_starts, return_doc_ids: bool = False):
+    """Windows that start at document starts. For evaluation, `score_once` marks (with -100) the targets
+    a later window scores: each token is then scored exactly once, in the window that starts in its own
+    document (a short document would otherwise also be scored inside the window of the one before it),
+    and a last window ending at the corpus end scores the tail no window covered."""
+
+    def __init__(self, tokens, seq_len: int, doc_starts, return_doc_ids: bool = False, score_once: bool = False):
         _check_length(tokens, seq_len)
         self.tokens, self.seq_len = tokens, seq_len
         self.doc_starts = np.asarray(doc_starts, dtype=np.int64)
-        self.return_doc_ids = return_doc_ids
+        self.return_doc_ids, self.score_once = return_doc_ids, score_once
         ends = np.append(self.doc_starts[1:], len(tokens))
         last_start = len(tokens) - seq_len - 1
         starts = [np.arange(s, e, seq_len) for s, e in zip(self.doc_starts, ends)]
         starts = np.concatenate(starts) if starts else np.zeros(0, dtype=np.int64)
+        if score_once:
+            self.starts = np.unique(np.minimum(np.append(starts, 0), last_start))
+            # window i scores targets j < owned[i]: those before the next window's start
+            self.owned = np.append(np.diff(self.starts), seq_len)
+            return
         self.starts = starts[starts <= last_start]
         if len(self.starts) == 0:
             self.starts = np.array([last_start], dtype=np.int64)
@@ -84,6 +95,9 @@ class DocumentDataset(TextTokenDataset):
     def __getitem__(self, i: int):
         start = int(self.starts[i])
         x, y = self.window(start)
+        if self.score_once:
+            y = y.copy()
+            y[int(self.owned[i]):] = IGNORE_INDEX
         if not self.return_doc_ids:
             return x, y
         positions = np.arange(start, start + self.seq_len)
@@ -95,7 +109,8 @@ DATASET_TYPES = ("text_token", "packed", "random_chunk", "document")
 
 
 def create_dataset(tokens, dataset_type: str = "packed", seq_len: int = 512, *, stride: int | None = None,
-                   doc_starts=None, document_mask: bool = False, seed: int = 0, num_samples: int | None = None):
+                   doc_starts=None, document_mask: bool = False, seed: int = 0, num_samples: int | None = None,
+                   score_once: bool = False):
     if dataset_type == "text_token":
         return TextTokenDataset(tokens, seq_len, stride or max(1, seq_len // 2))
     if dataset_type == "packed":
@@ -105,5 +120,5 @@ def create_dataset(tokens, dataset_type: str = "packed", seq_len: int = 512, *, 
     if dataset_type in ("document", "document_aware"):
         if doc_starts is None:
             raise ValueError("the document dataset needs doc_starts (the offsets where documents begin)")
-        return DocumentDataset(tokens, seq_len, doc_starts, return_doc_ids=document_mask)
+        return DocumentDataset(tokens, seq_len, doc_starts, return_doc_ids=document_mask, score_once=score_once)
     raise ValueError(f"unknown dataset_type {dataset_type!r}; choose one of {', '.join(DATASET_TYPES)}")

@@ -8,6 +8,8 @@ encoding, decoding, the end-of-text id and, for bits per byte, how many UTF-8 by
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -39,20 +41,9 @@ class Tokenizer:
 
     def token_bytes(self) -> np.ndarray:
         """UTF-8 byte count of each id (0 for special tokens), for bits per byte."""
-        from tokenizers.pre_tokenizers import ByteLevel
-
-        byte_of = {ch: 1 for ch in ByteLevel.alphabet()}
-        vocab = self.hf.get_vocab()
         special = {t.content for t in self.hf.get_added_tokens_decoder().values()}
-        out = np.zeros(self.vocab_size, dtype=np.int64)
-        for token, i in vocab.items():
-            if token in special:
-                continue
-            if all(ch in byte_of for ch in token):  # byte-level token: one char per byte
-                out[i] = len(token)
-            else:
-                out[i] = len(self.hf.decode([i]).encode("utf-8"))
-        return out
+        tokens = [self.hf.id_to_token(i) for i in range(self.vocab_size)]
+        return count_token_bytes(tokens, special, _is_byte_level(self.hf))
 
     def save(self, path: str | Path) -> None:
         self.hf.save(str(path))
@@ -82,14 +73,46 @@ class TransformersTokenizer(Tokenizer):
         return self.auto.decode([int(i) for i in ids], skip_special_tokens=True)
 
     def token_bytes(self) -> np.ndarray:
-        special = set(self.auto.all_special_ids)
-        return np.array([0 if i in special else len(self.auto.decode([i]).encode("utf-8"))
-                         for i in range(self.vocab_size)], dtype=np.int64)
+        """UTF-8 bytes each id stands for, read from the vocabulary itself: decoding one id alone would
+        turn a token that holds part of a multi-byte character into U+FFFD (3 bytes)."""
+        tokens = self.auto.convert_ids_to_tokens(list(range(self.vocab_size)))
+        special = set(self.auto.all_special_tokens) | set(getattr(self.auto, "added_tokens_encoder", {}))
+        byte_level = self.hf is not None and _is_byte_level(self.hf)
+        return count_token_bytes(tokens, special, byte_level)
 
     def save(self, path: str | Path) -> None:
         self.auto.save_pretrained(str(Path(path).parent / "hf_tokenizer"))
         if self.hf is not None:
             self.hf.save(str(path))
+
+
+_BYTE_FALLBACK = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")  # SentencePiece's byte tokens
+
+
+def count_token_bytes(tokens: list[str | None], special: set[str], byte_level: bool) -> np.ndarray:
+    """How many UTF-8 bytes each vocabulary string stands for. Byte-level BPE (GPT-2 style): one character
+    per byte. SentencePiece style: `<0xAB>` is one byte, `▁` a space, the rest their UTF-8 encoding.
+    Special tokens (end-of-text, chat markers) stand for no bytes."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = set(ByteLevel.alphabet())
+    out = np.zeros(len(tokens), dtype=np.int64)
+    for i, token in enumerate(tokens):
+        if token is None or token in special:
+            continue
+        if byte_level and all(ch in alphabet for ch in token):
+            out[i] = len(token)
+        elif _BYTE_FALLBACK.match(token):
+            out[i] = 1
+        else:
+            out[i] = len(token.replace("\u2581", " ").encode("utf-8"))
+    return out
+
+
+def _is_byte_level(hf_tokenizer) -> bool:
+    """True when the tokenizer's decoder maps characters back to bytes one for one (GPT-2 byte level)."""
+    spec = json.loads(hf_tokenizer.to_str())
+    return "ByteLevel" in json.dumps(spec.get("decoder"))
 
 
 def train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:

@@ -3,11 +3,12 @@
 Which architecture maps exactly:
   dense                      -> LlamaForCausalLM         (SwiGLU MLP, RoPE, RMSNorm, GQA)
   dense + QK-norm            -> Qwen3ForCausalLM         (per-head RMSNorm on q and k before RoPE)
-  MoE                        -> MixtralForCausalLM       (softmax router, top-k renormalised)
+  MoE, top-k >= 2            -> MixtralForCausalLM       (softmax router, top-k renormalised)
   MoE + shared expert        -> Qwen2MoeForCausalLM      (sigmoid-gated shared SwiGLU expert)
   MoE + QK-norm              -> Qwen3MoeForCausalLM
-Anything else (the non-gated SiLU MLP, QK-norm with a shared expert) has no exact equivalent and is
-refused. Weights are copied by name into a freshly built HF model whose key set and shapes must match
+(Qwen MoE routers renormalise the top-k weights only for k >= 2, as ours do.) Anything else (the
+non-gated SiLU MLP, QK-norm with a shared expert, a top-1 MoE with neither, whose router weight Mixtral
+would renormalise to 1) has no exact equivalent and is refused. Weights are copied by name into a freshly built HF model whose key set and shapes must match
 ours one to one; the model is then saved with save_pretrained, the tokenizer alongside it.
 """
 
@@ -34,14 +35,23 @@ def hf_architecture(config) -> str:
         raise ExportError("an MoE with both a shared expert and QK-norm has no exact Hugging Face equivalent")
     if config.shared_expert:
         return "Qwen2MoeForCausalLM"
-    return "Qwen3MoeForCausalLM" if config.qk_norm else "MixtralForCausalLM"
+    if config.qk_norm:
+        return "Qwen3MoeForCausalLM"
+    if config.expert_top_k == 1:
+        raise ExportError("a top-1 MoE scales each expert by its router probability; Mixtral renormalises that "
+                          "weight to 1, so it has no exact Hugging Face equivalent. Export needs --top-k 2 or "
+                          "more, --shared-expert (Qwen2-MoE) or --qk-norm (Qwen3-MoE)")
+    return "MixtralForCausalLM"
 
 
-def hf_config(config):
+def hf_config(config, eot_id: int | None = None):
+    """The transformers config of our model; `eot_id` (the tokenizer's end-of-text) becomes its bos, eos
+    and pad token, so that `generate()` starts and stops where ours do."""
     import transformers as T
 
     arch = hf_architecture(config)
-    common = dict(
+    special = {} if eot_id is None else dict(bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id)
+    common = dict(**special,
         vocab_size=config.vocab_size, hidden_size=config.d_model, num_hidden_layers=config.n_layers,
         num_attention_heads=config.n_heads, num_key_value_heads=config.n_kv_heads,
         max_position_embeddings=config.max_seq_len, rms_norm_eps=config.norm_eps,
@@ -63,10 +73,10 @@ def hf_config(config):
     if arch == "Qwen2MoeForCausalLM":
         return T.Qwen2MoeConfig(intermediate_size=config.expert_d_ff, moe_intermediate_size=config.expert_d_ff,
                                 shared_expert_intermediate_size=config.expert_d_ff, num_experts=config.num_experts,
-                                norm_topk_prob=True, qkv_bias=False, decoder_sparse_step=1, mlp_only_layers=[],
+                                norm_topk_prob=config.expert_top_k > 1, qkv_bias=False, decoder_sparse_step=1, mlp_only_layers=[],
                                 use_sliding_window=False, **moe, **common)
     return T.Qwen3MoeConfig(intermediate_size=config.expert_d_ff, moe_intermediate_size=config.expert_d_ff,
-                            num_experts=config.num_experts, norm_topk_prob=True, attention_bias=False,
+                            num_experts=config.num_experts, norm_topk_prob=config.expert_top_k > 1, attention_bias=False,
                             head_dim=config.head_dim, decoder_sparse_step=1, mlp_only_layers=[],
                             use_sliding_window=False, **moe, **common)
 
@@ -111,12 +121,14 @@ def hf_name(name: str) -> str:
     raise ExportError(f"parameter {name} has no Hugging Face counterpart")
 
 
-def to_hf_model(model):
-    """A transformers model holding exactly our weights (fp32)."""
-    from transformers import AutoModelForCausalLM
+def to_hf_model(model, eot_id: int | None = None):
+    """A transformers model holding exactly our weights (fp32), with our end-of-text as its special tokens."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
-    cfg = hf_config(model.config)
+    cfg = hf_config(model.config, eot_id)
     hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    if eot_id is not None:
+        hf.generation_config = GenerationConfig(bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id)
     theirs = hf.state_dict()
     ours = {hf_name(k): v.detach().float().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
@@ -134,18 +146,21 @@ def to_hf_model(model):
     return hf.eval()
 
 
-def export_hf(model, tokenizer_file: str | Path, out_dir: str | Path) -> Path:
-    from tokenizers import Tokenizer as HFTokenizer
+def export_hf(model, tokenizer, out_dir: str | Path) -> Path:
+    """Write `model` and its tokenizer (a blueberry Tokenizer) as a transformers directory."""
     from transformers import PreTrainedTokenizerFast
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out} exists and is not empty; choose a new output directory")
-    hf = to_hf_model(model)
+    hf = to_hf_model(model, tokenizer.eot_id)
     out.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(out)
-    eot = "<|endoftext|>"
-    fast = PreTrainedTokenizerFast(tokenizer_object=HFTokenizer.from_file(str(tokenizer_file)),
-                                   eos_token=eot, bos_token=eot, unk_token=None)
+    if hasattr(tokenizer, "auto"):  # a transformers tokenizer: saved as it is
+        tokenizer.auto.save_pretrained(out)
+        return out
+    eot = tokenizer.hf.id_to_token(tokenizer.eot_id)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer.hf, eos_token=eot, bos_token=eot, pad_token=eot,
+                                   unk_token=None)
     fast.save_pretrained(out)
     return out

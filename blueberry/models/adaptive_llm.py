@@ -27,6 +27,18 @@ class LMOutput:
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     expert_load: list[torch.Tensor] = field(default_factory=list)  # one (num_experts,) per MoE layer
+    moe_stats: torch.Tensor | None = None  # (len(MOE_STATS),) over the MoE layers, for the training log
+
+
+MOE_STATS = ("max_expert_load", "dropped_fraction", "router_z_loss", "load_balancing_loss")
+
+
+def _moe_stats(auxes) -> torch.Tensor:
+    """The MOE_STATS figures of one forward, left on the device (the loop reads them with the loss)."""
+    return torch.stack([torch.stack([a.expert_load.max() for a in auxes]).max(),
+                        torch.stack([a.dropped_fraction for a in auxes]).float().mean(),
+                        torch.stack([a.z_loss for a in auxes]).float().mean(),
+                        torch.stack([a.load_balancing_loss for a in auxes]).float().mean()]).float()
 
 
 class TransformerLM(nn.Module):
@@ -62,18 +74,21 @@ class TransformerLM(nn.Module):
         cross-entropy (the full logits are not formed unless `return_logits`)."""
         x = self.embed(idx)
         aux_total = x.new_zeros((), dtype=torch.float32)
-        loads = []
+        auxes = []
         for i, block in enumerate(self.blocks):
             x, aux = block(x, doc_ids=doc_ids, kv_cache=kv_caches[i] if kv_caches else None)
             if aux is not None:
                 aux_total = aux_total + aux.loss
-                loads.append(aux.expert_load)
+                auxes.append(aux)
         h = self.norm(x)
         want_logits = targets is None or return_logits
-        out = LMOutput(logits=self.lm_head(h) if want_logits else None, aux_loss=aux_total, expert_load=loads)
+        out = LMOutput(logits=self.lm_head(h) if want_logits else None, aux_loss=aux_total,
+                       expert_load=[a.expert_load for a in auxes])
         if targets is not None:
             out.lm_loss = linear_cross_entropy(h, self.lm_head.weight, targets)
             out.loss = out.lm_loss + aux_total
+            if auxes and self.training:
+                out.moe_stats = _moe_stats(auxes)
         return out
 
     # ---- reporting ----

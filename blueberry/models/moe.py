@@ -103,13 +103,18 @@ class MixtureOfExperts(nn.Module):
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if shared_expert else None
 
     def route(self, x: torch.Tensor):
-        """x (T, D) -> logits (T, E) fp32, probs (T, E), top-k weights (T, k) and indices (T, k)."""
-        logits = F.linear(x.float(), self.router.weight.float())
-        if self.training and self.router_noise > 0:
-            logits = logits + torch.randn_like(logits) * self.router_noise
-        probs = logits.softmax(dim=-1)
-        top_w, top_i = probs.topk(self.top_k, dim=-1)
-        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        """x (T, D) -> logits (T, E), probs (T, E), top-k weights (T, k) and indices (T, k), all in fp32
+        whatever the autocast. With k > 1 the k weights are renormalised to sum to 1 (Mixtral); with k = 1
+        the weight is the router probability itself (Switch Transformer), which is what lets the language
+        -model loss reach the router: a weight renormalised to 1 has no gradient."""
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.router.weight.float())
+            if self.training and self.router_noise > 0:
+                logits = logits + torch.randn_like(logits) * self.router_noise
+            probs = logits.softmax(dim=-1)
+            top_w, top_i = probs.topk(self.top_k, dim=-1)
+            if self.top_k > 1:
+                top_w = top_w / top_w.sum(dim=-1, keepdim=True)
         return logits, probs, top_w, top_i
 
     def capacity(self, num_tokens: int) -> int | None:

@@ -26,8 +26,10 @@ def _chunk_rows(vocab: int, device_type: str) -> int:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, dtype, ignore_index):
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def forward(ctx, h, weight, targets, dtype, ignore_index, grad_enabled):
+        # forward always runs with grad mode off: whether the caller wants gradients is passed in
+        want_h = grad_enabled and ctx.needs_input_grad[0]
+        want_w = grad_enabled and ctx.needs_input_grad[1]
         x, w = h.to(dtype), weight.to(dtype)
         valid = targets != ignore_index
         count = valid.sum().clamp(min=1).to(torch.float32)
@@ -59,7 +61,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         h_dtype, w_dtype = ctx.dtypes
         gh = (grad_x * grad_loss).to(h_dtype) if grad_x is not None else None
         gw = (grad_w * grad_loss).to(w_dtype) if grad_w is not None else None
-        return gh, gw, None, None, None
+        return gh, gw, None, None, None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -72,4 +74,4 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
     with torch.autocast(device, enabled=False):
         return _LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), dtype,
-                                         ignore_index)
+                                         ignore_index, torch.is_grad_enabled())

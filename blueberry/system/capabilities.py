@@ -60,8 +60,16 @@ class Capabilities:
 
     @property
     def peak_flops(self) -> float:
-        """Dense peak FLOP/s used for MFU (see `_peak_flops`)."""
+        """Dense peak FLOP/s of one device (one GPU, or the whole CPU) used for MFU (see `_peak_flops`)."""
         return _peak_flops(self)
+
+    def job_peak_flops(self, world_size: int = 1, local_world_size: int = 1) -> float:
+        """Peak FLOP/s of a job of `world_size` processes, `local_world_size` of them per machine: one GPU
+        per process, or a machine's CPU cores shared by the processes on it. Never the count of visible
+        GPUs: a single process on an 8-GPU node uses one of them."""
+        if self.is_cuda:
+            return self.peak_flops * world_size
+        return self.peak_flops * world_size / max(1, local_world_size)
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -110,10 +110,15 @@ def clean_stale_temporaries(run_dir: str | Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def resolve_checkpoint(path: str | Path, runs_root: str | Path = "runs") -> Path:
-    """A checkpoint directory from: 'latest' (newest run under runs_root), a run directory,
-    a checkpoint directory, or a file inside one."""
-    if str(path) == "latest":
+def resolve_checkpoint(path: str | Path, runs_root: str | Path = "runs", run_dir: str | Path | None = None) -> Path:
+    """A checkpoint directory from: 'latest' (the newest checkpoint of `run_dir` when given, else of the
+    newest run under runs_root), a run directory, a checkpoint directory, or a file inside one."""
+    if str(path) == "latest" and run_dir is not None:
+        if not (Path(run_dir) / "checkpoints" / POINTER).exists():
+            raise CheckpointError(f"--resume-from latest: {run_dir} (--out-dir) has no checkpoint yet; give "
+                                  "the run directory that holds one")
+        path = run_dir
+    elif str(path) == "latest":
         candidates = sorted(Path(runs_root).glob(f"*/checkpoints/{POINTER}"), key=lambda p: p.stat().st_mtime)
         if not candidates:
             raise CheckpointError(f"--resume-from latest: no run with a checkpoint under {runs_root}/; "

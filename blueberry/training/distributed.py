@@ -19,6 +19,7 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1
 
     @property
     def is_main(self) -> bool:
@@ -29,17 +30,21 @@ class DistContext:
         return self.world_size > 1
 
     def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
+        """Every rank reaches this point (an all-reduce we wait on; see `teardown` for why not dist.barrier)."""
+        self.all_reduce_sum([0.0])
 
-    def all_reduce_mean(self, value: float) -> float:
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        """Element-wise sums over ranks, in float64, in one collective (the values unchanged on one process)."""
         if not self.enabled:
-            return value
-        t = torch.tensor([value], dtype=torch.float64)
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
         if dist.get_backend() == "nccl":
             t = t.cuda()
-        dist.all_reduce(t)
-        return t.item() / self.world_size
+        dist.all_reduce(t, async_op=True).wait()
+        return t.cpu().tolist()
+
+    def all_reduce_mean(self, value: float) -> float:
+        return self.all_reduce_sum([value])[0] / self.world_size
 
 
 def init_distributed(device_type: str) -> DistContext:
@@ -48,12 +53,13 @@ def init_distributed(device_type: str) -> DistContext:
     if world <= 1:
         return DistContext()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend)
-    return DistContext(rank=rank, world_size=world, local_rank=local_rank)
+    return DistContext(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world)
 
 
 def wrap_model(model: torch.nn.Module, ctx: DistContext, parallel: str, precision_dtype=None):
@@ -93,9 +99,32 @@ def _restore_sync(model):
         model.set_requires_gradient_sync(True)
 
 
-def cleanup() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def unwrap(model):
+    """The plain model inside torch.compile and DDP wrappers (FSDP2 shards in place: nothing to unwrap)."""
+    while hasattr(model, "_orig_mod") or hasattr(model, "module"):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return model
+
+
+def teardown(ctx: DistContext) -> None:
+    """Leave the process group so that the process can always exit.
+
+    Call it only once the DDP/compile wrappers are unreferenced. Why the order matters: a DDP
+    `Reducer` holds a reference to the process group. Freed after `destroy_process_group` (when the
+    wrapper is dropped later), the reducer's release is the group's last reference, so its destructor
+    joins gloo's worker thread from the main thread while holding the GIL; a worker still releasing a
+    finished collective's tensor waits for the GIL, and the process never exits. Here the wrappers are
+    collected first (the group outlives them), every rank passes an all-reduce whose work we waited on,
+    and only then is the group destroyed, with no collective in flight."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    import gc
+
+    torch._dynamo.reset()  # compiled graphs' guards can keep the wrapped module alive
+    gc.collect()
+    ctx.barrier()
+    dist.destroy_process_group()
+    gc.collect()
 
 
 def is_sharded(model) -> bool:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from .metrics import read_metrics
 from .plots import plot_sweep
-from .run import default_run_dir, run_training
+from .run import run_training
+from .run_dir import default_run_dir
 
 
 def run_lr_sweep(config, lrs: list[float], log=print) -> list[dict]:
@@ -21,7 +22,11 @@ def run_lr_sweep(config, lrs: list[float], log=print) -> list[dict]:
         evals = [r for r in read_metrics(run_dir) if r["kind"] == "eval"]
         curves[lr] = ([r["step"] for r in evals], [r["loss"] for r in evals])
         results.append({"lr": lr, "val_loss": metrics.get("loss", float("inf")),
-                        "bits_per_byte": metrics.get("bits_per_byte"), "run_dir": str(run_dir)})
+                        "bits_per_byte": metrics.get("bits_per_byte"), "run_dir": str(run_dir),
+                        "stop_signal": metrics.get("stop_signal")})
+        if metrics.get("stop_signal"):
+            log(f"Sweep stopped by a signal during lr={lr:g}; the runs so far are in {root}")
+            break
     best = min(results, key=lambda r: r["val_loss"])
     lines = ["| lr | val loss | bits/byte | |", "|---|---|---|---|"]
     for r in results:

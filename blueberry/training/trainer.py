@@ -1,10 +1,12 @@
 """`train_model`: the training loop, top to bottom.
 
-Per optimizer step: `grad_accum_steps` micro-batches (forward under autocast, backward, DDP sync on
-the last only) -> unscale + clip -> skip the step if the loss or gradient is not finite -> optimizer
-steps -> one LR-schedule step. Every step is logged; every `eval_every` steps the model is evaluated,
-samples are written and plots redrawn; every `checkpoint_every` steps (and at the end, and on
-SIGINT/SIGTERM) a checkpoint is written atomically.
+Per optimizer step (`train_step`): `grad_accum_steps` micro-batches (forward under autocast, backward,
+DDP sync on the last only) -> one all-reduce of the step's loss and of any stop request -> unscale +
+clip -> the optimizer step, or a skipped step when the loss or gradient is not finite -> one LR-schedule
+step. An fp16 loss-scaler overflow is not a failure: the scaler lowers its scale and the step is taken
+again on the next batch (the schedule does not advance). Every step is logged; every `eval_every` steps
+the model is evaluated, samples written and plots redrawn; every `checkpoint_every` steps (and at the
+end, and when any rank receives SIGINT/SIGTERM) a checkpoint is written atomically.
 """
 
 from __future__ import annotations
@@ -14,32 +16,36 @@ import math
 import random
 import signal
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..errors import RunError
+from ..models.adaptive_llm import MOE_STATS
 from ..models.generation import generate_text
 from ..optimizers import get_lr_scheduler, setup_optimizers
 from .checkpoint import check_optimizer_layout, save_checkpoint
 from .distributed import (DistContext, gathered_states, is_sharded, load_sharded_optimizer_states, no_sync,
-                          scalar)
+                          scalar, unwrap)
 from .evaluation import evaluate_model
 from .metrics import MetricsLogger
 from .plots import plot_run
 from .precision import Precision, choose_precision
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
 
 class StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves and exits cleanly."""
+    """SIGINT/SIGTERM set a flag (which signal: `signum`); the loop agrees on it across ranks, finishes
+    the step, saves and exits with 128 + signum. A second signal stops at once."""
 
     def __init__(self):
-        self.requested = False
+        self.signum: int | None = None
         self._previous = {}
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread
@@ -47,13 +53,36 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:  # second signal: stop now
+        if self.signum is not None:  # second signal: stop now
             raise KeyboardInterrupt
-        self.requested = True
+        self.signum = signum
+
+    def flags(self) -> list[float]:
+        """One slot per stop signal, summed over ranks so that every rank learns of any rank's signal."""
+        return [1.0 if self.signum == sig else 0.0 for sig in STOP_SIGNALS]
+
+    @staticmethod
+    def agreed(summed_flags: list[float]) -> int | None:
+        for sig, count in zip(STOP_SIGNALS, summed_flags):
+            if count > 0:
+                return int(sig)
+        return None
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+@dataclass
+class LoopState:
+    """What the loop counts, saved in every checkpoint."""
+    step: int = 0
+    best_val: float = math.inf
+    skipped: int = 0  # non-finite steps
+    overflows: int = 0  # fp16 loss-scale overflows (normal: the scaler adjusts)
+    consecutive_bad: int = 0
+    stop_signal: int | None = None
+    last_eval: dict = field(default_factory=dict)
 
 
 def rng_state() -> dict:
@@ -70,17 +99,67 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _core(model):
-    """The plain model inside torch.compile and DDP wrappers."""
-    while hasattr(model, "_orig_mod") or hasattr(model, "module"):
-        model = getattr(model, "_orig_mod", None) or model.module
-    return model
+def train_step(model, train_loader, optimizers, params, precision: Precision, config, ctx: DistContext,
+               stop: StopRequest) -> dict:
+    """One optimizer step's micro-batches, backward passes and update. Returns the step's record and
+    `outcome`: "stepped", "overflow" (fp16 scale too high: nothing applied) or "nonfinite" (skipped)."""
+    device = next(model.parameters()).device
+    loss_sum, lm_sum = 0.0, 0.0
+    for micro in range(config.grad_accum_steps):
+        batch = train_loader.next_batch()
+        x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        doc_ids = batch[2].to(device) if len(batch) > 2 else None
+        last = micro == config.grad_accum_steps - 1
+        with no_sync(model, active=ctx.enabled and not last):
+            with precision.autocast():
+                out = model(x, y, doc_ids=doc_ids)
+            loss = out.loss / config.grad_accum_steps
+            if precision.scaler is not None:
+                precision.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+        # one host sync per micro-step for the losses (and the MoE figures of the last micro-batch)
+        numbers = [loss.detach().float().reshape(1), out.lm_loss.detach().float().reshape(1)]
+        if last and out.moe_stats is not None:
+            numbers.append(out.moe_stats.detach())
+        numbers = torch.cat(numbers).tolist()
+        loss_sum += numbers[0]
+        lm_sum += numbers[1] / config.grad_accum_steps
+        moe_stats = dict(zip(MOE_STATS, numbers[2:]))
+    # one collective: the global mean losses (one rank's NaN makes every rank skip together) and any
+    # rank's stop request (every rank stops after this same step)
+    summed = ctx.all_reduce_sum([loss_sum, lm_sum, *stop.flags()])
+    loss_sum, lm_sum = summed[0] / ctx.world_size, summed[1] / ctx.world_size
+    stop_signal = StopRequest.agreed(summed[2:])
+    if precision.scaler is not None:
+        for opt in optimizers:
+            precision.scaler.unscale_(opt)
+    grad_norm = scalar(torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else math.inf))
+    if not math.isfinite(loss_sum):
+        outcome = "nonfinite"
+    elif math.isfinite(grad_norm):
+        outcome = "stepped"
+    else:  # finite loss, infinite gradient: with a loss scaler that is an overflow of the scale
+        outcome = "overflow" if precision.scaler is not None else "nonfinite"
+    if precision.scaler is not None:
+        for opt in optimizers:
+            precision.scaler.step(opt)  # skips the update itself when the gradients hold inf/NaN
+        precision.scaler.update()
+    elif outcome == "stepped":
+        for opt in optimizers:
+            opt.step()
+    lr = optimizers[0].param_groups[0]["lr"]
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    record = {"loss": loss_sum, "lm_loss": lm_sum, "lr": lr, "grad_norm": grad_norm}
+    record.update(moe_stats)
+    return {"record": record, "outcome": outcome, "stop_signal": stop_signal}
 
 
 def _write_samples(model, tokenizer, corpus_prompts, run_dir: Path, step: int, config, write: bool) -> list[str]:
     texts = []
     for i, prompt in enumerate(corpus_prompts):
-        cont = generate_text(_core(model), tokenizer, prompt, max_new_tokens=config.sample_tokens,
+        cont = generate_text(unwrap(model), tokenizer, prompt, max_new_tokens=config.sample_tokens,
                              temperature=0.8, top_k=50, seed=config.seed + i, eos=tokenizer.eot_id)
         texts.append(prompt + cont)
     if not write:
@@ -92,187 +171,194 @@ def _write_samples(model, tokenizer, corpus_prompts, run_dir: Path, step: int, c
     return texts
 
 
+class _Run:
+    """What the loop's periodic actions share: checkpointing, evaluation and resuming."""
+
+    def __init__(self, model, optimizers, scheduler, precision, train_loader, val_loader, config, ctx,
+                 run_dir, tokenizer, token_bytes, sample_prompts, logger, peak):
+        self.model, self.core = model, unwrap(model)
+        self.optimizers, self.scheduler, self.precision = optimizers, scheduler, precision
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.config, self.ctx, self.run_dir = config, ctx, run_dir
+        self.tokenizer, self.token_bytes, self.sample_prompts = tokenizer, token_bytes, sample_prompts
+        self.logger, self.peak = logger, peak
+        self.sharded = is_sharded(model)
+
+    def resume(self, state: dict, loop: LoopState, log) -> None:
+        check_optimizer_layout(self.optimizers, state["optimizers"])
+        if self.sharded:
+            load_sharded_optimizer_states(self.core, self.optimizers, state["optimizers"])
+        else:
+            for opt, sd in zip(self.optimizers, state["optimizers"]):
+                opt.load_state_dict(sd)
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.precision.scaler is not None and state.get("scaler"):
+            self.precision.scaler.load_state_dict(state["scaler"])
+        self.train_loader.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        loop.step, loop.best_val = state["step"], state.get("best_val", math.inf)
+        loop.skipped, loop.overflows = state.get("skipped_steps", 0), state.get("overflow_steps", 0)
+        log(f"Resumed at step {loop.step} (epoch {self.train_loader.epoch}, batch {self.train_loader.position})")
+
+    def checkpoint(self, loop: LoopState, is_best: bool = False):
+        if self.sharded:  # FSDP2: gather full tensors (every rank takes part), rank 0 writes
+            weights, optim_states = gathered_states(self.core, self.optimizers)
+            if self.config.tie_embeddings:  # stored once, as safetensors' save_model does for tied weights
+                weights.pop("lm_head.weight", None)
+        else:
+            weights, optim_states = self.core, [o.state_dict() for o in self.optimizers]
+        scaler = self.precision.scaler
+        state = {"optimizers": optim_states, "scheduler": self.scheduler.state_dict(),
+                 "scaler": scaler.state_dict() if scaler else None, "data": self.train_loader.state_dict(),
+                 "rng": rng_state(), "config": self.config.to_dict(),
+                 "tokenizer": getattr(self.tokenizer, "identity", None), "best_val": loop.best_val,
+                 "skipped_steps": loop.skipped, "overflow_steps": loop.overflows,
+                 "world_size": self.ctx.world_size, "parallel": self.config.parallel}
+        if self.ctx.is_main:
+            return save_checkpoint(self.run_dir, loop.step, weights, state, keep=self.config.keep_checkpoints,
+                                   best=is_best)
+        return None
+
+    def evaluate(self, loop: LoopState) -> bool:
+        """Score the validation set (every rank its share, totals summed); True when it is the best yet."""
+        # forward-only passes run the plain model (a compiled one would recompile for eval mode);
+        # under FSDP2 the plain model is the sharded one, so every rank still takes part
+        result = evaluate_model(self.core, self.val_loader, self.config, token_bytes=self.token_bytes,
+                                precision=self.precision, peak_flops=self.peak, ranks=self.ctx)
+        is_best = result["loss"] < loop.best_val
+        loop.best_val = min(loop.best_val, result["loss"])
+        loop.last_eval = result
+        if self.tokenizer is not None and (self.ctx.is_main or self.sharded):  # sharded forwards need every rank
+            _write_samples(self.model, self.tokenizer, self.sample_prompts, self.run_dir, loop.step, self.config,
+                           write=self.ctx.is_main)
+        if self.ctx.is_main:
+            self.logger.log("eval", loop.step, result)
+            plot_run(self.logger.records, self.run_dir)
+        return is_best
+
+
 def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokenizer=None, token_bytes=None,
                 resume_state: dict | None = None, ctx: DistContext | None = None, log=print,
                 sample_prompts: tuple[str, ...] = ("\n",), progress: bool = True):
     """Train `model` for `config.max_steps` optimizer steps; returns (model, metrics)."""
     ctx = ctx or DistContext()
     caps = config.capabilities()
-    device = next(model.parameters()).device
-    precision: Precision = choose_precision(config, caps)
+    precision = choose_precision(config, caps)
     if run_dir is None and config.out_dir is None:
-        from .run import default_run_dir
+        from .run_dir import default_run_dir
 
         config.out_dir = str(default_run_dir(config))
     run_dir = Path(run_dir or config.out_dir)
     logger = MetricsLogger(run_dir, enabled=ctx.is_main)
-    core = _core(model)
-    optimizers = setup_optimizers(core, config,
-                                  log=log if ctx.is_main else (lambda *_: None),
+    core = unwrap(model)
+    optimizers = setup_optimizers(core, config, log=log if ctx.is_main else (lambda *_: None),
                                   distributed=ctx.enabled)
     scheduler = get_lr_scheduler(optimizers, config)
     params = [p for p in model.parameters() if p.requires_grad]
     flops_per_token = core.flops_per_token(config.max_seq_len)
-    peak = caps.peak_flops * (caps.device_count if caps.is_cuda else 1)
-
-    sharded = is_sharded(model)
-    step, best_val, skipped, consecutive_bad = 0, math.inf, 0, 0
+    peak = caps.job_peak_flops(ctx.world_size, ctx.local_world_size)
+    run = _Run(model, optimizers, scheduler, precision, train_loader, val_loader, config, ctx, run_dir,
+               tokenizer, token_bytes, sample_prompts, logger, peak)
+    loop = LoopState()
     if resume_state is not None:
-        check_optimizer_layout(optimizers, resume_state["optimizers"])
-        if sharded:
-            load_sharded_optimizer_states(core, optimizers, resume_state["optimizers"])
-        else:
-            for opt, sd in zip(optimizers, resume_state["optimizers"]):
-                opt.load_state_dict(sd)
-        scheduler.load_state_dict(resume_state["scheduler"])
-        if precision.scaler is not None and resume_state.get("scaler"):
-            precision.scaler.load_state_dict(resume_state["scaler"])
-        train_loader.load_state_dict(resume_state["data"])
-        set_rng_state(resume_state["rng"])
-        step = resume_state["step"]
-        best_val = resume_state.get("best_val", math.inf)
-        skipped = resume_state.get("skipped_steps", 0)
-        log(f"Resumed at step {step} (epoch {train_loader.epoch}, batch {train_loader.position})")
-
-    def checkpoint(is_best=False):
-        if sharded:  # FSDP2: gather full tensors (every rank takes part), rank 0 writes
-            weights, optim_states = gathered_states(core, optimizers)
-            if config.tie_embeddings:  # stored once, as safetensors' save_model does for tied weights
-                weights.pop("lm_head.weight", None)
-        else:
-            weights, optim_states = core, [o.state_dict() for o in optimizers]
-        state = {"optimizers": optim_states, "scheduler": scheduler.state_dict(),
-                 "scaler": precision.scaler.state_dict() if precision.scaler else None,
-                 "data": train_loader.state_dict(), "rng": rng_state(), "config": config.to_dict(),
-                 "tokenizer": getattr(tokenizer, "identity", None), "best_val": best_val,
-                 "skipped_steps": skipped, "world_size": ctx.world_size, "parallel": config.parallel}
-        if ctx.is_main:
-            return save_checkpoint(run_dir, step, weights, state, keep=config.keep_checkpoints, best=is_best)
-        return None
-
-    def evaluate():
-        nonlocal best_val
-        # forward-only passes run the plain model (a compiled one would recompile for eval mode);
-        # under FSDP2 the plain model is the sharded one, so every rank still takes part
-        result = evaluate_model(core, val_loader, config, token_bytes=token_bytes, precision=precision,
-                                device=device, peak_flops=peak)
-        for key in ("loss", "accuracy", "bits_per_byte"):  # every rank scored an equal share
-            if key in result:
-                result[key] = ctx.all_reduce_mean(result[key])
-        result["perplexity"] = math.exp(min(result["loss"], 50.0))
-        is_best = result["loss"] < best_val
-        best_val = min(best_val, result["loss"])
-        if tokenizer is not None and (ctx.is_main or sharded):  # sharded forwards need every rank
-            _write_samples(model, tokenizer, sample_prompts, run_dir, step, config, write=ctx.is_main)
-        if ctx.is_main:
-            logger.log("eval", step, result)
-            plot_run(logger.records, run_dir)
-        return result, is_best
+        run.resume(resume_state, loop, log)
 
     log(f"Training {config.model_type} model: {core.parameter_report()['total']:,} params, "
         f"precision {precision.name}, fp8 {'on' if config.use_fp8 else 'off'}, {ctx.world_size} process(es), "
         f"{config.tokens_per_step * ctx.world_size:,} tokens per optimizer step")
-    bar = None
-    if progress and ctx.is_main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=config.max_steps, initial=step, desc="train", dynamic_ncols=True)
-    last_eval: dict = {}
-    stopped_by_signal = False
-    model.train()
+    bar = _progress_bar(config, loop.step) if progress and ctx.is_main else None
     tok_rate = None
+    model.train()
     with StopRequest() as stop:
-        while step < config.max_steps:
+        while loop.step < config.max_steps:
             t0 = time.perf_counter()
-            loss_sum, lm_sum, finite = 0.0, 0.0, True
-            for micro in range(config.grad_accum_steps):
-                batch = train_loader.next_batch()
-                x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-                doc_ids = batch[2].to(device) if len(batch) > 2 else None
-                last = micro == config.grad_accum_steps - 1
-                with no_sync(model, active=ctx.enabled and not last):
-                    with precision.autocast():
-                        out = model(x, y, doc_ids=doc_ids)
-                    loss = out.loss / config.grad_accum_steps
-                    if precision.scaler is not None:
-                        precision.scaler.scale(loss).backward()
-                    else:
-                        loss.backward()
-                # one host sync per micro-step for both numbers
-                micro_loss, micro_lm = torch.stack([loss.detach(), out.lm_loss.detach()]).tolist()
-                loss_sum += micro_loss
-                lm_sum += micro_lm / config.grad_accum_steps
-                finite = finite and math.isfinite(micro_loss)
-            if ctx.enabled:  # log the global mean, not rank 0's share
-                loss_sum, lm_sum = ctx.all_reduce_mean(loss_sum), ctx.all_reduce_mean(lm_sum)
-                finite = math.isfinite(loss_sum)  # one rank's NaN makes every rank skip together
-            if precision.scaler is not None:
-                for opt in optimizers:
-                    precision.scaler.unscale_(opt)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
-            grad_norm = scalar(grad_norm)
-            if finite and math.isfinite(grad_norm):
-                for opt in optimizers:
-                    if precision.scaler is not None:
-                        precision.scaler.step(opt)
-                    else:
-                        opt.step()
-                consecutive_bad = 0
-            else:
-                skipped += 1
-                consecutive_bad += 1
-                log(f"step {step}: non-finite {'loss' if not finite else 'gradient'} "
-                    f"(loss {loss_sum}, grad norm {grad_norm}); step skipped ({skipped} so far)")
-            if precision.scaler is not None:
-                precision.scaler.update()
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            lr = optimizers[0].param_groups[0]["lr"]
-            scheduler.step()
-            step += 1
-
+            result = train_step(model, train_loader, optimizers, params, precision, config, ctx, stop)
+            record, outcome = result["record"], result["outcome"]
+            loop.stop_signal = result["stop_signal"]
             dt = time.perf_counter() - t0
-            tokens = config.tokens_per_step * ctx.world_size
-            tok_rate = tokens / dt if tok_rate is None else 0.9 * tok_rate + 0.1 * tokens / dt
-            record = {"loss": loss_sum, "lm_loss": lm_sum, "lr": lr, "grad_norm": grad_norm,
-                      "tokens_per_sec": tokens / dt, "mfu": flops_per_token * tokens / dt / peak,
-                      "step_time": dt}
-            if out.expert_load:
-                record["max_expert_load"] = max(float(l.max()) for l in out.expert_load)
-            logger.log("train", step, record)
-            if bar is not None:
-                bar.set_postfix(loss=f"{lm_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_rate:,.0f}", refresh=False)
-                bar.update(1)
-
-            if consecutive_bad >= config.max_nonfinite_steps:
-                checkpoint()
+            if outcome == "overflow":
+                loop.overflows += 1
+                logger.log("overflow", loop.step, {"loss_scale": precision.scaler.get_scale(), "step_time": dt})
+                if loop.stop_signal is None:
+                    continue  # the same step again with the lowered scale; the schedule waits
+            else:
+                _count_outcome(loop, outcome, record, log)
+                scheduler.step()
+                loop.step += 1
+                tokens = config.tokens_per_step * ctx.world_size
+                tok_rate = tokens / dt if tok_rate is None else 0.9 * tok_rate + 0.1 * tokens / dt
+                record.update(tokens_per_sec=tokens / dt, mfu=flops_per_token * tokens / dt / peak, step_time=dt)
+                logger.log("train", loop.step, record)
                 if bar is not None:
-                    bar.close()
-                logger.close()
-                raise RunError(f"training stopped at step {step}: {consecutive_bad} consecutive steps had a "
-                               f"non-finite loss or gradient. A checkpoint was saved in {run_dir}/checkpoints. "
+                    bar.set_postfix(loss=f"{record['lm_loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                    tok_s=f"{tok_rate:,.0f}", refresh=False)
+                    bar.update(1)
+            if loop.consecutive_bad >= config.max_nonfinite_steps:
+                run.checkpoint(loop)
+                _close(bar, logger)
+                raise RunError(f"training stopped at step {loop.step}: {loop.consecutive_bad} consecutive steps had "
+                               f"a non-finite loss or gradient. A checkpoint was saved in {run_dir}/checkpoints. "
                                "Lower --lr, keep --grad-clip on, or try --no-amp, then --resume-from latest")
-            if step % config.eval_every == 0 or step == config.max_steps:
-                last_eval, is_best = evaluate()
-                if step % config.checkpoint_every == 0 or step == config.max_steps or is_best:
-                    checkpoint(is_best=is_best)
-            elif step % config.checkpoint_every == 0:
-                checkpoint()
-            if stop.requested:
-                stopped_by_signal = True
-                if step % config.checkpoint_every != 0 and step != config.max_steps:
-                    checkpoint()
+            saved = _periodic(run, loop, outcome)
+            if loop.stop_signal is not None:
+                if not saved:
+                    run.checkpoint(loop)
                 break
     if bar is not None:
         bar.close()
-    if stopped_by_signal:
-        log(f"Stopped by signal at step {step}; checkpoint saved in {run_dir}/checkpoints.\n"
-            f"Resume with: python train.py --resume-from {run_dir}")
-    metrics = {"step": step, "skipped_steps": skipped, "stopped_by_signal": stopped_by_signal,
-               "train_tokens_per_sec": tok_rate or 0.0, "best_val_loss": best_val, **last_eval}
-    if ctx.is_main:
-        if logger.records:
-            plot_run(logger.records, run_dir)
+    return model, _finish(loop, run, tok_rate, log)
+
+
+def _count_outcome(loop: LoopState, outcome: str, record: dict, log) -> None:
+    if outcome == "stepped":
+        loop.consecutive_bad = 0
+        return
+    loop.skipped += 1
+    loop.consecutive_bad += 1
+    log(f"step {loop.step}: non-finite loss or gradient (loss {record['loss']}, grad norm {record['grad_norm']}); "
+        f"step skipped ({loop.skipped} so far)")
+
+
+def _periodic(run: _Run, loop: LoopState, outcome: str) -> bool:
+    """Evaluate and checkpoint when due; True when a checkpoint of this step was written."""
+    config, step = run.config, loop.step
+    if outcome == "overflow":
+        return False
+    final = step == config.max_steps
+    if step % config.eval_every == 0 or final:
+        is_best = run.evaluate(loop)
+        if step % config.checkpoint_every == 0 or final or is_best:
+            run.checkpoint(loop, is_best=is_best)
+            return True
+    elif step % config.checkpoint_every == 0:
+        run.checkpoint(loop)
+        return True
+    return False
+
+
+def _finish(loop: LoopState, run: _Run, tok_rate, log) -> dict:
+    run_dir = run.run_dir
+    if loop.stop_signal is not None:
+        log(f"Stopped by {signal.Signals(loop.stop_signal).name} at step {loop.step}; checkpoint saved in "
+            f"{run_dir}/checkpoints.\nResume with: python train.py --resume-from {run_dir}")
+    metrics = {"step": loop.step, "skipped_steps": loop.skipped, "overflow_steps": loop.overflows,
+               "stopped_by_signal": loop.stop_signal is not None, "stop_signal": loop.stop_signal,
+               "train_tokens_per_sec": tok_rate or 0.0, "best_val_loss": loop.best_val, **loop.last_eval}
+    if run.ctx.is_main:
+        if run.logger.records:
+            plot_run(run.logger.records, run_dir)
         (run_dir / "summary.json").write_text(json.dumps(metrics, indent=2, default=str))
+    run.logger.close()
+    return metrics
+
+
+def _progress_bar(config, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=config.max_steps, initial=initial, desc="train", dynamic_ncols=True)
+
+
+def _close(bar, logger) -> None:
+    if bar is not None:
+        bar.close()
     logger.close()
-    return model, metrics
