@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from blueberry.configs import AdaptiveMoEModelConfig
 from blueberry.models import (AdaptiveLinear, AdaptiveMoEMinimalLLM, MixtureOfExperts, MultiHeadAttention,
                               RotaryEmbedding, create_model)
-from blueberry.models.moe import expert_matmul
+from blueberry.ops.grouped_mm import expert_matmul
 
 
 def cfg(**kw):

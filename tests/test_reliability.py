@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from blueberry.data import load_and_cache_data, load_documents
+from blueberry.data import load_documents
 from blueberry.errors import CheckpointError, DataError
 from blueberry.models import create_model
 from blueberry.training import checkpoint as ckpt_mod

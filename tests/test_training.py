@@ -1,6 +1,5 @@
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -49,6 +48,9 @@ def test_run_produces_every_artefact(tiny):
     assert state["step"] == 6 and state["data"]["position"] > 0
     assert json.loads((run / "config.json").read_text())["d_model"] == 32
     assert "===== step 6 =====" in (run / "samples.txt").read_text()
+    train = [r for r in read_metrics(run) if r["kind"] == "train"]
+    for key in ("max_expert_load", "dropped_fraction", "router_z_loss", "load_balancing_loss"):
+        assert all(math.isfinite(r[key]) for r in train), key  # the MoE figures computed each step are logged
 
 
 def test_keep_last_k_checkpoints(tiny):

@@ -10,7 +10,7 @@ from ..errors import UsageError
 
 
 def generate_command(args) -> int:
-    from ..training.loading import load_trained
+    from ..training.trained_run import load_trained
 
     if args.max_new_tokens <= 0:
         raise UsageError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
@@ -35,9 +35,9 @@ def generate_command(args) -> int:
 
 def eval_command(args) -> int:
     from ..data import BatchLoader, create_dataset, load_and_cache_data, load_documents
-    from ..data.loader import encode_documents
+    from ..data.corpus import encode_documents
     from ..training.evaluation import evaluate_model
-    from ..training.loading import load_trained
+    from ..training.trained_run import load_trained
     from ..training.precision import choose_precision
 
     model, config, tok, ckpt = load_trained(args.checkpoint, args.device)
@@ -60,7 +60,7 @@ def eval_command(args) -> int:
 
 def export_command(args) -> int:
     from ..export import export_hf
-    from ..training.loading import load_trained
+    from ..training.trained_run import load_trained
 
     model, config, tok, ckpt = load_trained(args.run, "cpu")
     out = export_hf(model, tok, args.out)

@@ -6,7 +6,6 @@ import importlib
 import math
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 

@@ -1,6 +1,11 @@
-"""Configuration: one dataclass with hardware-aware defaults, named presets, file loading, validation."""
+"""Configuration: one small dataclass per concern (model, data, optimizer, training) composed by
+`AdaptiveMoEModelConfig` with hardware-aware defaults; named presets; file loading; validation."""
 
 from .adaptive_moe_config import AdaptiveMoEModelConfig
+from .data import DataConfig
+from .model import ModelConfig
+from .optim import OptimizerConfig
+from .training import TrainingConfig
 from .presets import (
     PRESETS,
     get_config,
@@ -16,6 +21,10 @@ from .files import load_config_file, save_config
 
 __all__ = [
     "AdaptiveMoEModelConfig",
+    "DataConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "TrainingConfig",
     "PRESETS",
     "get_config",
     "get_cpu_config",

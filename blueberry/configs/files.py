@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import yaml
 
 from ..errors import ConfigError
-from .adaptive_moe_config import AdaptiveMoEModelConfig
+from .adaptive_moe_config import FIELDS, AdaptiveMoEModelConfig
 from .presets import PRESETS
-
-_FIELDS = {f.name for f in dataclasses.fields(AdaptiveMoEModelConfig)} - {"auto_fields"}
 
 
 def load_config_file(path: str | Path) -> dict:
@@ -34,10 +31,10 @@ def load_config_file(path: str | Path) -> dict:
     preset = data.pop("preset", "default")
     if preset not in PRESETS:
         raise ConfigError("preset", f"unknown preset {preset!r} in {path}; choose one of {', '.join(PRESETS)}")
-    unknown = sorted(set(data) - _FIELDS)
+    unknown = sorted(set(data) - set(FIELDS))
     if unknown:
-        raise ConfigError("config", f"unknown key(s) {', '.join(unknown)} in {path}; "
-                          f"allowed keys are the fields of AdaptiveMoEModelConfig (blueberry/configs/adaptive_moe_config.py)")
+        raise ConfigError("config", f"unknown key(s) {', '.join(unknown)} in {path}; allowed keys are the "
+                          "fields of the config sections (blueberry/configs/model.py, data.py, optim.py, training.py)")
     if "adamw_betas" in data:
         data["adamw_betas"] = tuple(data["adamw_betas"])
     return {**PRESETS[preset], **data}

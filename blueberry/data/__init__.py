@@ -1,6 +1,7 @@
-"""Data pipeline: sources -> document split -> tokenizer -> cached token streams -> datasets -> batches."""
+"""Data pipeline: sources -> document split -> tokenizer -> cached token streams (corpus.py) -> datasets
+-> batches (batch_loader.py)."""
 
-from .batches import BatchLoader, create_dataloaders
+from .batch_loader import BatchLoader, create_dataloaders
 from .dataset import (
     DocumentDataset,
     PackedDataset,
@@ -8,7 +9,7 @@ from .dataset import (
     TextTokenDataset,
     create_dataset,
 )
-from .loader import TokenizedCorpus, load_and_cache_data, split_documents
+from .corpus import TokenizedCorpus, load_and_cache_data, split_documents
 from .sources import Document, iter_hf_dataset, load_documents
 from .tokenizer import Tokenizer, load_tokenizer, train_bpe
 

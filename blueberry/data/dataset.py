@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 from torch.utils.data import Dataset
 
+from ..configs.fields import DATASET_TYPES
 from ..errors import DataError
 from ..ops.cross_entropy import IGNORE_INDEX
 
@@ -105,7 +106,6 @@ class DocumentDataset(TextTokenDataset):
         return x, y, doc_ids.astype(np.int64)
 
 
-DATASET_TYPES = ("text_token", "packed", "random_chunk", "document")
 
 
 def create_dataset(tokens, dataset_type: str = "packed", seq_len: int = 512, *, stride: int | None = None,
@@ -117,7 +117,7 @@ def create_dataset(tokens, dataset_type: str = "packed", seq_len: int = 512, *, 
         return PackedDataset(tokens, seq_len)
     if dataset_type == "random_chunk":
         return RandomChunkDataset(tokens, seq_len, num_samples=num_samples, seed=seed)
-    if dataset_type in ("document", "document_aware"):
+    if dataset_type == "document":
         if doc_starts is None:
             raise ValueError("the document dataset needs doc_starts (the offsets where documents begin)")
         return DocumentDataset(tokens, seq_len, doc_starts, return_doc_ids=document_mask, score_once=score_once)

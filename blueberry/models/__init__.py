@@ -1,4 +1,5 @@
-"""Plain PyTorch models: layers -> components -> complete LMs. No distribution, logging or CLI here."""
+"""Plain PyTorch models: layers -> attention, MoE -> the block -> complete LMs. They see only a
+ModelConfig: no data, optimizer, distribution, precision transforms, logging or CLI here."""
 
 from .adaptive_llm import (
     AdaptiveMoEMinimalLLM,
@@ -8,14 +9,15 @@ from .adaptive_llm import (
     create_model,
 )
 from .attention import KVCache, MultiHeadAttention
-from .components import MoETransformerBlock, StandardTransformerBlock, TransformerBlock
+from .block import TransformerBlock
+from .components import StandardTransformerBlock
 from .generation import generate_text, sample_next
 from .layers import MLP, AdaptiveLinear, RMSNorm, RotaryEmbedding, SwiGLU
 from .moe import MixtureOfExperts, MoEAux
 
 __all__ = [
     "AdaptiveLinear", "AdaptiveMoEMinimalLLM", "KVCache", "LMOutput", "MLP", "MixtureOfExperts", "MoEAux",
-    "MoETransformerBlock", "MultiHeadAttention", "RMSNorm", "RotaryEmbedding", "StandardTransformerBlock",
+    "MultiHeadAttention", "RMSNorm", "RotaryEmbedding", "StandardTransformerBlock",
     "StandardTransformerLLM", "SwiGLU", "TransformerBlock", "TransformerLM", "create_model",
     "generate_text", "sample_next",
 ]

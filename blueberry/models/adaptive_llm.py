@@ -6,6 +6,7 @@ output, MLP down, expert down) are scaled by 1/sqrt(2 * n_layers); norms start a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -14,9 +15,9 @@ import torch.nn as nn
 
 from ..ops.cross_entropy import linear_cross_entropy
 from .attention import KVCache
-from .components import TransformerBlock
+from .block import TransformerBlock
 from .generation import sample_next
-from .layers import AdaptiveLinear, RMSNorm
+from .layers import RMSNorm
 from .moe import MixtureOfExperts
 
 
@@ -50,7 +51,7 @@ class TransformerLM(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList([TransformerBlock(config, use_moe) for _ in range(config.n_layers)])
         self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
-        self.lm_head = AdaptiveLinear(config.d_model, config.vocab_size, use_fp8=False)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.reset_parameters()
@@ -158,11 +159,16 @@ class StandardTransformerLLM(TransformerLM):
         super().__init__(config, use_moe=False)
 
 
-MODEL_TYPES = {"moe": AdaptiveMoEMinimalLLM, "standard": StandardTransformerLLM}
+MODEL_CLASSES = {"moe": AdaptiveMoEMinimalLLM, "standard": StandardTransformerLLM}
 
 
 def create_model(config, model_type: str | None = None) -> TransformerLM:
-    model_type = model_type or config.model_type
-    if model_type not in MODEL_TYPES:
-        raise ValueError(f"unknown model_type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
-    return MODEL_TYPES[model_type](config)
+    """The model of `config` (a run's AdaptiveMoEModelConfig or a ModelConfig); `model_type` overrides its
+    model_type. The model keeps only the ModelConfig: it knows nothing of data, optimizer or run."""
+    model_config = getattr(config, "model", config)
+    model_type = model_type or model_config.model_type
+    if model_type not in MODEL_CLASSES:
+        raise ValueError(f"unknown model_type {model_type!r}; choose one of {', '.join(MODEL_CLASSES)}")
+    if model_type != model_config.model_type:
+        model_config = dataclasses.replace(model_config, model_type=model_type)
+    return MODEL_CLASSES[model_type](model_config)

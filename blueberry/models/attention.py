@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import AdaptiveLinear, RMSNorm, RotaryEmbedding
+from .layers import RMSNorm, RotaryEmbedding
 
 
 class KVCache:
@@ -36,17 +36,17 @@ def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
 class MultiHeadAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, max_seq_len: int, n_kv_heads: int | None = None,
                  qk_norm: bool = False, rope_theta: float = 10000.0, dropout: float = 0.0,
-                 use_fp8: bool = False, norm_eps: float = 1e-5):
+                 norm_eps: float = 1e-5):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads or n_heads
         self.head_dim = d_model // n_heads
-        self.q_proj = AdaptiveLinear(d_model, n_heads * self.head_dim, use_fp8=use_fp8)
-        self.k_proj = AdaptiveLinear(d_model, self.n_kv_heads * self.head_dim, use_fp8=use_fp8)
-        self.v_proj = AdaptiveLinear(d_model, self.n_kv_heads * self.head_dim, use_fp8=use_fp8)
-        self.o_proj = AdaptiveLinear(n_heads * self.head_dim, d_model, use_fp8=use_fp8)
+        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
         self.q_norm = RMSNorm(self.head_dim, eps=norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, eps=norm_eps) if qk_norm else None
         self.rotary = RotaryEmbedding(self.head_dim, max_seq_len, rope_theta)

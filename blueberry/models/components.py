@@ -1,57 +1,17 @@
-"""Complex components: attention, Mixture of Experts, and the transformer blocks built from them."""
+"""The product spec's module of "complex components": attention, Mixture of Experts and the block built
+from them, gathered under the names the spec uses. Each lives in its own file (attention.py, moe.py,
+block.py); import from there in new code."""
 
 from __future__ import annotations
 
-import torch
-import torch.nn as nn
-
 from .attention import KVCache, MultiHeadAttention
-from .layers import RMSNorm, make_mlp
+from .block import TransformerBlock
 from .moe import MixtureOfExperts, MoEAux
 
-__all__ = ["MultiHeadAttention", "MixtureOfExperts", "MoEAux", "KVCache", "TransformerBlock",
-           "StandardTransformerBlock", "MoETransformerBlock"]
-
-
-class TransformerBlock(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + ffn(norm(x)). The ffn is a dense MLP or an MoE layer."""
-
-    def __init__(self, config, use_moe: bool):
-        super().__init__()
-        use_fp8 = bool(config.use_fp8)
-        self.attn_norm = RMSNorm(config.d_model, eps=config.norm_eps)
-        self.attn = MultiHeadAttention(
-            config.d_model, config.n_heads, config.max_seq_len, n_kv_heads=config.n_kv_heads,
-            qk_norm=config.qk_norm, rope_theta=config.rope_theta, dropout=config.dropout,
-            use_fp8=use_fp8, norm_eps=config.norm_eps)
-        self.ffn_norm = RMSNorm(config.d_model, eps=config.norm_eps)
-        if use_moe:
-            self.ffn = MixtureOfExperts(
-                config.d_model, config.expert_d_ff, num_experts=config.num_experts, top_k=config.expert_top_k,
-                capacity_factor=config.capacity_factor, load_balancing_weight=config.load_balancing_weight,
-                z_loss_weight=config.router_z_loss_weight, router_noise=config.router_noise,
-                shared_expert=config.shared_expert, mlp_type=config.mlp_type)
-        else:
-            self.ffn = make_mlp(config.mlp_type, config.d_model, config.d_ff, config.dropout, use_fp8)
-        self.resid_dropout = nn.Dropout(config.dropout)
-
-    @property
-    def is_moe(self) -> bool:
-        return isinstance(self.ffn, MixtureOfExperts)
-
-    def forward(self, x: torch.Tensor, doc_ids=None, kv_cache: KVCache | None = None):
-        x = x + self.resid_dropout(self.attn(self.attn_norm(x), doc_ids=doc_ids, kv_cache=kv_cache))
-        aux = None
-        if self.is_moe:
-            h, aux = self.ffn(self.ffn_norm(x))
-        else:
-            h = self.ffn(self.ffn_norm(x))
-        return x + self.resid_dropout(h), aux
+__all__ = ["KVCache", "MixtureOfExperts", "MoEAux", "MultiHeadAttention", "StandardTransformerBlock",
+           "TransformerBlock"]
 
 
 def StandardTransformerBlock(config) -> TransformerBlock:
-    return TransformerBlock(config, use_moe=False)
-
-
-def MoETransformerBlock(config) -> TransformerBlock:
-    return TransformerBlock(config, use_moe=True)
+    """A dense block (the spec's example of composing components into a custom model)."""
+    return TransformerBlock(getattr(config, "model", config), use_moe=False)

@@ -1,8 +1,7 @@
-"""Basic building blocks: RMSNorm, rotary embeddings, the FP8-capable linear layer and the MLPs."""
+"""Basic building blocks: RMSNorm, rotary embeddings, the MLPs, and the seed's `AdaptiveLinear`."""
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
@@ -13,22 +12,21 @@ from ..ops import linear
 RMSNorm = nn.RMSNorm  # PyTorch's own (fused where available)
 
 
-class AdaptiveLinear(nn.Module):
-    """A linear layer whose matmul goes through `ops.linear`: FP8 when `use_fp8` and the shape qualifies."""
+class AdaptiveLinear(nn.Linear):
+    """The seed's FP8-capable linear layer: an `nn.Linear` whose matmul goes through `ops.linear`, in FP8
+    when `use_fp8` and the shape qualifies. The models build plain `nn.Linear`s; training converts them
+    to FP8 from outside (`training/float8.py`, torchao). This class stays for code written against the
+    seed's API."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, use_fp8: bool = False):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        super().__init__(in_features, out_features, bias=bias)
         self.use_fp8 = use_fp8
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, use_fp8=self.use_fp8)
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, use_fp8={self.use_fp8}"
+        return f"{super().extra_repr()}, use_fp8={self.use_fp8}"
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -65,10 +63,10 @@ class RotaryEmbedding(nn.Module):
 class MLP(nn.Module):
     """The seed's feed-forward: Linear -> SiLU -> Linear."""
 
-    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0, use_fp8: bool = False):
+    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0):
         super().__init__()
-        self.up = AdaptiveLinear(d_model, d_ff, use_fp8=use_fp8)
-        self.down = AdaptiveLinear(d_ff, d_model, use_fp8=use_fp8)
+        self.up = nn.Linear(d_model, d_ff, bias=False)
+        self.down = nn.Linear(d_ff, d_model, bias=False)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,16 +76,16 @@ class MLP(nn.Module):
 class SwiGLU(nn.Module):
     """Gated feed-forward: down(silu(gate(x)) * up(x)), as in Llama."""
 
-    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0, use_fp8: bool = False):
+    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0):
         super().__init__()
-        self.gate = AdaptiveLinear(d_model, d_ff, use_fp8=use_fp8)
-        self.up = AdaptiveLinear(d_model, d_ff, use_fp8=use_fp8)
-        self.down = AdaptiveLinear(d_ff, d_model, use_fp8=use_fp8)
+        self.gate = nn.Linear(d_model, d_ff, bias=False)
+        self.up = nn.Linear(d_model, d_ff, bias=False)
+        self.down = nn.Linear(d_ff, d_model, bias=False)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.down(F.silu(self.gate(x)) * self.up(x)))
 
 
-def make_mlp(kind: str, d_model: int, d_ff: int, dropout: float = 0.0, use_fp8: bool = False) -> nn.Module:
-    return {"swiglu": SwiGLU, "silu": MLP}[kind](d_model, d_ff, dropout, use_fp8)
+def make_mlp(kind: str, d_model: int, d_ff: int, dropout: float = 0.0) -> nn.Module:
+    return {"swiglu": SwiGLU, "silu": MLP}[kind](d_model, d_ff, dropout)

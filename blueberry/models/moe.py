@@ -3,12 +3,12 @@
 Dispatch: the (token, slot) assignments are sorted by expert and written into a buffer of fixed size
 R = round_up(tokens * k) + num_experts * align rows, where each expert's group starts at a multiple of
 `align` and has a length that is a multiple of `align` (padding rows are zeros, their outputs carry zero
-weight); the last group absorbs the remainder; `align` comes from `group_alignment(device, dtype)`.
+weight); the last group absorbs the remainder; `align` is the device's (ops.grouped_mm.group_alignment).
 All experts then run in one `F.grouped_mm` (or a loop over the contiguous slices where grouped_mm is
-not available). Why aligned groups: every shape in the step is static (torch.compile keeps one graph,
-capacity dropping included), and on CPU the per-group bf16 matmuls see a small set of shapes, so oneDNN
-reuses its compiled kernels instead of building one for every new routing count (1.6x faster layer:
-`python benchmarks/moe_layer.py`).
+not available: ops.grouped_mm). Why aligned groups: every shape in the step is static (torch.compile
+keeps one graph, capacity dropping included), and on CPU the per-group bf16 matmuls see a small set of
+shapes, so oneDNN reuses its compiled kernels instead of building one for every new routing count
+(`python benchmarks/moe_layer.py` measures it).
 Nothing loops over experts with a boolean mask over all tokens.
 
 Losses (returned, weighted by the config):
@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.grouped_mm import expert_matmul, group_alignment
 from .layers import SwiGLU
 
 
@@ -41,40 +42,9 @@ class MoEAux:
     dropped_fraction: torch.Tensor
 
 
-def _grouped_mm_supported(x: torch.Tensor) -> bool:
-    if not hasattr(F, "grouped_mm"):
-        return False
-    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
-        return False  # inductor lowers grouped_mm for bf16 only; other dtypes take the slice loop
-    if x.device.type == "cpu":
-        return True
-    if x.device.type == "cuda":
-        return torch.cuda.get_device_capability(x.device) >= (9, 0) and x.dtype == torch.bfloat16
-    return False
-
-
-def group_alignment(device_type: str, dtype: torch.dtype) -> int:
-    """Rows per alignment unit of an expert group. CPU bf16/fp16: 64, which bounds the set of matmul
-    shapes oneDNN compiles kernels for (1.6x faster MoE layer: benchmarks/moe_layer.py); CPU fp32 runs
-    on kernels that need no compiling, so padding would only cost (1); GPUs: 16 (tile-friendly)."""
-    if device_type == "cpu":
-        return 64 if dtype in (torch.bfloat16, torch.float16) else 1
-    return 16
-
-
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     dev = x.device.type
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-
-
-def expert_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
-                  use_grouped_mm: bool = True) -> torch.Tensor:
-    """Rows of `x` sorted by expert; `weight` (E, out, in); `counts` (E,) rows per expert -> (rows, out)."""
-    if use_grouped_mm and _grouped_mm_supported(x):
-        offs = torch.cumsum(counts, 0).to(torch.int32)
-        return F.grouped_mm(x, weight.transpose(1, 2), offs=offs)
-    outs = [xe @ we.t() for xe, we in zip(torch.split(x, counts.tolist()), weight.unbind(0))]
-    return torch.cat(outs) if outs else x.new_zeros(0, weight.shape[1])
 
 
 class MixtureOfExperts(nn.Module):
@@ -158,7 +128,7 @@ class MixtureOfExperts(nn.Module):
         flat_expert = top_i.reshape(-1)
         dtype = _compute_dtype(x)
         counts, kept_counts, group_sizes, slot_token, slot_choice = self.dispatch(
-            flat_expert, num_tokens, self.group_align or group_alignment(x.device.type, dtype))
+            flat_expert, num_tokens, self.group_align or group_alignment(x.device, dtype))
         x_padded = torch.cat([x.to(dtype), x.new_zeros(1, shape[-1], dtype=dtype)])
         h = expert_matmul(x_padded[slot_token], self.w_up.to(dtype), group_sizes, self.use_grouped_mm)
         if self.gated:

@@ -18,7 +18,7 @@ IGNORE_INDEX = -100
 
 def _chunk_rows(vocab: int, device_type: str) -> int:
     """Tokens per chunk. CPU: ~16 MiB of fp32 logits (512 tokens for a 8192 vocabulary), which keeps the
-    chunk's matmuls and softmax near the caches: 1.5x faster than 2048-token chunks here (docs/LOG.md).
+    chunk's matmuls and softmax near the caches (`benchmarks/cross_entropy.py` measures the choice).
     GPU: ~1 GiB, large enough that the chunk loop costs nothing in launches."""
     budget = 2**22 if device_type == "cpu" else 2**28
     return max(64, budget // vocab)

@@ -31,7 +31,7 @@ def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, eps: float = 1e
     """Approximately orthogonalise the last two dims of G (batched over any leading dims).
 
     Each iteration is X <- a X + (b A + c A A) X with A = X X^T, written as two fused `baddbmm`s on a
-    contiguous wide X (half the time of the unfused form for stacked experts: docs/LOG.md)."""
+    contiguous wide X (`benchmarks/newton_schulz.py` times it against the textbook form)."""
     a, b, c = NS_COEFFICIENTS
     shape = G.shape
     X = G.to(dtype).reshape(-1, shape[-2], shape[-1])
@@ -99,7 +99,7 @@ class Muon(torch.optim.Optimizer):
 
     def _orthogonalised_together(self, updates: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
         """Same-shape 2-D updates stacked into one batched Newton-Schulz (each matrix is normalised on its
-        own, so the result equals one call per matrix; 2-3x faster for small matrices: docs/LOG.md)."""
+        own, so the result equals one call per matrix, in fewer, larger kernels: `benchmarks/newton_schulz.py`)."""
         if len(updates) == 1 or updates[0].dim() != 2:
             return [self._orthogonalised(u, group) for u in updates]
         stacked = torch.stack([u.to(self.ns_dtype) for u in updates])

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import math
 
-import torch
 
-SCHEDULES = ("cosine_warmup", "linear_warmup", "constant", "wsd")
+from ..configs.fields import SCHEDULES
 
 
 def lr_factor(step: int, kind: str, max_steps: int, warmup: int, min_ratio: float, decay_fraction: float = 0.2) -> float:

@@ -6,8 +6,9 @@ On CPUs, bf16 autocast pays only with AMX-BF16 or AVX512-BF16 instructions.
 
 from __future__ import annotations
 
+import functools
 import os
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 
 import torch
 
@@ -44,6 +45,7 @@ class Capabilities:
     supports_fp16: bool
     supports_fp8: bool
     supports_tf32: bool
+    supports_grouped_mm: bool  # one fused kernel for many expert matmuls (F.grouped_mm)
 
     @property
     def is_cuda(self) -> bool:
@@ -63,6 +65,15 @@ class Capabilities:
         """Dense peak FLOP/s of one device (one GPU, or the whole CPU) used for MFU (see `_peak_flops`)."""
         return _peak_flops(self)
 
+    def expert_group_alignment(self, dtype: torch.dtype) -> int:
+        """Rows to pad each MoE expert's group to. CPU bf16/fp16 matmuls run on oneDNN kernels compiled
+        per shape, and routing gives every expert a new row count each step: multiples of 64 keep the
+        shapes in a small cached set (`benchmarks/matmul_throughput.py`). CPU fp32 kernels need no
+        compiling, so no padding (1). GPUs: 16, tile-friendly."""
+        if not self.is_cuda:
+            return 64 if dtype in (torch.bfloat16, torch.float16) else 1
+        return 16
+
     def job_peak_flops(self, world_size: int = 1, local_world_size: int = 1) -> float:
         """Peak FLOP/s of a job of `world_size` processes, `local_world_size` of them per machine: one GPU
         per process, or a machine's CPU cores shared by the processes on it. Never the count of visible
@@ -70,9 +81,6 @@ class Capabilities:
         if self.is_cuda:
             return self.peak_flops * world_size
         return self.peak_flops * world_size / max(1, local_world_size)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _cpu_flags() -> set[str]:
@@ -133,6 +141,7 @@ def capabilities_for_device(
             supports_fp16=cc >= 70,
             supports_fp8=cc >= 89,
             supports_tf32=cc >= 80,
+            supports_grouped_mm=cc >= 90 and _has_grouped_mm(),
         )
     return Capabilities(
         device_type="cpu",
@@ -148,11 +157,18 @@ def capabilities_for_device(
         supports_fp16=False,
         supports_fp8=False,
         supports_tf32=False,
+        supports_grouped_mm=_has_grouped_mm(),
     )
 
 
+def _has_grouped_mm() -> bool:
+    return hasattr(torch.nn.functional, "grouped_mm")
+
+
+@functools.lru_cache(maxsize=None)
 def detect_capabilities(device: str | None = None) -> Capabilities:
-    """Detect the capabilities of `device` ("cuda", "cuda:1", "cpu"), or of the best device present."""
+    """Detect the capabilities of `device` ("cuda", "cuda:1", "cpu"), or of the best device present;
+    detected once per device and process."""
     want_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if want_cuda and torch.cuda.is_available():
         index = torch.device(device).index if device and ":" in device else 0

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.cross_entropy import IGNORE_INDEX
+from .distributed import unwrap
 
 
 class _OneProcess:
@@ -35,7 +36,7 @@ def evaluate_model(model, val_loader, config, token_bytes: np.ndarray | None = N
                    device=None, peak_flops: float | None = None, ranks=_OneProcess) -> dict:
     """Score every batch of `val_loader`. Under torchrun `ranks` (a DistContext) sums the totals of every
     process, each having scored its share; `peak_flops` is then the peak of all of them together."""
-    core = getattr(model, "module", model)
+    core = unwrap(model)
     device = device or next(core.parameters()).device
     was_training = model.training
     model.eval()

@@ -18,6 +18,7 @@ from ..models import create_model
 from ..system import set_cpu_threads
 from .checkpoint import clean_stale_temporaries, load_weights
 from .distributed import init_distributed, teardown, wrap_model
+from .float8 import apply_float8
 from .run_dir import default_run_dir, prepare_run_dir
 from .trainer import train_model
 
@@ -36,7 +37,7 @@ def build_everything(config, log=print, rank: int = 0, world_size: int = 1):
     texts, tokenizer, corpus = load_and_cache_data(config, log=log)
     if tokenizer.vocab_size > config.vocab_size:
         if "vocab_size" in config.auto_fields:
-            config.vocab_size = (tokenizer.vocab_size + 63) // 64 * 64
+            config.derive(vocab_size=(tokenizer.vocab_size + 63) // 64 * 64)
             log(f"vocab_size set to {config.vocab_size} to fit the tokenizer ({tokenizer.vocab_size} ids)")
         else:
             raise UsageError(f"--vocab-size {config.vocab_size} is smaller than the tokenizer's "
@@ -82,7 +83,7 @@ def _train_in_group(config, ctx, resume_state, resume_checkpoint, log):
     if device.type == "cpu":
         set_cpu_threads()
     run_dir = Path(config.out_dir) if config.out_dir else default_run_dir(config)
-    config.out_dir = str(run_dir)
+    config.derive(out_dir=str(run_dir))
     if ctx.is_main:
         prepare_run_dir(run_dir, resuming=resume_state is not None)
         clean_stale_temporaries(run_dir)
@@ -146,12 +147,14 @@ def _fit_batch_to_gpu(model, config, device, corpus, ctx, say, loaders):
         return loaders
     say(f"Auto batch size: micro-batch {micro} x {accum} accumulation steps "
         f"(keeps {config.batch_size * config.grad_accum_steps} sequences per optimizer step)")
-    config.batch_size, config.grad_accum_steps = micro, accum
+    config.derive(batch_size=micro, grad_accum_steps=accum)
     return create_dataloaders(config, corpus, rank=ctx.rank, world_size=ctx.world_size)
 
 
 def _wrap(model, config, ctx):
-    """DDP/FSDP2 under torchrun, then torch.compile when asked: transforms applied from outside."""
+    """Transforms applied from outside, in torchtitan's order: FP8 linears, DDP/FSDP2 under torchrun,
+    then torch.compile when asked."""
+    model = apply_float8(model, bool(config.use_fp8), fsdp=ctx.enabled and config.parallel == "fsdp")
     precision_dtype = config.capabilities().autocast_dtype if config.use_amp else None
     model = wrap_model(model, ctx, config.parallel, precision_dtype)
     if config.compile:

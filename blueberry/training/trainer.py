@@ -247,7 +247,7 @@ def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokeni
     if run_dir is None and config.out_dir is None:
         from .run_dir import default_run_dir
 
-        config.out_dir = str(default_run_dir(config))
+        config.derive(out_dir=str(default_run_dir(config)))
     run_dir = Path(run_dir or config.out_dir)
     logger = MetricsLogger(run_dir, enabled=ctx.is_main)
     core = unwrap(model)

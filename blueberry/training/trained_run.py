@@ -27,8 +27,7 @@ def load_trained(spec: str | Path, device: str | None = None):
     ckpt = resolve_checkpoint(spec)
     state = read_state(ckpt)
     config = AdaptiveMoEModelConfig.from_dict(state["config"])
-    config.use_fp8 = False  # inference on whatever device is here
-    model = create_model(config)
+    model = create_model(config)  # plain linears: FP8 is a training transform
     load_weights(ckpt, model)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = run_tokenizer(run_dir_of(ckpt))

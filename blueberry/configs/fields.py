@@ -1,0 +1,71 @@
+"""What a config field says about itself: its help text, its command-line flag and its allowed values.
+
+The dataclasses of this package declare every setting with `setting(...)`; the command-line parser,
+the YAML/JSON loader and the error messages read that metadata, so a setting is written down once.
+The option lists below are the single source of the allowed values (the code that implements each
+choice imports them from here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+MODEL_TYPES = ("moe", "standard")
+MLP_TYPES = ("swiglu", "silu")
+DATASET_TYPES = ("packed", "text_token", "random_chunk", "document")
+OPTIMIZERS = ("muon", "adamw", "lion", "adafactor")
+SCHEDULES = ("cosine_warmup", "linear_warmup", "constant", "wsd")
+PARALLEL = ("ddp", "fsdp")
+MUON_UPDATE_SCALES = ("shape", "adamw")
+
+
+def setting(default=None, help: str = "", *, flag: str | None = None, aliases: tuple[str, ...] = (),
+            choices: tuple | None = None, cli: bool = True, repeatable: bool = False, default_factory=None):
+    """A dataclass field with its metadata. `flag`: the flag's name when it is not the field's;
+    `aliases`: older names still accepted; `repeatable`: the flag may be given several times (a sweep)."""
+    metadata = {"help": help, "flag": flag, "aliases": aliases, "choices": choices, "cli": cli,
+                "repeatable": repeatable}
+    if default_factory is not None:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def flag_name(field: dataclasses.Field) -> str:
+    """The command-line spelling of a field: `--seq-len` for max_seq_len, `--fp8` for use_fp8."""
+    return "--" + (field.metadata.get("flag") or field.name).replace("_", "-")
+
+
+# ---- checks shared by the sections' validate() ----
+def check_positive(obj, *names: str, optional: bool = False) -> None:
+    from ..errors import ConfigError
+
+    for name in names:
+        value = getattr(obj, name)
+        if optional and value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(name, f"must be a positive integer, got {value!r}")
+
+
+def check_choice(obj, name: str, allowed: tuple) -> None:
+    from ..errors import ConfigError
+
+    if getattr(obj, name) not in allowed:
+        raise ConfigError(name, f"must be one of {', '.join(allowed)}; got {getattr(obj, name)!r}")
+
+
+def check_range(obj, name: str, lo: float, hi: float, lo_open: bool = False) -> None:
+    from ..errors import ConfigError
+
+    value = getattr(obj, name)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (value > lo if lo_open else value >= lo) and value <= hi
+    if not ok:
+        raise ConfigError(name, f"must be in {'(' if lo_open else '['}{lo}, {hi}], got {value!r}")
+
+
+def check_choices(obj) -> None:
+    """Every field that declares `choices` holds one of them."""
+    for f in dataclasses.fields(obj):
+        if f.metadata.get("choices"):
+            check_choice(obj, f.name, f.metadata["choices"])

@@ -1,0 +1,34 @@
+"""`TrainingConfig`: how a run goes — batch, length, evaluation and checkpoints, device, precision, engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .fields import PARALLEL, check_choices, check_positive, setting
+
+
+@dataclass
+class TrainingConfig:
+    batch_size: int | None = setting(None, "sequences per micro-batch per process (default: sized to the device)")
+    grad_accum_steps: int = setting(1, "micro-batches per optimizer step", flag="grad_accum")
+    max_steps: int | None = setting(None, "optimizer steps")
+    eval_every: int | None = setting(None, "evaluate every this many steps")
+    eval_batches: int = setting(20, "validation batches per evaluation")
+    checkpoint_every: int | None = setting(None, "checkpoint every this many steps")
+    keep_checkpoints: int = setting(2, "periodic checkpoints kept (the best is kept apart)")
+    max_nonfinite_steps: int = setting(5, "stop after this many non-finite steps in a row")
+    sample_tokens: int = setting(48, "tokens sampled at each evaluation")
+    seed: int = setting(1337, "random seed of initialisation, batches and sampling")
+    device: str | None = setting(None, "cpu, cuda or cuda:N (default: the best one present)")
+    out_dir: str | None = setting(None, "run directory (default runs/<date>-<time>-<model>)")
+    use_amp: bool | None = setting(None, "mixed precision where the hardware pays for it (--no-amp: fp32)",
+                                   flag="amp")
+    use_fp8: bool | None = setting(None, "FP8 linears via torchao (default: where the GPU supports it)", flag="fp8")
+    compile: bool | None = setting(None, "torch.compile the model (default: for runs of 150 steps or more)")
+    parallel: str = setting("ddp", "engine under torchrun", choices=PARALLEL)
+
+    def validate(self) -> "TrainingConfig":
+        check_positive(self, "batch_size", "grad_accum_steps", "max_steps", "eval_every", "eval_batches",
+                       "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps")
+        check_choices(self)
+        return self

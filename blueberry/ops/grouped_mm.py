@@ -1,0 +1,43 @@
+"""Expert matmuls over rows sorted by expert: one `F.grouped_mm` where the device has it, else a loop
+over the contiguous slices. Which one, and how to pad each expert's group, is asked of `system/`."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..system import detect_capabilities
+
+
+# Detected once, at import: the compiled MoE forward then reads plain constants.
+_CAPABILITIES = {"cpu": detect_capabilities("cpu")}
+if torch.cuda.is_available():
+    _CAPABILITIES["cuda"] = detect_capabilities("cuda")
+
+
+def _capabilities(device: torch.device):
+    return _CAPABILITIES["cuda" if device.type == "cuda" else "cpu"]
+
+
+def grouped_mm_usable(x: torch.Tensor) -> bool:
+    """The device has grouped_mm and the kernel takes this dtype (and inductor can lower it)."""
+    if x.device.type not in ("cpu", "cuda") or not _capabilities(x.device).supports_grouped_mm:
+        return False
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return False  # inductor lowers grouped_mm for bf16 only; other dtypes take the slice loop
+    return x.device.type == "cpu" or x.dtype == torch.bfloat16
+
+
+def group_alignment(device: torch.device, dtype: torch.dtype) -> int:
+    """Rows per alignment unit of an expert group on this device, for this compute dtype."""
+    return _capabilities(device).expert_group_alignment(dtype)
+
+
+def expert_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
+                  use_grouped_mm: bool = True) -> torch.Tensor:
+    """Rows of `x` sorted by expert; `weight` (E, out, in); `counts` (E,) rows per expert -> (rows, out)."""
+    if use_grouped_mm and grouped_mm_usable(x):
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        return F.grouped_mm(x, weight.transpose(1, 2), offs=offs)
+    outs = [xe @ we.t() for xe, we in zip(torch.split(x, counts.tolist()), weight.unbind(0))]
+    return torch.cat(outs) if outs else x.new_zeros(0, weight.shape[1])

@@ -1,0 +1,36 @@
+"""FP8 training applied to a built model from outside, as torchtitan does: torchao's
+`convert_to_float8_training` swaps the qualifying `nn.Linear`s for its `Float8Linear` (dynamic
+tensorwise scaling, e4m3 forward / e5m2 gradients; with FSDP2 the all-gathers run in float8, and it
+composes with torch.compile). The model code knows nothing of it.
+
+Left in bf16: the output head (the loss is sensitive to its precision), the router and the shared
+expert's gate (tiny), and linears whose dimensions are not multiples of 16 or too small to repay the
+casts (`ops.fp8.fp8_shapes_qualify`). torchao has no stable float8 path for grouped expert matmuls,
+so MoE experts stay bf16; `ops.fp8` (our own `torch._scaled_mm` linear) remains for the seed's
+`AdaptiveLinear(use_fp8=True)` and `ops.matmul`.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from ..ops.fp8 import fp8_shapes_qualify
+
+_KEEP_HIGH_PRECISION = ("lm_head", "router", "shared_gate")
+
+
+def float8_eligible(module: nn.Module, fqn: str) -> bool:
+    """Which linears run in FP8."""
+    if not isinstance(module, nn.Linear) or fqn.rsplit(".", 1)[-1] in _KEEP_HIGH_PRECISION:
+        return False
+    return fp8_shapes_qualify(module.in_features, module.out_features)
+
+
+def apply_float8(model: nn.Module, enabled: bool, fsdp: bool = False) -> nn.Module:
+    """Convert `model`'s eligible linears in place when `enabled` (before DDP/FSDP wrapping and compile)."""
+    if not enabled:
+        return model
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    config = Float8LinearConfig(enable_fsdp_float8_all_gather=fsdp)
+    return convert_to_float8_training(model, config=config, module_filter_fn=float8_eligible)

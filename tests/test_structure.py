@@ -1,0 +1,94 @@
+"""The package's shape: imports flow one way through the layers (no cycle, no upward import) and the
+training code stays in functions a reader can hold in their head."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "blueberry"
+# Lower layers never import higher ones (errors.py and __main__ aside).
+LAYERS = ["errors", "system", "ops", "configs", "data", "models", "export", "optimizers", "training",
+          "inference", "evaluation", "cli"]
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every blueberry module `path` imports, at any depth of the file (function-level imports count)."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("blueberry")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            elif node.module and node.module.startswith("blueberry"):
+                target = node.module
+            else:
+                continue
+            for alias in node.names:  # `from .pkg import sub` imports the submodule sub
+                sub = f"{target}.{alias.name}"
+                found.add(sub if (PACKAGE.parent / sub.replace(".", "/")).with_suffix(".py").exists()
+                          or (PACKAGE.parent / sub.replace(".", "/")).is_dir() else target)
+    return found - {name}
+
+
+def graph() -> dict[str, set[str]]:
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    return {m: {t for t in imports_of(p) if t in modules} for m, p in modules.items()}
+
+
+def test_no_import_cycle():
+    g = graph()
+    state: dict[str, int] = {}
+
+    def visit(node, path):
+        state[node] = 1
+        for nxt in sorted(g[node]):
+            if state.get(nxt) == 1:
+                cycle = path[path.index(nxt):] + [nxt]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for node in sorted(g):
+        if node not in state:
+            visit(node, [node])
+
+
+def layer(module: str) -> int | None:
+    parts = module.split(".")
+    return LAYERS.index(parts[1]) if len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def test_imports_flow_one_way_through_the_layers():
+    upward = [f"{m} -> {t}" for m, targets in graph().items() for t in targets
+              if layer(m) is not None and layer(t) is not None and layer(t) > layer(m)]
+    assert not upward, "upward imports: " + "; ".join(upward)
+
+
+def test_training_functions_stay_short():
+    long = []
+    for path in (PACKAGE / "training").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 80:
+                    long.append(f"{path.name}:{node.name} ({lines} lines)")
+    assert not long, long
+
+
+def test_every_module_says_what_it_owns():
+    missing = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+               if p.stat().st_size and ast.get_docstring(ast.parse(p.read_text(encoding="utf-8"))) is None]
+    assert not missing, missing
