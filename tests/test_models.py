@@ -34,9 +34,11 @@ def naive_rope(x, theta=10000.0, start=0):
 def test_rope_matches_float64_reference():
     rope = RotaryEmbedding(8, 64, 10000.0)
     q, k = torch.randn(2, 3, 10, 8), torch.randn(2, 3, 10, 8)
-    rq, rk = rope(q, k, start_pos=5)
+    rq, rk = rope(q, k, positions=torch.arange(5, 15).expand(2, 10))
     torch.testing.assert_close(rq.double(), naive_rope(q, start=5), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(rk.double(), naive_rope(k, start=5), atol=1e-5, rtol=1e-5)
+    rq0, _ = rope(q, k)
+    torch.testing.assert_close(rq0.double(), naive_rope(q, start=0), atol=1e-5, rtol=1e-5)
 
 
 def test_rope_follows_bf16_inputs():

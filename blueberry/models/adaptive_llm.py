@@ -70,21 +70,24 @@ class TransformerLM(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None, kv_caches: list[KVCache] | None = None,
-                return_logits: bool = False) -> LMOutput:
+                positions: torch.Tensor | None = None, return_logits: bool = False,
+                last_only: bool = False) -> LMOutput:
         """Logits (batch, seq, vocab) without `targets`; with them the loss, from the fused chunked
-        cross-entropy (the full logits are not formed unless `return_logits`)."""
+        cross-entropy (the full logits are not formed unless `return_logits`). Generation passes
+        `kv_caches` and the tokens' `positions` (batch, seq); `last_only` keeps the last position's logits."""
         x = self.embed(idx)
         aux_total = x.new_zeros((), dtype=torch.float32)
         auxes = []
         for i, block in enumerate(self.blocks):
-            x, aux = block(x, doc_ids=doc_ids, kv_cache=kv_caches[i] if kv_caches else None)
+            cache = kv_caches[i] if kv_caches else None
+            x, aux = block(x, doc_ids=doc_ids, kv_cache=cache, positions=positions)
             if aux is not None:
                 aux_total = aux_total + aux.loss
                 auxes.append(aux)
         h = self.norm(x)
         want_logits = targets is None or return_logits
-        out = LMOutput(logits=self.lm_head(h) if want_logits else None, aux_loss=aux_total,
-                       expert_load=[a.expert_load for a in auxes])
+        out = LMOutput(logits=self.lm_head(h[:, -1:] if last_only else h) if want_logits else None,
+                       aux_loss=aux_total, expert_load=[a.expert_load for a in auxes])
         if targets is not None:
             out.lm_loss = linear_cross_entropy(h, self.lm_head.weight, targets)
             out.loss = out.lm_loss + aux_total
@@ -110,11 +113,11 @@ class TransformerLM(nn.Module):
         return 6 * matmul_params + 12 * self.config.n_layers * self.config.d_model * seq_len
 
     # ---- generation ----
-    def new_kv_caches(self, batch: int, max_len: int | None = None) -> list[KVCache]:
+    def new_kv_caches(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> list[KVCache]:
         cfg = self.config
         p = self.embed.weight
-        return [KVCache(batch, cfg.n_kv_heads, max_len or cfg.max_seq_len, cfg.d_model // cfg.n_heads,
-                        p.device, p.dtype) for _ in self.blocks]
+        return [KVCache(batch, cfg.n_kv_heads, max_len or cfg.max_seq_len, cfg.head_dim, p.device, dtype or p.dtype)
+                for _ in self.blocks]
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -122,24 +125,25 @@ class TransformerLM(nn.Module):
                  use_cache: bool = True, generator: torch.Generator | None = None):
         """Sample `max_new_tokens` after `idx` (batch, seq); yields each new (batch, 1) token as it comes.
 
-        temperature 0 is greedy. With `use_cache`, keys/values are kept so each step runs one token;
-        when the window is full the cache is rebuilt from the last half window.
-        """
-        max_len = self.config.max_seq_len
-        caches = None
+        temperature 0 is greedy. The context is the model's window: a prompt plus continuation longer
+        than max_seq_len is refused (ValueError), never silently cut. With `use_cache` each step runs one
+        token against the cached keys/values; without, the whole sequence is recomputed (the reference).
+        Serving many sequences at once: `blueberry.inference.Engine`."""
+        batch, length = idx.shape
+        if length + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(f"prompt ({length} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                             f"context of {self.config.max_seq_len} tokens")
+        caches = self.new_kv_caches(batch) if use_cache else None
+        positions = torch.arange(length, device=idx.device).expand(batch, length)
         seq = idx
         for _ in range(max_new_tokens):
             if use_cache:
-                if caches is None or caches[0].length >= max_len:
-                    caches = self.new_kv_caches(seq.shape[0])
-                    context = seq[:, -(max_len // 2 if seq.shape[1] >= max_len else max_len):]
-                    logits = self(context, kv_caches=caches).logits[:, -1]
-                else:
-                    logits = self(seq[:, -1:], kv_caches=caches).logits[:, -1]
+                logits = self(idx, kv_caches=caches, positions=positions, last_only=True).logits[:, -1]
             else:
-                logits = self(seq[:, -max_len:]).logits[:, -1]
+                logits = self(seq).logits[:, -1]
             nxt = sample_next(logits, temperature, top_k, top_p, generator)
             seq = torch.cat([seq, nxt], dim=1)
+            idx, positions = nxt, positions[:, -1:] + 1
             yield nxt
             if eos is not None and bool((nxt == eos).all()):
                 return

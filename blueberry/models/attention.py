@@ -1,4 +1,5 @@
-"""Causal self-attention on `F.scaled_dot_product_attention`, with GQA, QK-norm, document masks and a KV cache."""
+"""Causal self-attention on `F.scaled_dot_product_attention`, with GQA, QK-norm, document masks and a static,
+position-indexed KV cache for generation."""
 
 from __future__ import annotations
 
@@ -10,19 +11,36 @@ from .layers import RMSNorm, RotaryEmbedding
 
 
 class KVCache:
-    """Pre-allocated keys and values of one layer: (batch, kv_heads, max_len, head_dim)."""
+    """Pre-allocated keys and values of one layer for `batch` sequences: (batch, kv_heads, max_len, head_dim).
 
-    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, device, dtype):
-        self.k = torch.zeros(batch, kv_heads, max_len, head_dim, device=device, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
-        self.length = 0
+    Tokens are written at explicit positions (batch, seq): the sequences of a batch may be at different
+    lengths, a row can be refilled from position 0 for a new sequence, and speculative decoding rolls
+    back by writing over rejected positions. A query at position p sees the keys at positions <= p of
+    its own row; whatever a row holds beyond that is never read."""
 
-    def append(self, k: torch.Tensor, v: torch.Tensor):
-        end = self.length + k.shape[2]
-        self.k[:, :, self.length:end] = k.to(self.k.dtype)
-        self.v[:, :, self.length:end] = v.to(self.v.dtype)
-        self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, device, dtype,
+                 k: torch.Tensor | None = None, v: torch.Tensor | None = None):
+        self.k = k if k is not None else torch.zeros(batch, kv_heads, max_len, head_dim, device=device, dtype=dtype)
+        self.v = v if v is not None else torch.zeros_like(self.k)
+        self.key_positions = torch.arange(self.k.shape[2], device=self.k.device)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def rows(self, start: int, end: int) -> "KVCache":
+        """A view of rows start..end-1 (writes go to this cache's storage)."""
+        return KVCache(0, 0, 0, 0, None, None, k=self.k[start:end], v=self.v[start:end])
+
+    def write(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v (batch, kv_heads, seq, head_dim) stored at `positions` (batch, seq)."""
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        self.k[rows, :, positions] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[rows, :, positions] = v.transpose(1, 2).to(self.v.dtype)
+
+    def mask(self, positions: torch.Tensor) -> torch.Tensor:
+        """(batch, 1, seq, max_len): query at position p sees keys at positions <= p."""
+        return self.key_positions[None, None, None, :] <= positions[:, None, :, None]
 
 
 def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -52,27 +70,27 @@ class MultiHeadAttention(nn.Module):
         self.rotary = RotaryEmbedding(self.head_dim, max_seq_len, rope_theta)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Training: causal (or document-causal) attention over x. With `kv_cache`: the tokens of x sit at
+        `positions` (batch, seq); their keys/values are stored there and each query attends to the
+        cached keys up to its own position."""
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        start = kv_cache.length if kv_cache is not None else 0
-        q, k = self.rotary(q, k, start_pos=start)
-        if kv_cache is not None:
-            k, v = kv_cache.append(k, v)
         mask, causal = None, True
-        if doc_ids is not None:
-            mask, causal = document_causal_mask(doc_ids), False
-        elif start > 0:  # queries at positions start..start+seq-1 see keys 0..their own position
-            causal = False
-            if seq > 1:
-                kpos = torch.arange(k.shape[2], device=x.device)
-                qpos = torch.arange(start, start + seq, device=x.device)
-                mask = kpos[None, :] <= qpos[:, None]
+        if kv_cache is not None:
+            q, k = self.rotary(q, k, positions=positions)
+            kv_cache.write(positions, k, v)
+            k, v = kv_cache.k, kv_cache.v
+            mask, causal = kv_cache.mask(positions), False
+        else:
+            q, k = self.rotary(q, k)
+            if doc_ids is not None:
+                mask, causal = document_causal_mask(doc_ids), False
         y = F.scaled_dot_product_attention(
             q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=causal,
             dropout_p=self.dropout if self.training else 0.0,

@@ -34,8 +34,9 @@ class TransformerBlock(nn.Module):
     def is_moe(self) -> bool:
         return isinstance(self.ffn, MixtureOfExperts)
 
-    def forward(self, x: torch.Tensor, doc_ids=None, kv_cache: KVCache | None = None):
-        x = x + self.resid_dropout(self.attn(self.attn_norm(x), doc_ids=doc_ids, kv_cache=kv_cache))
+    def forward(self, x: torch.Tensor, doc_ids=None, kv_cache: KVCache | None = None, positions=None):
+        x = x + self.resid_dropout(self.attn(self.attn_norm(x), doc_ids=doc_ids, kv_cache=kv_cache,
+                                             positions=positions))
         aux = None
         if self.is_moe:
             h, aux = self.ffn(self.ffn_norm(x))

@@ -50,13 +50,16 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos().float(), persistent=False)
         self.register_buffer("sin", emb.sin().float(), persistent=False)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, start_pos: int = 0):
-        """q, k: (batch, heads, seq, head_dim). Positions start at `start_pos`."""
-        seq = q.shape[-2]
-        if start_pos + seq > self.cos.shape[0]:
-            raise ValueError(f"sequence of {start_pos + seq} positions exceeds max_seq_len {self.cos.shape[0]}")
-        cos = self.cos[start_pos:start_pos + seq].to(q.dtype)
-        sin = self.sin[start_pos:start_pos + seq].to(q.dtype)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None = None):
+        """q, k: (batch, heads, seq, head_dim). Positions 0..seq-1, or `positions` (batch, seq)."""
+        if positions is None:
+            seq = q.shape[-2]
+            if seq > self.cos.shape[0]:
+                raise ValueError(f"sequence of {seq} positions exceeds max_seq_len {self.cos.shape[0]}")
+            cos, sin = self.cos[:seq], self.sin[:seq]
+        else:
+            cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (batch, 1, seq, dim)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         return q * cos + rotate_half(q) * sin, k * cos.to(k.dtype) + rotate_half(k) * sin.to(k.dtype)
 
 

@@ -127,32 +127,70 @@ class MixtureOfExperts(nn.Module):
         logits, probs, top_w, top_i = self.route(x)
         flat_expert = top_i.reshape(-1)
         dtype = _compute_dtype(x)
-        counts, kept_counts, group_sizes, slot_token, slot_choice = self.dispatch(
-            flat_expert, num_tokens, self.group_align or group_alignment(x.device, dtype))
-        x_padded = torch.cat([x.to(dtype), x.new_zeros(1, shape[-1], dtype=dtype)])
-        h = expert_matmul(x_padded[slot_token], self.w_up.to(dtype), group_sizes, self.use_grouped_mm)
-        if self.gated:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+        if self.decoding(num_tokens):
+            out, counts, kept_counts = self._gathered(x.to(dtype), top_w, top_i), None, None
         else:
-            h = F.silu(h)
-        h = expert_matmul(h, self.w_down.to(dtype), group_sizes, self.use_grouped_mm)
-        weights = torch.cat([top_w.reshape(-1), top_w.new_zeros(1)])[slot_choice]
-        h = h * weights.unsqueeze(-1).to(h.dtype)
-        out = torch.zeros(num_tokens + 1, shape[-1], device=x.device, dtype=h.dtype)
-        out = out.index_add_(0, slot_token, h)[:num_tokens]
+            out, counts, kept_counts = self._dispatched(x, top_w, flat_expert, dtype)
         if self.shared is not None:
             out = out + torch.sigmoid(self.shared_gate(x)) * self.shared(x)
+        return out.reshape(shape), self._aux(logits, probs, flat_expert, counts, kept_counts)
 
+    def decoding(self, num_tokens: int) -> bool:
+        """Few tokens and no gradients (generation): each token reads its own k experts' weights, with no
+        dispatch, padding or capacity — the cost of decoding is then the weights it touches."""
+        return not self.training and not torch.is_grad_enabled() and num_tokens * self.top_k <= 2 * self.num_experts
+
+    def _dispatched(self, x, top_w, flat_expert, dtype):
+        """Sorted dispatch into aligned expert groups and grouped matmuls (training, evaluation, prefill)."""
+        num_tokens, d = x.shape
+        counts, kept_counts, group_sizes, slot_token, slot_choice = self.dispatch(
+            flat_expert, num_tokens, self.group_align or group_alignment(x.device, dtype))
+        x_padded = torch.cat([x.to(dtype), x.new_zeros(1, d, dtype=dtype)])
+        h = expert_matmul(x_padded[slot_token], self.expert_weight("w_up", dtype), group_sizes, self.use_grouped_mm)
+        h = self._activation(h)
+        h = expert_matmul(h, self.expert_weight("w_down", dtype), group_sizes, self.use_grouped_mm)
+        weights = torch.cat([top_w.reshape(-1), top_w.new_zeros(1)])[slot_choice]
+        h = h * weights.unsqueeze(-1).to(h.dtype)
+        out = torch.zeros(num_tokens + 1, d, device=x.device, dtype=h.dtype)
+        return out.index_add_(0, slot_token, h)[:num_tokens], counts, kept_counts
+
+    def _gathered(self, x, top_w, top_i):
+        """out[t] = sum_k w[t,k] * expert_{i[t,k]}(x[t]), with the chosen experts' weights gathered."""
+        h = torch.einsum("td,tkfd->tkf", x, self.expert_weight("w_up", x.dtype, top_i))
+        h = self._activation(h)
+        h = torch.einsum("tkf,tkdf->tkd", h, self.expert_weight("w_down", x.dtype, top_i))
+        return (h * top_w.unsqueeze(-1).to(h.dtype)).sum(dim=1)
+
+    def _activation(self, h):
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            return F.silu(gate) * up
+        return F.silu(h)
+
+    def expert_weight(self, name: str, dtype: torch.dtype, index: torch.Tensor | None = None) -> torch.Tensor:
+        """`w_up`/`w_down` in `dtype` (the experts at `index` only, when given). A quantized model stores
+        int8 weights with per-expert, per-output-row scales `<name>_scale` (inference/quantize.py)."""
+        weight = getattr(self, name)
+        scale = getattr(self, name + "_scale", None)
+        if index is not None:
+            weight = weight[index]
+            scale = scale[index] if scale is not None else None
+        weight = weight.to(dtype)
+        return weight * scale.unsqueeze(-1).to(dtype) if scale is not None else weight
+
+    def _aux(self, logits, probs, flat_expert, counts, kept_counts) -> MoEAux:
+        if counts is None:
+            counts = torch.zeros(self.num_experts, dtype=torch.long, device=flat_expert.device).scatter_add_(
+                0, flat_expert, torch.ones_like(flat_expert))
+            kept_counts = counts
         load = counts.float() / flat_expert.numel()
         lb_loss = self.num_experts * (load.detach() * probs.mean(dim=0)).sum()
         z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
-        aux = MoEAux(
+        return MoEAux(
             loss=self.load_balancing_weight * lb_loss + self.z_loss_weight * z_loss,
             load_balancing_loss=lb_loss.detach(), z_loss=z_loss.detach(), expert_load=load.detach(),
             dropped_fraction=1.0 - kept_counts.sum().float() / flat_expert.numel(),
         )
-        return out.reshape(shape), aux
 
     def expert_parameters_per_expert(self) -> int:
         return (self.w_up.numel() + self.w_down.numel()) // self.num_experts

@@ -1,0 +1,238 @@
+"""The generation engine shared by `generate`, `chat`, the server and evaluation.
+
+A fixed number of slots, each a row of a static (pre-allocated) KV cache. A request is prefilled alone
+into a free slot (its prompt in one forward); then every `step()` decodes one token for all slots at
+once — the same fixed-shape call whatever the slots hold, so it can be compiled (`torch.compile`, as
+gpt-fast does) and a row's result does not depend on the others. Requests join at the next step and
+leave when they finish (continuous batching). Each request samples with its own temperature, top-k,
+top-p and seeded generator, and stops at end-of-text, at a stop string or after max_new_tokens.
+
+The context is the model's window (max_seq_len): a prompt plus max_new_tokens beyond it is refused
+(`ContextLengthError`), never silently cut.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..models.generation import sample_next
+
+
+class ContextLengthError(ValueError):
+    """The prompt and the tokens asked for do not fit in the model's context window."""
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 200
+    temperature: float = 1.0  # 0: greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_at_eot: bool = True
+
+
+@dataclass
+class Sequence:
+    """One request's state, from queued to finished."""
+    prompt_ids: list[int]
+    params: SamplingParams
+    on_text: Callable[[str], None] | None = None  # called with each new piece of text
+    id: int = 0
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""  # text released so far (never a partial character or a partial stop string)
+    finish_reason: str | None = None  # "stop" (end-of-text or a stop string), "length", "cancelled"
+    cancelled: bool = False
+    slot: int | None = None
+    generator: torch.Generator | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Engine:
+    def __init__(self, model, tokenizer, *, slots: int = 8, compile: bool = False, dtype: torch.dtype | None = None):
+        self.model = model.eval()
+        if dtype is not None:
+            self.model.to(dtype)
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.context = model.config.max_seq_len
+        self.slots: list[Sequence | None] = [None] * slots
+        self.caches = model.new_kv_caches(slots)
+        self.queue: deque[Sequence] = deque()
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._decode = self._compiled(self._decode_logits) if compile else self._decode_logits
+
+    # ---- requests ----
+    def check(self, prompt_len: int, max_new_tokens: int) -> None:
+        if prompt_len == 0:
+            raise ValueError("the prompt is empty")
+        if max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+        if prompt_len + max_new_tokens > self.context:
+            raise ContextLengthError(f"the prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) "
+                                     f"exceeds the model's context of {self.context} tokens; shorten one of them")
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, on_text=None) -> Sequence:
+        """Queue a request (it joins the batch at the next step); thread-safe."""
+        self.check(len(prompt_ids), params.max_new_tokens)
+        seq = Sequence(list(prompt_ids), params, on_text, id=next(self._ids))
+        seq.generator = torch.Generator(device=self.device)
+        seq.generator.manual_seed(params.seed if params.seed is not None else random.SystemRandom().randrange(2**62))
+        with self._lock:
+            self.queue.append(seq)
+        return seq
+
+    def has_work(self) -> bool:
+        return bool(self.queue) or any(s is not None for s in self.slots)
+
+    # ---- the loop ----
+    @torch.no_grad()
+    def step(self) -> list[Sequence]:
+        """Admit queued requests into free slots (prefill), then decode one token for every slot.
+        Returns the requests that finished during this step."""
+        finished = self._drop_cancelled()
+        finished += self._admit()
+        active = [i for i, s in enumerate(self.slots) if s is not None]
+        if not active:
+            return finished
+        tokens = torch.zeros(len(self.slots), 1, dtype=torch.long, device=self.device)
+        positions = torch.zeros(len(self.slots), 1, dtype=torch.long, device=self.device)
+        for i in active:
+            seq = self.slots[i]
+            tokens[i, 0] = seq.output_ids[-1]
+            positions[i, 0] = len(seq.prompt_ids) + len(seq.output_ids) - 1
+        logits = self._decode(tokens, positions)
+        for i in active:
+            if self._append(self.slots[i], logits[i:i + 1]):
+                finished.append(self._release(i))
+        return finished
+
+    def run_until_done(self) -> None:
+        while self.has_work():
+            self.step()
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Sequence]:
+        """Generate for every prompt (batched through the slots); the finished requests in order."""
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        seqs = [self.submit(p, sp) for p, sp in zip(prompts, params)]
+        self.run_until_done()
+        return seqs
+
+    # ---- internals ----
+    def _admit(self) -> list[Sequence]:
+        finished = []
+        for i, slot in enumerate(self.slots):
+            if slot is not None:
+                continue
+            with self._lock:
+                if not self.queue:
+                    break
+                seq = self.queue.popleft()
+            if seq.cancelled:
+                seq.finish_reason = "cancelled"
+                seq.done.set()
+                finished.append(seq)
+                continue
+            seq.slot, self.slots[i] = i, seq
+            logits = self._prefill(seq.prompt_ids, i)
+            if self._append(seq, logits):
+                finished.append(self._release(i))
+        return finished
+
+    def _prefill(self, prompt_ids: list[int], slot: int) -> torch.Tensor:
+        ids = torch.tensor([prompt_ids], device=self.device)
+        positions = torch.arange(len(prompt_ids), device=self.device)[None]
+        caches = [c.rows(slot, slot + 1) for c in self.caches]
+        return self.model(ids, kv_caches=caches, positions=positions, last_only=True).logits[:, -1]
+
+    def _decode_logits(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens, kv_caches=self.caches, positions=positions).logits[:, -1]
+
+    def _compiled(self, fn):
+        compiled = torch.compile(fn, dynamic=False)
+
+        def call(*args):
+            nonlocal compiled
+            try:
+                return compiled(*args)
+            except Exception:  # no working compiler here: eager, the same numbers
+                compiled = fn
+                return fn(*args)
+        return call
+
+    def _append(self, seq: Sequence, logits: torch.Tensor) -> bool:
+        """Sample the next token of `seq`; True when it has finished."""
+        p = seq.params
+        token = int(sample_next(logits, p.temperature, p.top_k, p.top_p, seq.generator)[0, 0])
+        eot = self.tokenizer.eot_id
+        if p.stop_at_eot and token == eot:
+            seq.finish_reason = "stop"
+        else:
+            seq.output_ids.append(token)
+            if self._release_text(seq):
+                seq.finish_reason = "stop"
+            elif len(seq.output_ids) >= p.max_new_tokens:
+                seq.finish_reason = "length"
+        if seq.finished:
+            self._release_text(seq, final=True)
+        return seq.finished
+
+    def _release_text(self, seq: Sequence, final: bool = False) -> bool:
+        """Pass on the text that is certain; True when a stop string appeared (the text ends before it)."""
+        full = self.tokenizer.decode(seq.output_ids)
+        for stop in seq.params.stop:
+            at = full.find(stop)
+            if at >= 0:
+                self._emit(seq, full[:at])
+                return True
+        if not final:
+            if full.endswith("\ufffd"):  # the rest of a multi-byte character comes with the next token
+                return False
+            hold = _stop_prefix_length(full, seq.params.stop)  # may be the start of a stop string
+            full = full[:len(full) - hold] if hold else full
+        self._emit(seq, full)
+        return False
+
+    def _emit(self, seq: Sequence, text: str) -> None:
+        if len(text) > len(seq.text) and text.startswith(seq.text):
+            delta, seq.text = text[len(seq.text):], text
+            if seq.on_text is not None:
+                seq.on_text(delta)
+
+    def _release(self, slot: int) -> Sequence:
+        seq = self.slots[slot]
+        self.slots[slot] = None
+        seq.done.set()
+        return seq
+
+    def _drop_cancelled(self) -> list[Sequence]:
+        finished = []
+        for i, seq in enumerate(self.slots):
+            if seq is not None and seq.cancelled:
+                seq.finish_reason = "cancelled"
+                finished.append(self._release(i))
+        return finished
+
+
+def _stop_prefix_length(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of `text` that begins some stop string (held back until it resolves)."""
+    best = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:n]):
+                best = n
+                break
+    return best
