@@ -15,6 +15,17 @@ TEXT = ["the king speaks to the queen of night and day, love and war\n" * 3, "fi
 
 
 @pytest.fixture(scope="module")
+def trained_tiny_run(corpus_dir, tmp_path_factory):
+    from helpers import TINY_FLAGS, run_cli
+
+    root = tmp_path_factory.mktemp("inference_run")
+    r = run_cli("--dataset", corpus_dir, "--cache-dir", root / "cache", "--out-dir", root / "run", "--max-steps", "20",
+                "--eval-every", "20", "--no-compile", *TINY_FLAGS)
+    assert r.returncode == 0, r.stderr
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
 def tok():
     return train_bpe(TEXT * 20, 300)
 
@@ -173,3 +184,92 @@ def test_draft_with_another_tokenizer_is_refused(tok):
     with pytest.raises(UsageError, match="different tokenizer"):
         check_same_tokenizer(tok, other)
     check_same_tokenizer(tok, tok)
+
+
+# ---------------------------------------------------------------- quantization
+def test_int8_linear_matches_a_float64_dequantised_reference():
+    from blueberry.inference.quantize import Int8Linear
+
+    lin = torch.nn.Linear(96, 80, bias=True)
+    q = Int8Linear.from_linear(lin)
+    w = lin.weight.detach().double()
+    scale = w.abs().amax(1) / 127
+    ref_w = torch.round(w / scale[:, None]).clamp(-127, 127) * scale[:, None]
+    x = torch.randn(3, 5, 96)
+    expected = x.double() @ ref_w.t() + lin.bias.double()
+    torch.testing.assert_close(q(x).double(), expected, rtol=1e-4, atol=1e-4)
+    assert (ref_w - w).abs().max() <= scale.max() / 2 + 1e-12  # rounding error at most half a step
+
+
+@pytest.mark.parametrize("model_type", ["moe", "standard"])
+def test_int8_model_stays_close_and_keeps_generating(tok, model_type):
+    from blueberry.inference.quantize import Int8Linear, quantize_model, weight_bytes
+
+    model = tiny_model(model_type)
+    reference = tiny_model(model_type)
+    embedding = reference.embed.weight.numel() * 4  # a lookup table, kept in full precision
+    before = weight_bytes(reference) + embedding  # the tied head is untied by quantization: count it twice
+    quantize_model(model, "int8")
+    assert weight_bytes(model) - embedding < 0.3 * (before - embedding)  # int8 + one scale per row
+    assert any(isinstance(m, Int8Linear) for m in model.modules())
+    if model_type == "moe":
+        assert model.blocks[0].ffn.w_up.dtype == torch.int8
+    idx = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        a, b = model(idx).logits, reference(idx).logits
+    # mean error: a token whose routing flips with the rounding may differ more on its own
+    assert (a - b).abs().mean() < 0.1 * b.abs().mean()  # random weights amplify; trained: the bpb test below
+    out = Engine(model, tok, slots=2).generate(prompts(2), SamplingParams(max_new_tokens=8, temperature=0,
+                                                                          stop_at_eot=False))
+    assert all(len(s.output_ids) == 8 for s in out)
+
+
+def test_quantize_command_writes_a_run_that_loads_everywhere(trained_tiny_run, tmp_path):
+    from helpers import run_cli
+
+    out = tmp_path / "q8"
+    r = run_cli("quantize", trained_tiny_run, out, "--eval-batches", "4")
+    assert r.returncode == 0, r.stderr
+    report = __import__("json").loads((out / "quantization.json").read_text())
+    assert abs(report["bits_per_byte_change_percent"]) < 1.0  # the goal: int8 within 1%
+    assert report["weight_bytes_after"] < 0.5 * report["weight_bytes_before"]
+    g = run_cli("generate", "--checkpoint", out, "--prompt", "the", "--max-new-tokens", "5")
+    assert g.returncode == 0, g.stderr
+    e = run_cli("eval", "--checkpoint", out, "--batches", "2")
+    assert e.returncode == 0 and "bits_per_byte" in e.stdout
+    x = run_cli("export", out, tmp_path / "hf")
+    assert x.returncode == 2 and "quantized run" in x.stderr
+    int4 = run_cli("quantize", trained_tiny_run, tmp_path / "q4", "--method", "int4", "--device", "cpu")
+    assert int4.returncode == 2 and "int4 needs a CUDA GPU" in int4.stderr
+
+
+# ---------------------------------------------------------------- the terminal chat
+def test_chat_keeps_the_conversation_resets_and_quits(tok):
+    from blueberry.inference.chat import chat_loop
+
+    model = tiny_model("standard")
+    lines = iter(["hello", "and then?", "/reset", "again"])
+    seen_prompts, written = [], []
+
+    def read(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    engine_submit = Engine.submit
+
+    def spy(self, prompt_ids, params, on_text=None):
+        seen_prompts.append(tok.decode(prompt_ids))
+        return engine_submit(self, prompt_ids, params, on_text)
+
+    Engine.submit = spy
+    try:
+        rc = chat_loop(model, tok, SamplingParams(max_new_tokens=6, temperature=0), read=read, write=written.append)
+    finally:
+        Engine.submit = engine_submit
+    assert rc == 0
+    assert seen_prompts[0].endswith("User: hello\nAssistant:")
+    assert "User: hello\nAssistant:" in seen_prompts[1] and seen_prompts[1].endswith("User: and then?\nAssistant:")
+    assert seen_prompts[2].startswith("User: again") and "hello" not in seen_prompts[2]  # /reset forgot it
+    assert "(conversation cleared)\n" in written

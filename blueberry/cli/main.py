@@ -1,4 +1,4 @@
-"""Entry point: `train` (the default verb), `generate`, `eval`, `export`, `info`.
+"""Entry point: `train` (the default verb), `generate`, `chat`, `eval`, `export`, `quantize`, `serve`, `info`.
 
 Every expected failure is a `BlueberryError`: printed as one line, exit 2 for usage errors and 1 for
 run-time failures; `--debug` shows the traceback instead.
@@ -12,41 +12,19 @@ import warnings
 from ..errors import BlueberryError, ConfigError
 from .args import OneLineParser, add_train_flags, flag_for
 
-VERBS = ("train", "generate", "eval", "export", "info")
+VERBS = ("train", "generate", "chat", "eval", "export", "quantize", "serve", "info")
 
 
 def build_parser() -> OneLineParser:
-    parser = OneLineParser(prog="blueberry", description="Train, sample, evaluate and export language models.")
+    from .use_cmds import add_parsers
+
+    parser = OneLineParser(prog="blueberry", description="Train, use, evaluate and export language models.")
     sub = parser.add_subparsers(dest="command")
     add_train_flags(sub.add_parser(
         "train", help="train a model (default)",
-        description="Train a model (the default verb). Other verbs: blueberry generate|eval|export|info --help"))
-
-    g = sub.add_parser("generate", help="stream text from a checkpoint")
-    g.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory, or 'latest'")
-    g.add_argument("--prompt", default="")
-    g.add_argument("--max-new-tokens", type=int, default=200)
-    g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--top-k", type=int, default=50)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default=None)
-    g.add_argument("--debug", action="store_true")
-
-    e = sub.add_parser("eval", help="evaluate a checkpoint on its validation split or any dataset")
-    e.add_argument("--checkpoint", required=True)
-    e.add_argument("--dataset", default=None, help="evaluate on all documents of this dataset or file")
-    e.add_argument("--text-field", default="text")
-    e.add_argument("--batches", type=int, default=None, help="limit the number of batches")
-    e.add_argument("--device", default=None)
-    e.add_argument("--debug", action="store_true")
-
-    x = sub.add_parser("export", help="convert a run to another format")
-    x.add_argument("run", help="run directory or checkpoint")
-    x.add_argument("out", help="output directory (must not exist or be empty)")
-    x.add_argument("--format", choices=("hf",), default="hf")
-    x.add_argument("--debug", action="store_true")
-
+        description="Train a model (the default verb). Other verbs: blueberry "
+                    + "|".join(v for v in VERBS if v != "train") + " --help"))
+    add_parsers(sub)
     i = sub.add_parser("info", help="print the detected hardware capabilities")
     i.add_argument("--debug", action="store_true")
     return parser
@@ -84,19 +62,11 @@ def _dispatch(args) -> int:
         from .train_cmd import train_command
 
         return train_command(args)
-    if args.command == "generate":
-        from .tools_cmd import generate_command
+    if args.command == "info":
+        from ..system import print_system_info
 
-        return generate_command(args)
-    if args.command == "eval":
-        from .tools_cmd import eval_command
+        print_system_info()
+        return 0
+    from .use_cmds import COMMANDS
 
-        return eval_command(args)
-    if args.command == "export":
-        from .tools_cmd import export_command
-
-        return export_command(args)
-    from ..system import print_system_info
-
-    print_system_info()
-    return 0
+    return COMMANDS[args.command](args)

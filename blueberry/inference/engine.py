@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import random
 import threading
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -49,7 +49,8 @@ class Sequence:
     id: int = 0
     output_ids: list[int] = field(default_factory=list)
     text: str = ""  # text released so far (never a partial character or a partial stop string)
-    finish_reason: str | None = None  # "stop" (end-of-text or a stop string), "length", "cancelled"
+    finish_reason: str | None = None  # "stop" (end-of-text or a stop string), "length", "cancelled", "error"
+    error: str | None = None
     cancelled: bool = False
     slot: int | None = None
     generator: torch.Generator | None = None
@@ -72,6 +73,7 @@ class Engine:
         self.caches = model.new_kv_caches(slots)
         self.queue: deque[Sequence] = deque()
         self._ids = itertools.count(1)
+        self.finished_counts: Counter = Counter()  # requests by finish reason
         self._lock = threading.Lock()
         self._decode = self._compiled(self._decode_logits) if compile else self._decode_logits
 
@@ -143,7 +145,7 @@ class Engine:
                 seq = self.queue.popleft()
             if seq.cancelled:
                 seq.finish_reason = "cancelled"
-                seq.done.set()
+                self._finish(seq)
                 finished.append(seq)
                 continue
             seq.slot, self.slots[i] = i, seq
@@ -215,8 +217,12 @@ class Engine:
     def _release(self, slot: int) -> Sequence:
         seq = self.slots[slot]
         self.slots[slot] = None
-        seq.done.set()
+        self._finish(seq)
         return seq
+
+    def _finish(self, seq: Sequence) -> None:
+        self.finished_counts[seq.finish_reason] += 1
+        seq.done.set()
 
     def _drop_cancelled(self) -> list[Sequence]:
         finished = []

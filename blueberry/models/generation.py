@@ -28,9 +28,13 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8,
                   top_k: int | None = 50, top_p: float | None = None, seed: int = 0,
                   eos: int | None = None) -> str:
-    """Encode `prompt`, sample, decode: the whole continuation as one string."""
+    """Encode `prompt`, sample, decode: the whole continuation as one string. The continuation stops at
+    the model's context window (the prompt's last max_seq_len - 1 tokens are kept)."""
     device = next(model.parameters()).device
     ids = tokenizer.encode(prompt) or [eos if eos is not None else 0]
+    window = model.config.max_seq_len
+    ids = ids[-(window - 1):]
+    max_new_tokens = min(max_new_tokens, window - len(ids))
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training

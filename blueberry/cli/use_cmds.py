@@ -1,0 +1,201 @@
+"""Verbs that use a trained run: `generate`, `chat`, `eval`, `export`, `quantize`, `serve`."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from ..errors import UsageError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _model_flags(p, what="run directory, checkpoint directory, or 'latest'") -> None:
+    p.add_argument("--checkpoint", required=True, help=what)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the best one present)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="weights and activations at inference")
+    p.add_argument("--debug", action="store_true")
+
+
+def _sampling_flags(p, max_new_tokens: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def add_parsers(sub) -> None:
+    g = sub.add_parser("generate", help="stream text from a run")
+    _model_flags(g)
+    g.add_argument("--prompt", default="")
+    _sampling_flags(g, 200)
+    g.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
+    g.add_argument("--compile", action="store_true", help="compile the decode step (worth it for long outputs)")
+    g.add_argument("--draft", default=None, help="speculative decoding with this smaller run as the draft")
+    g.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per round")
+
+    c = sub.add_parser("chat", help="talk to a run in the terminal (/reset starts over, Ctrl-D quits)")
+    _model_flags(c)
+    _sampling_flags(c, 256)
+    c.add_argument("--system", default=None, help="a system message opening the conversation")
+
+    e = sub.add_parser("eval", help="evaluate a run on its validation split or any dataset")
+    _model_flags(e)
+    e.add_argument("--dataset", default=None, help="evaluate on all documents of this dataset or file")
+    e.add_argument("--text-field", default="text")
+    e.add_argument("--batches", type=int, default=None, help="limit the number of batches")
+
+    x = sub.add_parser("export", help="convert a run to another format")
+    x.add_argument("run", help="run directory or checkpoint")
+    x.add_argument("out", help="output directory (must not exist or be empty)")
+    x.add_argument("--format", choices=("hf",), default="hf")
+    x.add_argument("--debug", action="store_true")
+
+    q = sub.add_parser("quantize", help="write a weight-quantized copy of a run, with its quality cost")
+    q.add_argument("run", help="run directory or checkpoint")
+    q.add_argument("out", help="output run directory (must not exist or be empty)")
+    q.add_argument("--method", choices=("int8", "int4"), default="int8")
+    q.add_argument("--device", default=None)
+    q.add_argument("--eval-batches", type=int, default=20, help="validation batches for the quality report")
+    q.add_argument("--debug", action="store_true")
+
+    s = sub.add_parser("serve", help="serve a run over an OpenAI-compatible HTTP API")
+    _model_flags(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--slots", type=int, default=8, help="requests decoded together (continuous batching)")
+    s.add_argument("--model-name", default=None, help="the model id clients ask for (default: the run's name)")
+    s.add_argument("--compile", action="store_true", help="compile the decode step")
+
+
+def _params(args, stop=()):
+    from ..inference import SamplingParams
+
+    if args.max_new_tokens <= 0:
+        raise UsageError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed, stop=tuple(stop))
+
+
+def _load(args):
+    from ..inference.loading import load_model
+
+    return load_model(args.checkpoint, args.device, DTYPES[args.dtype])
+
+
+def generate_command(args) -> int:
+    from ..inference import ContextLengthError, Engine
+
+    params = _params(args, args.stop)
+    model, config, tok, ckpt = _load(args)
+    ids = [tok.eot_id] + tok.encode(args.prompt)
+    if args.draft:
+        return _speculative(args, model, tok, ids, params)
+    engine = Engine(model, tok, slots=1, compile=args.compile)
+    sys.stdout.write(args.prompt)
+    try:
+        engine.submit(ids, params, on_text=lambda d: (sys.stdout.write(d), sys.stdout.flush()))
+    except ContextLengthError as exc:
+        raise UsageError(f"{exc} (--max-new-tokens)") from None
+    engine.run_until_done()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _speculative(args, model, tok, ids, params) -> int:
+    import time
+
+    from ..inference import ContextLengthError
+    from ..inference.loading import load_model
+    from ..inference.speculative import check_same_tokenizer, speculative_generate
+
+    draft, _, draft_tok, _ = load_model(args.draft, args.device, DTYPES[args.dtype])
+    check_same_tokenizer(tok, draft_tok)
+    start = time.perf_counter()
+    try:
+        result = speculative_generate(model, draft, ids, params, tok.eot_id, k=args.draft_tokens)
+    except ContextLengthError as exc:
+        raise UsageError(str(exc)) from None
+    seconds = time.perf_counter() - start
+    text = tok.decode(result.output_ids)
+    for stop in params.stop:
+        text = text.split(stop, 1)[0]
+    print(args.prompt + text)
+    print(f"[speculative: {result.accepted}/{result.proposed} draft tokens accepted "
+          f"({result.acceptance_rate:.0%}), {len(result.output_ids) / seconds:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def chat_command(args) -> int:
+    from ..inference.chat import chat_loop
+
+    model, config, tok, ckpt = _load(args)
+    return chat_loop(model, tok, _params(args), system=args.system)
+
+
+def eval_command(args) -> int:
+    from ..data import BatchLoader, create_dataset, load_and_cache_data, load_documents
+    from ..data.corpus import encode_documents
+    from ..training.evaluation import evaluate_model
+
+    model, config, tok, ckpt = _load(args)
+    if args.dataset:
+        docs = load_documents(args.dataset, args.text_field)
+        tokens, _ = encode_documents(tok, docs, None)
+        source = f"{args.dataset} ({len(docs)} documents, all evaluated)"
+    else:
+        _, _, corpus = load_and_cache_data(config, log=lambda *a: None)
+        tokens, source = corpus.val, f"the validation split of {config.dataset}"
+    dataset = create_dataset(tokens, "packed", config.max_seq_len)
+    loader = BatchLoader(dataset, min(config.batch_size, len(dataset)), shuffle=False, max_batches=args.batches)
+    result = evaluate_model(model, loader, config, token_bytes=tok.token_bytes())
+    print(f"Checkpoint {ckpt} on {source}: {result['tokens']:,} tokens")
+    for key in ("loss", "perplexity", "accuracy", "bits_per_byte"):
+        print(f"  {key:<14} {result[key]:.4f}")
+    return 0
+
+
+def export_command(args) -> int:
+    from ..export import export_hf
+    from ..inference.loading import load_model, quantization_of
+    from ..training.checkpoint import resolve_checkpoint
+
+    if quantization_of(resolve_checkpoint(args.run)):
+        raise UsageError(f"{args.run} is a quantized run; export the run it was made from")
+    model, config, tok, ckpt = load_model(args.run, "cpu")
+    out = export_hf(model, tok, args.out)
+    print(f"Exported {ckpt} as {type(model).__name__} -> Hugging Face format in {out}")
+    return 0
+
+
+def quantize_command(args) -> int:
+    from ..inference.quantize_run import quantize_run
+
+    report = quantize_run(args.run, args.out, args.method, args.device, args.eval_batches)
+    print(f"Quantized {args.run} ({args.method}) -> {args.out}")
+    for key, value in report.items():
+        print(f"  {key:<28} {value:.4f}" if isinstance(value, float) else f"  {key:<28} {value:,}")
+    return 0
+
+
+def serve_command(args) -> int:
+    import uvicorn
+
+    from ..inference import Engine
+    from ..inference.server import create_app
+    from ..training.checkpoint import run_dir_of
+
+    if not 0 < args.port < 65536 or args.slots <= 0:
+        raise UsageError("--port must be in 1..65535 and --slots positive")
+    model, config, tok, ckpt = _load(args)
+    name = args.model_name or run_dir_of(ckpt).name
+    app = create_app(Engine(model, tok, slots=args.slots, compile=args.compile), name)
+    print(f"Serving {ckpt} as model {name!r} at http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+COMMANDS = {"generate": generate_command, "chat": chat_command, "eval": eval_command, "export": export_command,
+            "quantize": quantize_command, "serve": serve_command}
