@@ -50,7 +50,7 @@ def test_export_stops_at_end_of_text_and_matches_our_greedy_output(short_docs, t
                 "--max-steps", "60", "--eval-every", "60", "--no-compile", "--lr", "0.03", *TINY_FLAGS)
     assert r.returncode == 0, r.stderr
     g = run_cli("generate", "--checkpoint", run, "--prompt", "the king", "--temperature", "0",
-                "--max-new-tokens", "40")
+                "--max-new-tokens", "28")
     assert g.returncode == 0, g.stderr
     ours = g.stdout[:-1]  # the prompt, the continuation, the closing newline
     x = run_cli("export", run, tmp_path / "hf")
@@ -64,8 +64,8 @@ def test_export_stops_at_end_of_text_and_matches_our_greedy_output(short_docs, t
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True, dtype=torch.float32).eval()
     hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
     prompt = [eot] + tok.encode("the king")
-    out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=40)[0, len(prompt):].tolist()
-    assert eot in out, "the briefly trained model should reach end-of-text within 40 tokens"
+    out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=28)[0, len(prompt):].tolist()
+    assert eot in out, "the briefly trained model should reach end-of-text within 28 tokens"
     assert out[-1] == eot and out.count(eot) == 1  # it stopped there, and nowhere before
     assert ours == "the king" + hf_tok.decode(out, skip_special_tokens=True)
 

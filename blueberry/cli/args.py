@@ -15,8 +15,11 @@ _SECTION_TITLES = {"model": "model", "data": "data", "optim": "optimisation", "t
 
 
 def flag_for(field: str) -> str:
-    """The flag that sets `field` (for error messages)."""
-    return flag_name(FIELDS[field]) if field in FIELDS else "--" + field.replace("_", "-")
+    """The flag(s) that set `field`, for error messages: `--experts-per-token/--top-k`."""
+    if field not in FIELDS:
+        return "--" + field.replace("_", "-")
+    aliases = ["--" + a.replace("_", "-") for a in FIELDS[field].metadata.get("aliases", ())]
+    return "/".join([flag_name(FIELDS[field])] + aliases)
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -1,0 +1,125 @@
+"""The server under load: 1, 4 and 16 concurrent streaming clients on loopback, side by side.
+
+    python benchmarks/server_load.py [--run RUN] [--requests 4] [--max-tokens 64] [--slots 16]
+
+Starts `blueberry serve` on a free port (trains a small run first when --run is not given), then for each
+concurrency level C runs C clients at once, each sending `--requests` streaming completions one after
+another (sampled, temperature 0.8, distinct seeds; a stop string that never appears, so every request
+yields exactly --max-tokens tokens unless it hits end-of-text). Reports requests/s, output tokens/s,
+p50/p99 time to first token and total latency, errors. The server process group is killed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from common import ROOT, table
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def small_run(workdir: Path) -> Path:
+    run = workdir / "run"
+    subprocess.run([sys.executable, "train.py", "--config", "cpu", "--max-steps", "60", "--eval-every", "60",
+                    "--no-compile", "--out-dir", str(run)], cwd=ROOT, check=True)
+    return run
+
+
+def one_client(base: str, requests: int, max_tokens: int, seed: int, results: list) -> None:
+    import httpx
+
+    with httpx.Client(timeout=300) as http:
+        for i in range(requests):
+            body = {"model": "bench", "prompt": "ROMEO:", "max_tokens": max_tokens, "temperature": 0.8,
+                    "seed": seed * 1000 + i, "stream": True, "stop": ["@@@@"]}
+            start, first, tokens, ok = time.perf_counter(), None, 0, True
+            try:
+                with http.stream("POST", f"{base}/v1/completions", json=body) as r:
+                    ok = r.status_code == 200
+                    for line in r.iter_lines():
+                        if line.startswith("data: {"):
+                            chunk = json.loads(line[6:])
+                            if chunk["choices"][0].get("text"):
+                                first = first or time.perf_counter()
+                                tokens += 1
+            except Exception:
+                ok = False
+            results.append({"ok": ok, "ttft": (first or time.perf_counter()) - start,
+                            "latency": time.perf_counter() - start, "chunks": tokens})
+
+
+def percentile(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def main() -> None:
+    import httpx
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", default=None)
+    p.add_argument("--requests", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--slots", type=int, default=16)
+    p.add_argument("--levels", default="1,4,16")
+    args = p.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="blueberry-load-"))
+    run = Path(args.run) if args.run else small_run(workdir)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "blueberry", "serve", "--checkpoint", str(run), "--port",
+                               str(port), "--slots", str(args.slots), "--model-name", "bench"], cwd=ROOT,
+                              start_new_session=True)
+    rows = []
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        one_client(base, 1, 8, 0, [])  # warm-up
+        for level in map(int, args.levels.split(",")):
+            results: list = []
+            threads = [threading.Thread(target=one_client, args=(base, args.requests, args.max_tokens, c, results))
+                       for c in range(level)]
+            start = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - start
+            good = [r for r in results if r["ok"]]
+            rows.append([level, len(results), f"{len(good) / wall:.2f}",
+                         f"{sum(r['chunks'] for r in good) / wall:,.0f}",
+                         f"{percentile([r['ttft'] for r in good], 0.5) * 1000:.0f}",
+                         f"{percentile([r['ttft'] for r in good], 0.99) * 1000:.0f}",
+                         f"{percentile([r['latency'] for r in good], 0.5):.2f}",
+                         f"{percentile([r['latency'] for r in good], 0.99):.2f}", len(results) - len(good)])
+            print(table(["clients", "requests", "req/s", "output tokens/s", "TTFT p50 ms", "TTFT p99 ms",
+                         "latency p50 s", "latency p99 s", "errors"], rows[-1:]), flush=True)
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+    print("\n" + table(["clients", "requests", "req/s", "output tokens/s", "TTFT p50 ms", "TTFT p99 ms",
+                        "latency p50 s", "latency p99 s", "errors"], rows))
+    base_rate = float(rows[0][3].replace(",", ""))
+    print(f"aggregate tokens/s at {rows[-1][0]} clients = {float(rows[-1][3].replace(',', '')) / base_rate:.1f}x one client")
+
+
+if __name__ == "__main__":
+    main()
