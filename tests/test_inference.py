@@ -196,8 +196,10 @@ def test_int8_linear_matches_a_float64_dequantised_reference():
     scale = w.abs().amax(1) / 127
     ref_w = torch.round(w / scale[:, None]).clamp(-127, 127) * scale[:, None]
     x = torch.randn(3, 5, 96)
-    expected = x.double() @ ref_w.t() + lin.bias.double()
-    torch.testing.assert_close(q(x).double(), expected, rtol=1e-4, atol=1e-4)
+    # on CPU the int8 kernel takes bf16 activations and returns bf16: the reference rounds x the same way
+    # and allows for the output's bf16 rounding (8 bits of mantissa)
+    expected = x.bfloat16().double() @ ref_w.t() + lin.bias.double()
+    torch.testing.assert_close(q(x).double(), expected, rtol=1e-2, atol=1e-2 * expected.abs().mean().item())
     assert (ref_w - w).abs().max() <= scale.max() / 2 + 1e-12  # rounding error at most half a step
 
 

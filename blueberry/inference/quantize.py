@@ -2,7 +2,8 @@
 
 int8 (any device): every linear except the router and the shared-expert gate becomes an `Int8Linear`
 — int8 weights with one fp32 scale per output channel (absmax / 127, symmetric). On CPU its matmul is
-PyTorch's fused int8-weight kernel (`torch._weight_int8pack_mm`), elsewhere a dequantise-and-matmul.
+PyTorch's fused int8-weight kernel (`torch._weight_int8pack_mm`, fed bf16 activations, the form it is
+fast for), elsewhere a dequantise-and-matmul.
 MoE experts get the same treatment per expert and output row (`MixtureOfExperts.expert_weight`
 dequantises the experts a token uses). Activations stay in the model's dtype.
 int4 (CUDA): torchao's groupwise int4 weight-only (`Int4WeightOnlyConfig`, tinygemm kernels). torchao
@@ -42,8 +43,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
-            y = torch._weight_int8pack_mm(x2.contiguous(), self.weight, self.scale.to(x.dtype))
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+            # the CPU kernel is vectorised for bf16 activations only; fp32 ones take it through bf16
+            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.weight,
+                                          self.scale.to(torch.bfloat16)).to(x.dtype)
         else:
             y = F.linear(x2, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
         if self.bias is not None:
