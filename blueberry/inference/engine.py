@@ -54,6 +54,9 @@ class Sequence:
     cancelled: bool = False
     slot: int | None = None
     generator: torch.Generator | None = None
+    decoded: str = ""  # all the complete text of output_ids (incremental detokenization state below)
+    _prefix_offset: int = 0
+    _read_offset: int = 0
     done: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -66,6 +69,7 @@ class Engine:
         self.model = model.eval()
         if dtype is not None:
             self.model.to(dtype)
+        self.model.fuse_projections()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.context = model.config.max_seq_len
@@ -110,15 +114,16 @@ class Engine:
         active = [i for i, s in enumerate(self.slots) if s is not None]
         if not active:
             return finished
-        tokens = torch.zeros(len(self.slots), 1, dtype=torch.long, device=self.device)
-        positions = torch.zeros(len(self.slots), 1, dtype=torch.long, device=self.device)
+        last = [0] * len(self.slots)
+        where = [0] * len(self.slots)
         for i in active:
             seq = self.slots[i]
-            tokens[i, 0] = seq.output_ids[-1]
-            positions[i, 0] = len(seq.prompt_ids) + len(seq.output_ids) - 1
+            last[i], where[i] = seq.output_ids[-1], len(seq.prompt_ids) + len(seq.output_ids) - 1
+        tokens = torch.tensor(last, device=self.device)[:, None]
+        positions = torch.tensor(where, device=self.device)[:, None]
         logits = self._decode(tokens, positions)
-        for i in active:
-            if self._append(self.slots[i], logits[i:i + 1]):
+        for i, token in zip(active, self._sample([self.slots[i] for i in active], logits[active])):
+            if self._append(self.slots[i], token):
                 finished.append(self._release(i))
         return finished
 
@@ -150,7 +155,7 @@ class Engine:
                 continue
             seq.slot, self.slots[i] = i, seq
             logits = self._prefill(seq.prompt_ids, i)
-            if self._append(seq, logits):
+            if self._append(seq, self._sample([seq], logits)[0]):
                 finished.append(self._release(i))
         return finished
 
@@ -164,6 +169,8 @@ class Engine:
         return self.model(tokens, kv_caches=self.caches, positions=positions).logits[:, -1]
 
     def _compiled(self, fn):
+        # each engine compiles its own model: allow more than dynamo's default few graphs per function
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         compiled = torch.compile(fn, dynamic=False)
 
         def call(*args):
@@ -175,12 +182,25 @@ class Engine:
                 return fn(*args)
         return call
 
-    def _append(self, seq: Sequence, logits: torch.Tensor) -> bool:
-        """Sample the next token of `seq`; True when it has finished."""
+    @staticmethod
+    def _sample(seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        """Next token of each sequence (a row of `logits`): greedy rows in one argmax, the others each
+        with its own parameters and generator (so a row's draw does not depend on its neighbours)."""
+        greedy = [r for r, s in enumerate(seqs) if s.params.temperature <= 0]
+        out = [0] * len(seqs)
+        if greedy:
+            for r, token in zip(greedy, logits[greedy].argmax(-1).tolist()):
+                out[r] = token
+        for r, seq in enumerate(seqs):
+            if seq.params.temperature > 0:
+                p = seq.params
+                out[r] = int(sample_next(logits[r:r + 1], p.temperature, p.top_k, p.top_p, seq.generator)[0, 0])
+        return out
+
+    def _append(self, seq: Sequence, token: int) -> bool:
+        """Add `token` to `seq`; True when it has finished."""
         p = seq.params
-        token = int(sample_next(logits, p.temperature, p.top_k, p.top_p, seq.generator)[0, 0])
-        eot = self.tokenizer.eot_id
-        if p.stop_at_eot and token == eot:
+        if p.stop_at_eot and token == self.tokenizer.eot_id:
             seq.finish_reason = "stop"
         else:
             seq.output_ids.append(token)
@@ -192,17 +212,28 @@ class Engine:
             self._release_text(seq, final=True)
         return seq.finished
 
+    def _detokenize(self, seq: Sequence) -> None:
+        """Extend `seq.decoded` by the new tokens' text, decoding only the last few tokens (the text of a
+        token can depend on its neighbours, and a multi-byte character can span tokens)."""
+        ids = seq.output_ids
+        before = self.tokenizer.decode(ids[seq._prefix_offset:seq._read_offset])
+        after = self.tokenizer.decode(ids[seq._prefix_offset:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            seq.decoded += after[len(before):]
+            seq._prefix_offset, seq._read_offset = seq._read_offset, len(ids)
+
     def _release_text(self, seq: Sequence, final: bool = False) -> bool:
         """Pass on the text that is certain; True when a stop string appeared (the text ends before it)."""
-        full = self.tokenizer.decode(seq.output_ids)
+        self._detokenize(seq)
+        full = seq.decoded
+        if final and seq._read_offset < len(seq.output_ids):  # an incomplete character at the very end
+            full += self.tokenizer.decode(seq.output_ids[seq._read_offset:])
         for stop in seq.params.stop:
             at = full.find(stop)
             if at >= 0:
                 self._emit(seq, full[:at])
                 return True
         if not final:
-            if full.endswith("\ufffd"):  # the rest of a multi-byte character comes with the next token
-                return False
             hold = _stop_prefix_length(full, seq.params.stop)  # may be the start of a stop string
             full = full[:len(full) - hold] if hold else full
         self._emit(seq, full)

@@ -119,6 +119,13 @@ class TransformerLM(nn.Module):
         return [KVCache(batch, cfg.n_kv_heads, max_len or cfg.max_seq_len, cfg.head_dim, p.device, dtype or p.dtype)
                 for _ in self.blocks]
 
+    def fuse_projections(self) -> "TransformerLM":
+        """Inference only: each attention's q/k/v, and each gated MLP's gate/up, multiplied as one matrix."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "fuse_projections"):
+                module.fuse_projections()
+        return self
+
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, eos: int | None = None,

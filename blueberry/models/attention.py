@@ -69,6 +69,23 @@ class MultiHeadAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, eps=norm_eps) if qk_norm else None
         self.rotary = RotaryEmbedding(self.head_dim, max_seq_len, rope_theta)
         self.dropout = dropout
+        self.qkv_weight = None
+        self.qkv_sizes = (n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim)
+
+    def fuse_projections(self) -> None:
+        """For inference: store q, k and v projections as row blocks of one matrix (the three weights become
+        views of it, so no memory is added), and multiply by it once. Small decode steps are bounded by the
+        number of matmul calls more than by their size."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        if self.qkv_weight is not None or not all(type(p) is nn.Linear for p in projections):
+            return
+        fused = torch.cat([p.weight.detach() for p in projections])
+        start = 0
+        for p in projections:
+            rows = p.weight.shape[0]
+            p.weight = nn.Parameter(fused[start:start + rows], requires_grad=False)
+            start += rows
+        self.qkv_weight = fused
 
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -76,9 +93,13 @@ class MultiHeadAttention(nn.Module):
         `positions` (batch, seq); their keys/values are stored there and each query attends to the
         cached keys up to its own position."""
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_weight is not None:  # one matmul for the three projections (see fuse_projections)
+            q, k, v = F.linear(x, self.qkv_weight).split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.reshape(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.reshape(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         mask, causal = None, True

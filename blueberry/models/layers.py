@@ -86,7 +86,22 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(d_ff, d_model, bias=False)
         self.dropout = nn.Dropout(dropout)
 
+        self.gate_up_weight = None
+
+    def fuse_projections(self) -> None:
+        """For inference: gate and up as one matrix (their weights become views of it; see attention)."""
+        if self.gate_up_weight is not None or not (type(self.gate) is nn.Linear and type(self.up) is nn.Linear):
+            return
+        fused = torch.cat([self.gate.weight.detach(), self.up.weight.detach()])
+        rows = self.gate.weight.shape[0]
+        self.gate.weight = nn.Parameter(fused[:rows], requires_grad=False)
+        self.up.weight = nn.Parameter(fused[rows:], requires_grad=False)
+        self.gate_up_weight = fused
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_weight is not None:
+            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+            return self.dropout(self.down(F.silu(gate) * up))
         return self.dropout(self.down(F.silu(self.gate(x)) * self.up(x)))
 
 

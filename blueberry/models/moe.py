@@ -128,7 +128,9 @@ class MixtureOfExperts(nn.Module):
         flat_expert = top_i.reshape(-1)
         dtype = _compute_dtype(x)
         if self.decoding(num_tokens):
-            out, counts, kept_counts = self._gathered(x.to(dtype), top_w, top_i), None, None
+            # compiled: fixed shapes (gather the chosen experts); eager: index them, no copies
+            decode = self._gathered if torch.compiler.is_compiling() else self._looped
+            out, counts, kept_counts = decode(x.to(dtype), top_w, top_i), None, None
         else:
             out, counts, kept_counts = self._dispatched(x, top_w, flat_expert, dtype)
         if self.shared is not None:
@@ -161,13 +163,24 @@ class MixtureOfExperts(nn.Module):
         h = torch.einsum("tkf,tkdf->tkd", h, self.expert_weight("w_down", x.dtype, top_i))
         return (h * top_w.unsqueeze(-1).to(h.dtype)).sum(dim=1)
 
+    def _looped(self, x, top_w, top_i):
+        """The same sum, one matmul pair per distinct expert chosen (one host sync for the choices)."""
+        out = torch.zeros_like(x)
+        chosen = top_i.tolist()
+        for e in sorted({e for row in chosen for e in row}):
+            tokens, slots = (top_i == e).nonzero(as_tuple=True)
+            h = self._activation(x[tokens] @ self.expert_weight("w_up", x.dtype, e).t())
+            h = h @ self.expert_weight("w_down", x.dtype, e).t()
+            out.index_add_(0, tokens, h * top_w[tokens, slots].unsqueeze(-1).to(h.dtype))
+        return out
+
     def _activation(self, h):
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
             return F.silu(gate) * up
         return F.silu(h)
 
-    def expert_weight(self, name: str, dtype: torch.dtype, index: torch.Tensor | None = None) -> torch.Tensor:
+    def expert_weight(self, name: str, dtype: torch.dtype, index: torch.Tensor | int | None = None) -> torch.Tensor:
         """`w_up`/`w_down` in `dtype` (the experts at `index` only, when given). A quantized model stores
         int8 weights with per-expert, per-output-row scales `<name>_scale` (inference/quantize.py)."""
         weight = getattr(self, name)
@@ -184,6 +197,9 @@ class MixtureOfExperts(nn.Module):
                 0, flat_expert, torch.ones_like(flat_expert))
             kept_counts = counts
         load = counts.float() / flat_expert.numel()
+        if not torch.is_grad_enabled() and not self.training:  # inference: no losses to weigh
+            zero = load.new_zeros(())
+            return MoEAux(zero, zero, zero, load, zero)
         lb_loss = self.num_experts * (load.detach() * probs.mean(dim=0)).sum()
         z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
         return MoEAux(
