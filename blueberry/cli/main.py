@@ -1,4 +1,5 @@
-"""Entry point: `train` (the default verb), `generate`, `chat`, `eval`, `export`, `quantize`, `serve`, `info`.
+"""Entry point: `train` (the default verb), `generate`, `chat`, `eval`, `compare`, `export`, `quantize`, `serve`,
+`lm-eval` (lm-evaluation-harness with the blueberry model registered), `info`.
 
 Every expected failure is a `BlueberryError`: printed as one line, exit 2 for usage errors and 1 for
 run-time failures; `--debug` shows the traceback instead.
@@ -12,7 +13,7 @@ import warnings
 from ..errors import BlueberryError, ConfigError
 from .args import OneLineParser, add_train_flags, flag_for
 
-VERBS = ("train", "generate", "chat", "eval", "export", "quantize", "serve", "info")
+VERBS = ("train", "generate", "chat", "eval", "compare", "export", "quantize", "serve", "lm-eval", "info")
 
 
 def build_parser() -> OneLineParser:
@@ -32,6 +33,8 @@ def build_parser() -> OneLineParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "lm-eval":
+        return lm_eval_command(argv[1:])
     if not argv or argv[0] not in VERBS:
         argv = ["train"] + argv
     args = build_parser().parse_args(argv)
@@ -55,6 +58,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unexpected {type(exc).__name__}: {exc}. Rerun with --debug for the traceback, and "
               "please report it", file=sys.stderr)
         return 1
+
+
+def lm_eval_command(argv: list[str]) -> int:
+    """`blueberry lm-eval ARGS`: lm-evaluation-harness's own command line, with `--model blueberry`
+    registered in this process (lm-eval has no plugins); every argument goes to lm-eval unchanged."""
+    import blueberry.evaluation.harness  # noqa: F401  (registers the "blueberry" model)
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv = ["lm-eval", *argv]
+    try:
+        cli_evaluate()
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    return 0
 
 
 def _dispatch(args) -> int:

@@ -32,11 +32,14 @@ def train_command(args) -> int:
     if len(lrs) > 1:
         from ..training.sweep import run_lr_sweep
 
-        results = run_lr_sweep(config, lrs)
+        from ..evaluation.run_tasks import task_scorer_factory
+
+        results = run_lr_sweep(config, lrs, task_scorer_factory=task_scorer_factory)
         return exit_code(results[-1]) if results else 0
+    from ..evaluation.run_tasks import task_scorer_factory
     from ..training.run import run_training
 
-    _, metrics = run_training(config)
+    _, metrics = run_training(config, task_scorer_factory=task_scorer_factory)
     return exit_code(metrics)
 
 
@@ -62,6 +65,9 @@ def _resume(args) -> int:
         overrides["lr"] = overrides["lr"][0]
     overrides.setdefault("out_dir", str(run_dir_of(ckpt)))
     config = saved.replace(**overrides).validate()
+    from ..evaluation.run_tasks import task_scorer_factory
+
     print(f"Resuming from {ckpt}")
-    _, metrics = run_training(config, resume_state=state, resume_checkpoint=ckpt)
+    _, metrics = run_training(config, resume_state=state, resume_checkpoint=ckpt,
+                              task_scorer_factory=task_scorer_factory)
     return exit_code(metrics)

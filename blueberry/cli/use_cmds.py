@@ -1,4 +1,4 @@
-"""Verbs that use a trained run: `generate`, `chat`, `eval`, `export`, `quantize`, `serve`."""
+"""Verbs that use trained runs: `generate`, `chat`, `eval`, `compare`, `export`, `quantize`, `serve`."""
 
 from __future__ import annotations
 
@@ -46,6 +46,17 @@ def add_parsers(sub) -> None:
     e.add_argument("--dataset", default=None, help="evaluate on all documents of this dataset or file")
     e.add_argument("--text-field", default="text")
     e.add_argument("--batches", type=int, default=None, help="limit the number of batches")
+    e.add_argument("--tasks", default=None, help="multiple-choice tasks: built-in names or .jsonl paths, "
+                   "comma-separated ('auto': the built-in tasks of the run's dataset)")
+    e.add_argument("--num-fewshot", type=int, default=0, help="examples from the task file put before each item")
+    e.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
+    e.add_argument("--generation", type=int, default=0, metavar="N",
+                   help="BLEU / ROUGE / exact match of greedy next lines for N held-out passages")
+
+    m = sub.add_parser("compare", help="runs side by side: one table and one plot of their curves")
+    m.add_argument("runs", nargs="+", help="run directories")
+    m.add_argument("--out", default="comparison.png", help="where to write the plot")
+    m.add_argument("--debug", action="store_true")
 
     x = sub.add_parser("export", help="convert a run to another format")
     x.add_argument("run", help="run directory or checkpoint")
@@ -136,8 +147,12 @@ def chat_command(args) -> int:
 
 
 def eval_command(args) -> int:
+    import json
+
     from ..data import BatchLoader, create_dataset, load_and_cache_data, load_documents
-    from ..data.corpus import encode_documents
+    from ..data.corpus import encode_documents, split_documents
+    from ..evaluation.tasks import evaluate_tasks, markdown_table
+    from ..training.checkpoint import run_dir_of
     from ..training.evaluation import evaluate_model
 
     model, config, tok, ckpt = _load(args)
@@ -148,12 +163,50 @@ def eval_command(args) -> int:
     else:
         _, _, corpus = load_and_cache_data(config, log=lambda *a: None)
         tokens, source = corpus.val, f"the validation split of {config.dataset}"
+        docs = None
     dataset = create_dataset(tokens, "packed", config.max_seq_len)
     loader = BatchLoader(dataset, min(config.batch_size, len(dataset)), shuffle=False, max_batches=args.batches)
     result = evaluate_model(model, loader, config, token_bytes=tok.token_bytes())
     print(f"Checkpoint {ckpt} on {source}: {result['tokens']:,} tokens")
     for key in ("loss", "perplexity", "accuracy", "bits_per_byte"):
         print(f"  {key:<14} {result[key]:.4f}")
+    report = {"checkpoint": str(ckpt), "source": source, **{k: v for k, v in result.items() if k != "expert_load"}}
+    lines = [f"# Evaluation of {ckpt}", "", f"{source}: loss {result['loss']:.4f}, perplexity "
+             f"{result['perplexity']:.2f}, accuracy {result['accuracy']:.4f}, bits per byte {result['bits_per_byte']:.4f}"]
+    if args.tasks:
+        from ..evaluation.run_tasks import task_names
+
+        names = task_names(config.replace(eval_tasks=args.tasks))
+        report["tasks"] = evaluate_tasks(model, tok, names, num_fewshot=args.num_fewshot, limit=args.limit)
+        table = markdown_table(report["tasks"])
+        print(table)
+        lines += ["", table]
+    if args.generation:
+        from ..evaluation.generation_metrics import continuation_pairs, generation_scores
+
+        held_out = docs or split_documents(load_documents(config.dataset, config.text_field), config.val_fraction,
+                                           config.split_seed)[1]
+        pairs = continuation_pairs([d.text for d in held_out], args.generation)
+        report["generation"] = generation_scores(model, tok, pairs)
+        g = report["generation"]
+        summary = (f"greedy next line of {g['pairs']} held-out passages: BLEU {g['bleu']:.2f}, ROUGE-1 "
+                   f"{g['rouge1']:.4f}, ROUGE-2 {g['rouge2']:.4f}, ROUGE-L {g['rougeL']:.4f}, exact match "
+                   f"{g['exact_match']:.4f}")
+        print(summary)
+        lines += ["", summary]
+    out = run_dir_of(ckpt)
+    (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "eval.md").write_text("\n".join(lines) + "\n")
+    print(f"Written: {out / 'eval.json'}, {out / 'eval.md'}")
+    return 0
+
+
+def compare_command(args) -> int:
+    from ..evaluation.compare import comparison_table, load_run, plot_curves
+
+    runs = [load_run(r) for r in args.runs]
+    print(comparison_table(runs))
+    print(f"Curves: {plot_curves(runs, args.out)}")
     return 0
 
 
@@ -198,4 +251,4 @@ def serve_command(args) -> int:
 
 
 COMMANDS = {"generate": generate_command, "chat": chat_command, "eval": eval_command, "export": export_command,
-            "quantize": quantize_command, "serve": serve_command}
+            "quantize": quantize_command, "serve": serve_command, "compare": compare_command}

@@ -26,6 +26,9 @@ class TrainingConfig:
     use_fp8: bool | None = setting(None, "FP8 linears via torchao (default: where the GPU supports it)", flag="fp8")
     compile: bool | None = setting(None, "torch.compile the model (default: for runs of 150 steps or more)")
     parallel: str = setting("ddp", "engine under torchrun", choices=PARALLEL)
+    eval_tasks: str = setting("auto", "multiple-choice tasks scored at the final evaluation: built-in names or "
+                                      ".jsonl paths, comma-separated; auto: the built-in tasks of the dataset; none")
+    eval_tasks_periodic: bool = setting(False, "score --eval-tasks at every evaluation, not only the last")
 
     def validate(self) -> "TrainingConfig":
         check_positive(self, "batch_size", "grad_accum_steps", "max_steps", "eval_every", "eval_batches",

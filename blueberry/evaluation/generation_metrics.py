@@ -13,10 +13,13 @@ import random
 from ..inference import Engine, SamplingParams
 
 
-def bleu(hypotheses: list[str], references: list[str]) -> float:
+def bleu(hypotheses: list[str], references: list[str] | list[list[str]]) -> float:
+    """Corpus BLEU (sacrebleu's defaults: 13a tokenization, exponential smoothing); `references` is one
+    reference per hypothesis, or several reference streams (lists as long as `hypotheses`)."""
     import sacrebleu
 
-    return float(sacrebleu.corpus_bleu(hypotheses, [references]).score)
+    streams = references if references and isinstance(references[0], list) else [references]
+    return float(sacrebleu.corpus_bleu(hypotheses, streams).score)
 
 
 def rouge(hypotheses: list[str], references: list[str]) -> dict[str, float]:
@@ -50,7 +53,8 @@ def continuation_pairs(texts: list[str], count: int, context_lines: int = 6, tar
 def generation_scores(model, tokenizer, pairs: list[tuple[str, str]], max_new_tokens: int = 32,
                       slots: int = 8) -> dict[str, float]:
     engine = Engine(model, tokenizer, slots=slots)
-    window = model.config.max_seq_len - max_new_tokens
+    max_new_tokens = min(max_new_tokens, model.config.max_seq_len // 2)
+    window = model.config.max_seq_len - max_new_tokens  # the passage's last tokens that leave room to answer
     prompts = [([tokenizer.eot_id] + tokenizer.encode(passage))[-window:] for passage, _ in pairs]
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0, stop=("\n",))
     hypotheses = [s.text for s in engine.generate(prompts, params)]

@@ -14,6 +14,7 @@ from the engine (greedy unless the task asks otherwise, stopping at the task's `
 
 from __future__ import annotations
 
+import lm_eval.models  # noqa: F401  (lm-eval's own backends, registered before ours)
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
@@ -45,6 +46,8 @@ class BlueberryLM(LM):
         from ..inference.loading import load_model
 
         dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+        if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+            device = None  # lm-eval's own default is "cuda": on a machine without one, take what is here
         self.model, self.config, self.tokenizer, _ = load_model(checkpoint, device, dtypes[dtype])
         self.batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
         self.max_gen_toks = int(max_gen_toks)

@@ -4,7 +4,8 @@ ask of a model.
 `score(model, pairs)` takes (context ids, continuation ids) pairs and returns, for each, the summed
 log-probability of the continuation given the context and whether it is the greedy continuation (each
 of its tokens the argmax). Pairs are sorted by length and right-padded into batches; one forward per
-batch; the context is cut from the left when context + continuation exceed the model's window.
+batch; the context is cut from the left when context + continuation exceed the model's window (a continuation
+longer than the window is scored on its last window - 1 tokens, as lm-eval's hf backend does).
 `rolling_loglikelihood` scores a whole text in non-overlapping windows (perplexity tasks).
 """
 
@@ -25,7 +26,7 @@ def score(model, pairs: list[tuple[list[int], list[int]]], batch_size: int = 16)
         if not continuation:
             raise ValueError("a continuation must have at least one token")
         ids = (list(context) + list(continuation))[-(window + 1):]
-        rows.append((ids, len(continuation)))
+        rows.append((ids, min(len(continuation), len(ids) - 1)))  # longer than the window: its last part
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     results: list[tuple[float, bool] | None] = [None] * len(rows)
     for start in range(0, len(order), batch_size):

@@ -75,14 +75,17 @@ def _prefix(task: Task, num_fewshot: int) -> str:
 
 
 def evaluate_task(model, tokenizer, task: Task, num_fewshot: int = 0, batch_size: int = 16,
-                  limit: int | None = None) -> dict:
+                  limit: int | None = None, encode=None) -> dict:
+    """Scores of `task`. `encode(tokenizer, context, choice)` -> (context ids, choice ids); by default the
+    context follows an end-of-text token, as every document does in training (`harness.encode_pair`
+    gives lm-eval's encoding instead)."""
     items = task.items[:limit] if limit else task.items
     prefix = _prefix(task, num_fewshot)
+    encode = encode or _encode_after_eot
     pairs, owners = [], []
     for k, item in enumerate(items):
-        context = [tokenizer.eot_id] + tokenizer.encode(prefix + item["context"])
         for choice in item["choices"]:
-            pairs.append((context, tokenizer.encode(choice)))
+            pairs.append(encode(tokenizer, prefix + item["context"], choice))
             owners.append(k)
     scores = score(model, pairs, batch_size)
     per_item: list[list[tuple[float, float]]] = [[] for _ in items]
@@ -95,6 +98,10 @@ def evaluate_task(model, tokenizer, task: Task, num_fewshot: int = 0, batch_size
     acc, acc_norm = correct / len(items), correct_norm / len(items)
     return {"acc": acc, "acc_norm": acc_norm, "centered": (acc - chance) / (1 - chance), "chance": chance,
             "items": len(items)}
+
+
+def _encode_after_eot(tokenizer, context: str, choice: str) -> tuple[list[int], list[int]]:
+    return [tokenizer.eot_id] + tokenizer.encode(context), tokenizer.encode(choice)
 
 
 def evaluate_tasks(model, tokenizer, specs: list[str], **kwargs) -> dict[str, dict]:

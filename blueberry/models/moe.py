@@ -169,10 +169,19 @@ class MixtureOfExperts(nn.Module):
         chosen = top_i.tolist()
         for e in sorted({e for row in chosen for e in row}):
             tokens, slots = (top_i == e).nonzero(as_tuple=True)
-            h = self._activation(x[tokens] @ self.expert_weight("w_up", x.dtype, e).t())
-            h = h @ self.expert_weight("w_down", x.dtype, e).t()
+            h = self._activation(self._expert_linear("w_up", e, x[tokens]))
+            h = self._expert_linear("w_down", e, h)
             out.index_add_(0, tokens, h * top_w[tokens, slots].unsqueeze(-1).to(h.dtype))
         return out
+
+    def _expert_linear(self, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """x @ W_e.T for one expert; int8 weights on CPU go through PyTorch's int8-weight kernel."""
+        scale = getattr(self, name + "_scale", None)
+        weight = getattr(self, name)[expert]
+        if scale is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+            y = torch._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), weight, scale[expert].to(torch.bfloat16))
+            return y.to(x.dtype)
+        return x @ self.expert_weight(name, x.dtype, expert).t()
 
     def _activation(self, h):
         if self.gated:

@@ -56,11 +56,13 @@ def sample_prompts(tokenizer, corpus, n: int = 2, tokens: int = 8) -> tuple[str,
     return tuple(prompts) or ("\n",)
 
 
-def run_training(config, resume_state: dict | None = None, resume_checkpoint: Path | None = None, log=print):
-    """Train one run (under torchrun: this process's share); returns (plain model, metrics)."""
+def run_training(config, resume_state: dict | None = None, resume_checkpoint: Path | None = None, log=print,
+                 task_scorer_factory=None):
+    """Train one run (under torchrun: this process's share); returns (plain model, metrics).
+    `task_scorer_factory(config, tokenizer)` may return a function scoring tasks at evaluations."""
     ctx = init_distributed(_device_type(config))
     try:
-        return _train_in_group(config, ctx, resume_state, resume_checkpoint, log)
+        return _train_in_group(config, ctx, resume_state, resume_checkpoint, log, task_scorer_factory)
     except BaseException as exc:
         # the traceback's frames hold the wrapped model; free them so that teardown can drop it first
         traceback.clear_frames(exc.__traceback__)
@@ -75,7 +77,7 @@ def _device_type(config) -> str:
     return "cuda" if config.capabilities().is_cuda else "cpu"
 
 
-def _train_in_group(config, ctx, resume_state, resume_checkpoint, log):
+def _train_in_group(config, ctx, resume_state, resume_checkpoint, log, task_scorer_factory):
     say = log if ctx.is_main else (lambda *a, **k: None)
     device = resolve_device(config)
     if ctx.enabled and device.type == "cuda":
@@ -106,7 +108,8 @@ def _train_in_group(config, ctx, resume_state, resume_checkpoint, log):
     _, metrics = train_model(
         wrapped, train_loader, val_loader, config, run_dir=run_dir, tokenizer=tokenizer,
         token_bytes=corpus.token_bytes, resume_state=resume_state, ctx=ctx, log=say,
-        sample_prompts=sample_prompts(tokenizer, corpus))
+        sample_prompts=sample_prompts(tokenizer, corpus),
+        task_scorer=task_scorer_factory(config, tokenizer) if task_scorer_factory else None)
     del wrapped  # the DDP reducer must go before the process group (see distributed.teardown)
     if ctx.is_main:
         print_summary(metrics, run_dir, say)
@@ -175,3 +178,7 @@ def print_summary(metrics: dict, run_dir: Path, log=print) -> None:
     log(f"  accuracy       {fmt('accuracy', '.4f')}")
     log(f"  bits per byte  {fmt('bits_per_byte', '.4f')}")
     log(f"  train tokens/s {fmt('train_tokens_per_sec', ',.0f')}")
+    for key in sorted(k for k in metrics if k.endswith("/acc")):
+        task = key[:-4]
+        log(f"  {task:<28} acc {metrics[key]:.4f}, acc_norm {metrics[task + '/acc_norm']:.4f}, "
+            f"centered {metrics[task + '/centered']:.4f}")

@@ -83,6 +83,12 @@ class LoopState:
     consecutive_bad: int = 0
     stop_signal: int | None = None
     last_eval: dict = field(default_factory=dict)
+    elapsed_before: float = 0.0  # wall seconds of the run before this process (resumed runs)
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
 
 
 def rng_state() -> dict:
@@ -183,6 +189,7 @@ class _Run:
         self.tokenizer, self.token_bytes, self.sample_prompts = tokenizer, token_bytes, sample_prompts
         self.logger, self.peak = logger, peak
         self.sharded = is_sharded(model)
+        self.task_scorer = None
 
     def resume(self, state: dict, loop: LoopState, log) -> None:
         check_optimizer_layout(self.optimizers, state["optimizers"])
@@ -198,6 +205,7 @@ class _Run:
         set_rng_state(state["rng"])
         loop.step, loop.best_val = state["step"], state.get("best_val", math.inf)
         loop.skipped, loop.overflows = state.get("skipped_steps", 0), state.get("overflow_steps", 0)
+        loop.elapsed_before = state.get("elapsed", 0.0)
         log(f"Resumed at step {loop.step} (epoch {self.train_loader.epoch}, batch {self.train_loader.position})")
 
     def checkpoint(self, loop: LoopState, is_best: bool = False):
@@ -212,7 +220,7 @@ class _Run:
                  "scaler": scaler.state_dict() if scaler else None, "data": self.train_loader.state_dict(),
                  "rng": rng_state(), "config": self.config.to_dict(),
                  "tokenizer": getattr(self.tokenizer, "identity", None), "best_val": loop.best_val,
-                 "skipped_steps": loop.skipped, "overflow_steps": loop.overflows,
+                 "skipped_steps": loop.skipped, "overflow_steps": loop.overflows, "elapsed": loop.elapsed,
                  "world_size": self.ctx.world_size, "parallel": self.config.parallel}
         if self.ctx.is_main:
             return save_checkpoint(self.run_dir, loop.step, weights, state, keep=self.config.keep_checkpoints,
@@ -225,6 +233,11 @@ class _Run:
         # under FSDP2 the plain model is the sharded one, so every rank still takes part
         result = evaluate_model(self.core, self.val_loader, self.config, token_bytes=self.token_bytes,
                                 precision=self.precision, peak_flops=self.peak, ranks=self.ctx)
+        final = loop.step == self.config.max_steps or loop.stop_signal is not None
+        if self.task_scorer is not None and (final or self.config.eval_tasks_periodic) and (
+                self.ctx.is_main or self.sharded):  # sharded forwards need every rank
+            with self.precision.autocast():
+                result.update(self.task_scorer(self.core))
         is_best = result["loss"] < loop.best_val
         loop.best_val = min(loop.best_val, result["loss"])
         loop.last_eval = result
@@ -239,8 +252,10 @@ class _Run:
 
 def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokenizer=None, token_bytes=None,
                 resume_state: dict | None = None, ctx: DistContext | None = None, log=print,
-                sample_prompts: tuple[str, ...] = ("\n",), progress: bool = True):
-    """Train `model` for `config.max_steps` optimizer steps; returns (model, metrics)."""
+                sample_prompts: tuple[str, ...] = ("\n",), progress: bool = True, task_scorer=None):
+    """Train `model` for `config.max_steps` optimizer steps; returns (model, metrics). `task_scorer(model)`
+    (from blueberry.evaluation, given by the caller) adds task scores to the final evaluation, and to
+    every evaluation with `eval_tasks_periodic`."""
     ctx = ctx or DistContext()
     caps = config.capabilities()
     precision = choose_precision(config, caps)
@@ -259,6 +274,7 @@ def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokeni
     peak = caps.job_peak_flops(ctx.world_size, ctx.local_world_size)
     run = _Run(model, optimizers, scheduler, precision, train_loader, val_loader, config, ctx, run_dir,
                tokenizer, token_bytes, sample_prompts, logger, peak)
+    run.task_scorer = task_scorer
     loop = LoopState()
     if resume_state is not None:
         run.resume(resume_state, loop, log)
@@ -287,7 +303,8 @@ def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokeni
                 loop.step += 1
                 tokens = config.tokens_per_step * ctx.world_size
                 tok_rate = tokens / dt if tok_rate is None else 0.9 * tok_rate + 0.1 * tokens / dt
-                record.update(tokens_per_sec=tokens / dt, mfu=flops_per_token * tokens / dt / peak, step_time=dt)
+                record.update(tokens_per_sec=tokens / dt, mfu=flops_per_token * tokens / dt / peak, step_time=dt,
+                              tokens=loop.step * tokens, elapsed=loop.elapsed)
                 logger.log("train", loop.step, record)
                 if bar is not None:
                     bar.set_postfix(loss=f"{record['lm_loss']:.3f}", lr=f"{record['lr']:.2e}",
@@ -342,6 +359,7 @@ def _finish(loop: LoopState, run: _Run, tok_rate, log) -> dict:
         log(f"Stopped by {signal.Signals(loop.stop_signal).name} at step {loop.step}; checkpoint saved in "
             f"{run_dir}/checkpoints.\nResume with: python train.py --resume-from {run_dir}")
     metrics = {"step": loop.step, "skipped_steps": loop.skipped, "overflow_steps": loop.overflows,
+               "elapsed": loop.elapsed,
                "stopped_by_signal": loop.stop_signal is not None, "stop_signal": loop.stop_signal,
                "train_tokens_per_sec": tok_rate or 0.0, "best_val_loss": loop.best_val, **loop.last_eval}
     if run.ctx.is_main:

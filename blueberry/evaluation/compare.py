@@ -1,0 +1,75 @@
+"""`blueberry compare RUN [RUN ...]`: the runs of an ablation side by side — one table (final val loss,
+bits per byte, task scores, tokens/s, parameters active/total, wall time) and one PNG of the validation
+curves against steps, tokens and wall time. It reads what each run wrote (metrics.jsonl, summary.json,
+config.json); nothing is recomputed but the parameter counts (from the config, on the meta device)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from ..configs import AdaptiveMoEModelConfig  # noqa: E402
+from ..errors import UsageError  # noqa: E402
+from ..models import create_model  # noqa: E402
+from ..training.metrics import read_metrics  # noqa: E402
+
+
+def load_run(path: str | Path) -> dict:
+    run = Path(path)
+    if not (run / "metrics.jsonl").exists() or not (run / "config.json").exists():
+        raise UsageError(f"{run} is not a run directory (it needs metrics.jsonl and config.json)")
+    records = read_metrics(run)
+    config = AdaptiveMoEModelConfig.from_dict(json.loads((run / "config.json").read_text()))
+    with torch.device("meta"):
+        report = create_model(config).parameter_report()
+    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
+    evals = [r for r in records if r["kind"] == "eval"]
+    train = [r for r in records if r["kind"] == "train"]
+    return {"name": run.name, "path": run, "config": config, "params": report, "summary": summary,
+            "evals": evals, "train": train, "last_eval": evals[-1] if evals else {}}
+
+
+def comparison_table(runs: list[dict]) -> str:
+    tasks = sorted({k[:-4] for r in runs for k in r["last_eval"] if k.endswith("/acc")})
+    header = ["run", "model", "optimizer", "val loss", "bits/byte", *[f"{t} acc_norm" for t in tasks],
+              "train tokens/s", "params active / total", "wall"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in runs:
+        e, cfg = r["last_eval"], r["config"]
+        tokens_s = r["summary"].get("train_tokens_per_sec")
+        wall = r["train"][-1].get("elapsed") if r["train"] else None
+        cells = [r["name"], cfg.model_type, cfg.optimizer, _f(e.get("loss")), _f(e.get("bits_per_byte")),
+                 *[_f(e.get(f"{t}/acc_norm")) for t in tasks], f"{tokens_s:,.0f}" if tokens_s else "n/a",
+                 f"{r['params']['active_per_token'] / 1e6:.2f}M / {r['params']['total'] / 1e6:.2f}M",
+                 f"{wall:.0f} s" if wall else "n/a"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _f(value) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
+
+
+def plot_curves(runs: list[dict], path: str | Path) -> Path:
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for r in runs:
+        steps = [e["step"] for e in r["evals"]]
+        losses = [e["loss"] for e in r["evals"]]
+        by_step = {t["step"]: t for t in r["train"]}
+        tokens = [by_step.get(s, {}).get("tokens", float("nan")) for s in steps]
+        wall = [by_step.get(s, {}).get("elapsed", float("nan")) for s in steps]
+        for ax, x in zip(axes, (steps, tokens, wall)):
+            ax.plot(x, losses, "o-", label=r["name"])
+    for ax, label in zip(axes, ("optimizer step", "training tokens", "wall seconds")):
+        ax.set(xlabel=label, ylabel="validation loss (nats)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return Path(path)

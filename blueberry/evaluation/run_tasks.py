@@ -1,0 +1,39 @@
+"""Task scores inside a training run: which tasks a run scores (`eval_tasks`), and the scorer the
+training loop calls at its final (or every) evaluation. The command line hands the scorer to
+`run_training`, so that training code needs no import of this package."""
+
+from __future__ import annotations
+
+from .tasks import builtin_tasks, evaluate_task, load_task
+
+AUTO_TASKS = {"shakespeare": ("shakespeare-next-line", "shakespeare-speaker"),
+              "python-docs": ("python-docs-next-line",)}
+
+
+def task_names(config) -> list[str]:
+    spec = (config.eval_tasks or "none").strip()
+    if spec == "none":
+        return []
+    if spec == "auto":
+        return [t for t in AUTO_TASKS.get(config.dataset, ()) if t in builtin_tasks()]
+    return [t.strip() for t in spec.split(",") if t.strip()]
+
+
+def task_scorer_factory(config, tokenizer):
+    """A function model -> {"<task>/acc": ..., "<task>/acc_norm": ..., "<task>/centered": ...}, or None."""
+    tasks = [load_task(name) for name in task_names(config)]  # bad names fail now, not at the end
+    if not tasks:
+        return None
+
+    def score_tasks(model) -> dict:
+        was_training = model.training
+        model.eval()
+        try:
+            out = {}
+            for task in tasks:
+                result = evaluate_task(model, tokenizer, task, batch_size=config.batch_size)
+                out.update({f"{task.name}/{k}": result[k] for k in ("acc", "acc_norm", "centered")})
+            return out
+        finally:
+            model.train(was_training)
+    return score_tasks
