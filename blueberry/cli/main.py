@@ -13,7 +13,7 @@ import warnings
 from ..errors import BlueberryError, ConfigError
 from .args import OneLineParser, add_train_flags, flag_for
 
-VERBS = ("train", "generate", "chat", "eval", "compare", "export", "quantize", "serve", "lm-eval", "info")
+VERBS = ("train", "generate", "chat", "eval", "compare", "export", "import", "quantize", "serve", "lm-eval", "info")
 
 
 def build_parser() -> OneLineParser:

@@ -17,6 +17,14 @@ def config_from_args(args) -> AdaptiveMoEModelConfig:
         config = AdaptiveMoEModelConfig(**{**load_config_file(args.config), **overrides})
     else:
         config = get_config(args.config, **overrides)
+    if config.init_from:
+        from ..training.init_from import MODEL_FIELDS, apply_init_from
+
+        clash = sorted(set(overrides) & set(MODEL_FIELDS + ("tokenizer",)))
+        if clash:
+            raise ConfigError(clash[0], f"cannot be set with --init-from, whose model it is (here: "
+                              f"{config.init_from}); drop it, or train from scratch")
+        config = apply_init_from(config)
     return config.validate()
 
 

@@ -1,4 +1,4 @@
-"""Verbs that use trained runs: `generate`, `chat`, `eval`, `compare`, `export`, `quantize`, `serve`."""
+"""Verbs that use trained runs: `generate`, `chat`, `eval`, `compare`, `export`, `import`, `quantize`, `serve`."""
 
 from __future__ import annotations
 
@@ -63,6 +63,12 @@ def add_parsers(sub) -> None:
     x.add_argument("out", help="output directory (must not exist or be empty)")
     x.add_argument("--format", choices=("hf",), default="hf")
     x.add_argument("--debug", action="store_true")
+
+    i = sub.add_parser("import", help="turn a transformers checkpoint directory into a Blueberry run")
+    i.add_argument("hf_dir", help="a directory saved with save_pretrained (Llama, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE)")
+    i.add_argument("run", help="the run directory to write (must not exist or be empty)")
+    i.add_argument("--seq-len", type=int, default=None, help="the window to use (default: the model's, at most 4096)")
+    i.add_argument("--debug", action="store_true")
 
     q = sub.add_parser("quantize", help="write a weight-quantized copy of a run, with its quality cost")
     q.add_argument("run", help="run directory or checkpoint")
@@ -250,5 +256,14 @@ def serve_command(args) -> int:
     return 0
 
 
+def import_command(args) -> int:
+    from ..training.init_from import import_hf_run
+
+    out = import_hf_run(args.hf_dir, args.run, args.seq_len)
+    print(f"Imported {args.hf_dir} -> {out} (continue with: python train.py --init-from {out} --dataset ...)")
+    return 0
+
+
 COMMANDS = {"generate": generate_command, "chat": chat_command, "eval": eval_command, "export": export_command,
-            "quantize": quantize_command, "serve": serve_command, "compare": compare_command}
+            "quantize": quantize_command, "serve": serve_command, "compare": compare_command,
+            "import": import_command}

@@ -88,8 +88,8 @@ class AdaptiveMoEModelConfig:
         return detect_capabilities(self.device)
 
     @property
-    def head_dim(self) -> int:
-        return self.model.head_dim
+    def attention_head_dim(self) -> int:
+        return self.model.attention_head_dim
 
     @property
     def expert_d_ff(self) -> int:

@@ -18,6 +18,9 @@ class ModelConfig:
     n_layers: int | None = setting(None, "number of blocks")
     n_heads: int | None = setting(None, "attention heads")
     n_kv_heads: int | None = setting(None, "key/value heads for grouped-query attention (default: n_heads)")
+    head_dim: int | None = setting(None, "width of each attention head (default: d_model / n_heads; Qwen3 sets its own)",
+                                   flag="attention_head_dim")
+    qkv_bias: bool = setting(False, "biases on the query, key and value projections (Qwen2)")
     d_ff: int | None = setting(None, "hidden width of the MLP (and of each expert unless --moe-d-ff)")
     max_seq_len: int | None = setting(None, "training sequence length and context window", flag="seq_len")
     mlp_type: str = setting("swiglu", "feed-forward: gated SwiGLU or Linear-SiLU-Linear", choices=MLP_TYPES)
@@ -38,8 +41,8 @@ class ModelConfig:
     shared_expert: bool = setting(False, "add a sigmoid-gated shared expert every token passes (Qwen2-MoE)")
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def attention_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
 
     @property
     def expert_d_ff(self) -> int:
@@ -48,12 +51,12 @@ class ModelConfig:
     def validate(self) -> "ModelConfig":
         check_positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len",
                        "num_experts", "expert_top_k")
-        check_positive(self, "moe_d_ff", optional=True)
+        check_positive(self, "moe_d_ff", "head_dim", optional=True)
         check_choices(self)
-        if self.d_model % self.n_heads:
+        if self.head_dim is None and self.d_model % self.n_heads:
             raise ConfigError("d_model", f"must be divisible by n_heads ({self.d_model} % {self.n_heads} != 0)")
-        if self.head_dim % 2:
-            raise ConfigError("d_model", f"d_model / n_heads = {self.head_dim} must be even for rotary embeddings")
+        if self.attention_head_dim % 2:
+            raise ConfigError("d_model", f"the head width {self.attention_head_dim} must be even for rotary embeddings")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError("n_kv_heads", f"must divide n_heads ({self.n_heads}), got {self.n_kv_heads}")
         if self.expert_top_k > self.num_experts:

@@ -26,6 +26,8 @@ class TrainingConfig:
     use_fp8: bool | None = setting(None, "FP8 linears via torchao (default: where the GPU supports it)", flag="fp8")
     compile: bool | None = setting(None, "torch.compile the model (default: for runs of 150 steps or more)")
     parallel: str = setting("ddp", "engine under torchrun", choices=PARALLEL)
+    init_from: str | None = setting(None, "start from these weights: a transformers model directory or a Blueberry "
+                                          "run (its architecture and tokenizer replace the model settings)")
     eval_tasks: str = setting("auto", "multiple-choice tasks scored at the final evaluation: built-in names or "
                                       ".jsonl paths, comma-separated; auto: the built-in tasks of the dataset; none")
     eval_tasks_periodic: bool = setting(False, "score --eval-tasks at every evaluation, not only the last")

@@ -60,6 +60,8 @@ class TransformerLM(nn.Module):
         std = self.config.init_std
         out_std = std / math.sqrt(2 * self.config.n_layers)
         for name, p in self.named_parameters():
+            if name.endswith(".bias"):
+                nn.init.zeros_(p)
             if p.dim() < 2:
                 continue
             is_output = name.endswith(("o_proj.weight", "down.weight", "w_down"))
@@ -116,7 +118,7 @@ class TransformerLM(nn.Module):
     def new_kv_caches(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> list[KVCache]:
         cfg = self.config
         p = self.embed.weight
-        return [KVCache(batch, cfg.n_kv_heads, max_len or cfg.max_seq_len, cfg.head_dim, p.device, dtype or p.dtype)
+        return [KVCache(batch, cfg.n_kv_heads, max_len or cfg.max_seq_len, cfg.attention_head_dim, p.device, dtype or p.dtype)
                 for _ in self.blocks]
 
     def fuse_projections(self) -> "TransformerLM":

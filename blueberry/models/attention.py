@@ -54,22 +54,22 @@ def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
 class MultiHeadAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, max_seq_len: int, n_kv_heads: int | None = None,
                  qk_norm: bool = False, rope_theta: float = 10000.0, dropout: float = 0.0,
-                 norm_eps: float = 1e-5):
+                 norm_eps: float = 1e-5, head_dim: int | None = None, qkv_bias: bool = False):
         super().__init__()
-        if d_model % n_heads:
+        if head_dim is None and d_model % n_heads:
             raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads or n_heads
-        self.head_dim = d_model // n_heads
-        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.head_dim = head_dim or d_model // n_heads
+        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
         self.q_norm = RMSNorm(self.head_dim, eps=norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, eps=norm_eps) if qk_norm else None
         self.rotary = RotaryEmbedding(self.head_dim, max_seq_len, rope_theta)
         self.dropout = dropout
-        self.qkv_weight = None
+        self.qkv_weight = self.qkv_bias = None
         self.qkv_sizes = (n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim)
 
     def fuse_projections(self) -> None:
@@ -86,6 +86,7 @@ class MultiHeadAttention(nn.Module):
             p.weight = nn.Parameter(fused[start:start + rows], requires_grad=False)
             start += rows
         self.qkv_weight = fused
+        self.qkv_bias = torch.cat([p.bias.detach() for p in projections]) if self.q_proj.bias is not None else None
 
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -94,7 +95,7 @@ class MultiHeadAttention(nn.Module):
         cached keys up to its own position."""
         batch, seq, _ = x.shape
         if self.qkv_weight is not None:  # one matmul for the three projections (see fuse_projections)
-            q, k, v = F.linear(x, self.qkv_weight).split(self.qkv_sizes, dim=-1)
+            q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(self.qkv_sizes, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.reshape(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)

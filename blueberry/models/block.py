@@ -18,7 +18,8 @@ class TransformerBlock(nn.Module):
         self.attn_norm = RMSNorm(config.d_model, eps=config.norm_eps)
         self.attn = MultiHeadAttention(
             config.d_model, config.n_heads, config.max_seq_len, n_kv_heads=config.n_kv_heads,
-            qk_norm=config.qk_norm, rope_theta=config.rope_theta, dropout=config.dropout, norm_eps=config.norm_eps)
+            qk_norm=config.qk_norm, rope_theta=config.rope_theta, dropout=config.dropout, norm_eps=config.norm_eps,
+            head_dim=config.head_dim, qkv_bias=config.qkv_bias)
         self.ffn_norm = RMSNorm(config.d_model, eps=config.norm_eps)
         if use_moe:
             self.ffn = MixtureOfExperts(

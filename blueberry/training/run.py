@@ -19,6 +19,7 @@ from ..system import set_cpu_threads
 from .checkpoint import clean_stale_temporaries, load_weights
 from .distributed import init_distributed, teardown, wrap_model
 from .float8 import apply_float8
+from .init_from import load_initial_weights
 from .run_dir import default_run_dir, prepare_run_dir
 from .trainer import train_model
 
@@ -94,6 +95,9 @@ def _train_in_group(config, ctx, resume_state, resume_checkpoint, log, task_scor
     if resume_state is not None:
         check_resumable(resume_state, resume_checkpoint, tokenizer, ctx, config)
         load_weights(resume_checkpoint, model)
+    elif config.init_from:
+        load_initial_weights(model, config.init_from)
+        say(f"Initialised from {config.init_from}")
     model.to(device)
     if device.type == "cuda" and "batch_size" in config.auto_fields and resume_state is None:
         train_loader, val_loader = _fit_batch_to_gpu(model, config, device, corpus, ctx, say,

@@ -1,0 +1,80 @@
+"""Starting from pretrained weights: `blueberry import HF_DIR RUN_DIR` (a transformers checkpoint turned into
+a Blueberry run) and `train.py --init-from HF_DIR|RUN_DIR` (continued pretraining or fine-tuning from a
+transformers checkpoint or a Blueberry run: its architecture and tokenizer, our optimizers and loop)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..configs import AdaptiveMoEModelConfig, save_config
+from ..errors import UsageError
+from ..export.huggingface import ImportRefused, is_hf_dir, model_fields_from_hf, read_hf_weights
+from .checkpoint import load_weights, read_state, resolve_checkpoint, run_dir_of, save_checkpoint
+
+MODEL_FIELDS = ("model_type", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "qkv_bias",
+                "d_ff", "mlp_type", "qk_norm", "tie_embeddings", "rope_theta", "norm_eps", "num_experts",
+                "expert_top_k", "moe_d_ff", "shared_expert")
+
+
+def source_settings(source: str) -> dict:
+    """The architecture fields and tokenizer of an --init-from source (a transformers dir or a run)."""
+    if is_hf_dir(source):
+        fields = model_fields_from_hf(source)
+        return {**{k: v for k, v in fields.items() if k in MODEL_FIELDS}, "tokenizer": str(Path(source).resolve())}
+    checkpoint = resolve_checkpoint(source)
+    saved = read_state(checkpoint)["config"]
+    run = run_dir_of(checkpoint)
+    tokenizer = saved.get("tokenizer")
+    if tokenizer is None:  # a BPE trained by that run: its file
+        tokenizer = str((run / "tokenizer.json").resolve())
+    return {**{k: saved[k] for k in MODEL_FIELDS if k in saved}, "tokenizer": tokenizer}
+
+
+def apply_init_from(config: AdaptiveMoEModelConfig) -> AdaptiveMoEModelConfig:
+    """The run's config with the source's architecture and tokenizer (the user's data, optimizer and
+    training settings are kept; the window, --seq-len, too)."""
+    if not config.init_from:
+        return config
+    settings = source_settings(config.init_from)
+    return config.replace(**settings)
+
+
+def load_initial_weights(model: torch.nn.Module, source: str) -> None:
+    if is_hf_dir(source):
+        weights = read_hf_weights(source, model.config)
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_embeddings)]
+        if missing or unexpected:
+            raise ImportRefused(f"{source}: weights do not match the architecture (missing {missing[:4]}, "
+                                f"unexpected {unexpected[:4]})")
+        return
+    load_weights(resolve_checkpoint(source), model)
+
+
+def import_hf_run(hf_dir: str, run_dir: str, seq_len: int | None = None) -> Path:
+    """A run directory holding the model as its one checkpoint (step 0, no optimizer state), its config and
+    the model's own tokenizer (hf_tokenizer/)."""
+    from transformers import AutoTokenizer
+
+    from ..data.tokenizer import load_tokenizer
+
+    if not is_hf_dir(hf_dir):
+        raise UsageError(f"{hf_dir} is not a transformers model directory (no config.json with architectures)")
+    out = Path(run_dir)
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"{out} exists and is not empty; choose a new run directory")
+    fields = model_fields_from_hf(hf_dir)
+    if seq_len:
+        fields["max_seq_len"] = seq_len
+    tokenizer_dir = (out / "hf_tokenizer").resolve()
+    config = AdaptiveMoEModelConfig(**fields, tokenizer=str(tokenizer_dir), use_fp8=False)
+    weights = read_hf_weights(hf_dir, config.model)
+    out.mkdir(parents=True, exist_ok=True)
+    AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True).save_pretrained(str(tokenizer_dir))
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    save_config(config, out / "config.json")
+    save_checkpoint(out, 0, weights, {"config": config.to_dict(), "tokenizer": tokenizer.identity, "world_size": 1,
+                                      "imported_from": str(hf_dir)}, keep=1)
+    return out
