@@ -9,6 +9,9 @@ from .fields import DATASET_TYPES, check_choices, check_positive, check_range, s
 
 @dataclass
 class DataConfig:
+    task: str = setting("pretrain", "pretrain: next-token prediction on documents; sft: supervised fine-tuning on "
+                                    "a .jsonl of conversations (loss on the assistant's tokens only)",
+                        choices=("pretrain", "sft"))
     dataset: str = setting("shakespeare", "shakespeare, python-docs, hf:NAME[:CONFIG], or a .txt/.jsonl/.parquet "
                                           "file or directory")
     dataset_type: str = setting("packed", "how training windows are cut", choices=DATASET_TYPES)

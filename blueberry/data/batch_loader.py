@@ -83,8 +83,23 @@ class BatchLoader:
 
 def create_dataloaders(config, corpus, rank: int = 0, world_size: int = 1) -> tuple[BatchLoader, BatchLoader]:
     """Training loader (dataset_type from the config) and validation loader (every val token once)."""
+    train_ds, val_ds = _datasets(config, corpus)
+    train = BatchLoader(train_ds, config.batch_size, shuffle=True, seed=config.seed, rank=rank,
+                        world_size=world_size)
+    val_batch = max(1, min(config.batch_size, len(val_ds) // world_size))
+    val = BatchLoader(val_ds, val_batch, shuffle=False, rank=rank, world_size=world_size,
+                      max_batches=config.eval_batches)
+    return train, val
+
+
+def _datasets(config, corpus):
     from .dataset import create_dataset
 
+    if getattr(corpus, "train_mask", None) is not None:  # supervised fine-tuning: masked, packed conversations
+        from .sft import SFTDataset
+
+        return (SFTDataset(corpus.train, corpus.train_mask, corpus.train_doc_starts, config.max_seq_len),
+                SFTDataset(corpus.val, corpus.val_mask, corpus.val_doc_starts, config.max_seq_len))
     train_ds = create_dataset(corpus.train, config.dataset_type, config.max_seq_len, stride=config.stride,
                               doc_starts=corpus.train_doc_starts, document_mask=config.document_mask,
                               seed=config.seed)
@@ -93,9 +108,4 @@ def create_dataloaders(config, corpus, rank: int = 0, world_size: int = 1) -> tu
                                 document_mask=config.document_mask, score_once=True)
     else:
         val_ds = create_dataset(corpus.val, "packed", config.max_seq_len)
-    train = BatchLoader(train_ds, config.batch_size, shuffle=True, seed=config.seed, rank=rank,
-                        world_size=world_size)
-    val_batch = max(1, min(config.batch_size, len(val_ds) // world_size))
-    val = BatchLoader(val_ds, val_batch, shuffle=False, rank=rank, world_size=world_size,
-                      max_batches=config.eval_batches)
-    return train, val
+    return train_ds, val_ds

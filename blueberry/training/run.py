@@ -20,6 +20,7 @@ from .checkpoint import clean_stale_temporaries, load_weights
 from .distributed import init_distributed, teardown, wrap_model
 from .float8 import apply_float8
 from .init_from import load_initial_weights
+from .memory import check_fits
 from .run_dir import default_run_dir, prepare_run_dir
 from .trainer import train_model
 
@@ -35,7 +36,12 @@ def resolve_device(config) -> torch.device:
 
 def build_everything(config, log=print, rank: int = 0, world_size: int = 1):
     """Data, tokenizer, model and loaders for `config` (used by training, eval and validate-setup)."""
-    texts, tokenizer, corpus = load_and_cache_data(config, log=log)
+    if config.task == "sft":
+        from ..data.sft import load_sft_data
+
+        tokenizer, corpus = load_sft_data(config, log=log)
+    else:
+        _, tokenizer, corpus = load_and_cache_data(config, log=log)
     if tokenizer.vocab_size > config.vocab_size:
         if "vocab_size" in config.auto_fields:
             config.derive(vocab_size=(tokenizer.vocab_size + 63) // 64 * 64)
@@ -108,6 +114,7 @@ def _train_in_group(config, ctx, resume_state, resume_checkpoint, log, task_scor
         tokenizer.save(run_dir / "tokenizer.json")
         rep = model.parameter_report()
         say(f"Model: {rep['total']:,} parameters, {rep['active_per_token']:,} active per token")
+    check_fits(model, config, device, ctx.world_size, log=say)
     wrapped = _wrap(model, config, ctx)
     _, metrics = train_model(
         wrapped, train_loader, val_loader, config, run_dir=run_dir, tokenizer=tokenizer,
