@@ -163,6 +163,16 @@ def test_compare_reads_runs_into_one_table_and_a_plot(run_dir, tmp_path):
     assert bad.returncode == 2 and "not a run directory" in bad.stderr
 
 
+def lm_eval_task(directory, name: str, items: list[dict]) -> None:
+    """An lm-eval YAML task over a local JSONL file (our item format, choices scored with no delimiter)."""
+    (directory / f"{name}.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
+    (directory / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {directory / (name + '.jsonl')}\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
+        'target_delimiter: ""\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n')
+
+
 def short_items(n: int) -> list[dict]:
     """Items of the test corpus's words, short enough for the tiny run's 32-token window."""
     import random
@@ -181,12 +191,7 @@ def test_lm_eval_backend_equals_its_hf_backend_on_the_export_and_our_scorer(run_
     import blueberry.evaluation.harness as harness
     from blueberry.inference.loading import load_model
 
-    (tmp_path / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in short_items(12)))
-    (tmp_path / "tiny_mc.yaml").write_text(
-        "task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-        f"    test: {tmp_path / 'items.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
-        'doc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
-        'target_delimiter: ""\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n')
+    lm_eval_task(tmp_path, "tiny_mc", short_items(12))
     assert run_cli("export", run_dir, tmp_path / "hf").returncode == 0
     manager = TaskManager(include_path=str(tmp_path))
     ours = lm_eval.simple_evaluate(model="blueberry", model_args=f"checkpoint={run_dir}", tasks=["tiny_mc"],
@@ -200,18 +205,13 @@ def test_lm_eval_backend_equals_its_hf_backend_on_the_export_and_our_scorer(run_
     their_ll = [float(r[0][0]) for s in theirs["samples"]["tiny_mc"] for r in s["resps"]]
     assert max(abs(a - b) for a, b in zip(ours_ll, their_ll)) < 1e-3
     model, _, tok, _ = load_model(run_dir, "cpu")
-    mine = evaluate_task(model, tok, load_task(str(tmp_path / "items.jsonl")), encode=harness.encode_pair)
+    mine = evaluate_task(model, tok, load_task(str(tmp_path / "tiny_mc.jsonl")), encode=harness.encode_pair)
     assert mine["acc"] == pytest.approx(ours["results"]["tiny_mc"]["acc,none"])
     assert mine["acc_norm"] == pytest.approx(ours["results"]["tiny_mc"]["acc_norm,none"])
 
 
 def test_lm_eval_verb_hands_its_arguments_to_lm_eval(run_dir, tmp_path):
-    (tmp_path / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in short_items(4)))
-    (tmp_path / "t.yaml").write_text(
-        "task: tiny_speaker\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-        f"    test: {tmp_path / 'items.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
-        'doc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
-        'target_delimiter: ""\nmetric_list:\n  - metric: acc\n')
+    lm_eval_task(tmp_path, "tiny_speaker", short_items(4))
     r = run_cli("lm-eval", "--model", "blueberry", "--model_args", f"checkpoint={run_dir}", "--tasks", "tiny_speaker",
                 "--include_path", tmp_path, "--batch_size", "4", "--output_path", tmp_path / "out")
     assert r.returncode == 0, r.stderr[-2000:]

@@ -131,5 +131,7 @@ def test_continued_pretraining_starts_from_the_imported_weights(tmp_path, corpus
     assert learning.returncode == 0, learning.stderr
     losses = [r["loss"] for r in read_metrics(tmp_path / "learns") if r["kind"] == "train"]
     assert losses[-1] < losses[0]
+    evals = [r for r in read_metrics(tmp_path / "learns") if r["kind"] == "eval"]
+    assert evals[0]["step"] == 0 and evals[-1]["loss"] < evals[0]["loss"]  # the "before" is logged
     clash = run_cli("--init-from", tmp_path / "hf", "--d-model", "64", "--out-dir", tmp_path / "x", *common)
     assert clash.returncode == 2 and "--init-from" in clash.stderr

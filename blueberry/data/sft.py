@@ -15,7 +15,6 @@ Conversations are split into train/val by a seeded shuffle (val_fraction, split_
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 from ..errors import DataError
 from .chat_template import ROLES, ChatFormatError, check_messages, has_own_template, render_plain
 from .corpus import TokenizedCorpus
+from .sources import jsonl_records
 from .tokenizer import Tokenizer, load_tokenizer, train_bpe
 
 IGNORE = -100
@@ -35,11 +35,8 @@ def read_conversations(path: str | Path) -> list[list[dict]]:
     if path.suffix != ".jsonl" or not path.is_file():
         raise DataError(f"--task sft needs a .jsonl file of conversations, got {path}")
     conversations = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, record in jsonl_records(path):
         try:
-            record = json.loads(line)
             if isinstance(record, dict) and "messages" in record:
                 messages = check_messages(record["messages"])
             elif isinstance(record, dict) and isinstance(record.get("prompt"), str) and isinstance(
@@ -50,7 +47,7 @@ def read_conversations(path: str | Path) -> list[list[dict]]:
                 raise ChatFormatError('a record is {"messages": [...]} or {"prompt": ..., "completion": ...}')
             if not any(m["role"] == "assistant" for m in messages):
                 raise ChatFormatError("the conversation has no assistant message to learn from")
-        except (json.JSONDecodeError, ChatFormatError) as exc:
+        except ChatFormatError as exc:
             raise DataError(f"{path}:{n}: {exc}") from None
         conversations.append(messages)
     if len(conversations) < 2:

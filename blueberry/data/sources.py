@@ -139,18 +139,23 @@ def iter_local(path: Path, text_field: str) -> Iterator[Document]:
         yield from _iter_file(file, text_field)
 
 
+def jsonl_records(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed object) for each non-blank line; a malformed line is a DataError naming it."""
+    for lineno, line in enumerate(read_text_file(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg}); fix or remove that line") from None
+
+
 def _iter_file(path: Path, text_field: str) -> Iterator[Document]:
     suffix = path.suffix.lower()
     if suffix == ".txt":
         yield Document(str(path), read_text_file(path))
     elif suffix == ".jsonl":
-        for lineno, line in enumerate(read_text_file(path).splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg}); fix or remove that line") from None
+        for lineno, record in jsonl_records(path):
             if not isinstance(record, dict) or text_field not in record:
                 raise DataError(f"{path}:{lineno}: no {text_field!r} field; "
                                 "name the field holding the text with --text-field")

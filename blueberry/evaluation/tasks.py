@@ -14,10 +14,10 @@ from the validation split only; a task may also be given by path.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data.sources import jsonl_records
 from ..errors import UsageError
 from .scoring import score
 
@@ -43,14 +43,8 @@ def load_task(spec: str) -> Task:
     if not path.is_file():
         raise UsageError(f"--tasks {spec}: neither a built-in task ({', '.join(builtin_tasks())}) nor a file")
     items, fewshot = [], []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-        if "fewshot" in item and "context" not in item:
+    for n, item in jsonl_records(path):
+        if isinstance(item, dict) and "fewshot" in item and "context" not in item:
             fewshot = item["fewshot"]
             continue
         _check_item(item, f"{path}:{n}")

@@ -282,6 +282,8 @@ def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokeni
     log(f"Training {config.model_type} model: {core.parameter_report()['total']:,} params, "
         f"precision {precision.name}, fp8 {'on' if config.use_fp8 else 'off'}, {ctx.world_size} process(es), "
         f"{config.tokens_per_step * ctx.world_size:,} tokens per optimizer step")
+    if config.init_from and resume_state is None:
+        run.evaluate(loop)  # step 0: where the pretrained weights start, the "before" of a fine-tune
     bar = _progress_bar(config, loop.step) if progress and ctx.is_main else None
     tok_rate = None
     model.train()
