@@ -1,14 +1,30 @@
-"""Blueberry: hardware-adaptive training of small dense and Mixture-of-Experts language models.
+"""Blueberry: hardware-adaptive training of small language models, and the tools to use what you trained.
 
-Sub-packages, one job each:
-  system/      detects the hardware and describes it as capabilities
-  ops/         numerical kernels chosen from those capabilities (FP8, bf16, fp32 matmuls)
-  configs/     the run configuration, its presets and its validation
-  data/        corpora, tokenizer, cache, datasets and resumable batch loaders
-  models/      plain PyTorch dense and MoE transformers, generation, export
+Sub-packages, one job each, each importing only from those above it:
+  system/      detects the hardware once and describes it as capabilities
+  ops/         numerical kernels chosen from those capabilities (fused cross-entropy, grouped matmuls, FP8)
+  configs/     the run configuration: one dataclass per concern, presets, files, validation
+  data/        corpora, tokenizers, cache, datasets, chat data and resumable batch loaders
+  models/      plain PyTorch dense and MoE transformers and sampling
+  export/      Hugging Face conversion, both directions
   optimizers/  Muon, Lion, the hybrid set-up and learning-rate schedules
-  training/    the training loop, evaluation, checkpoints, metrics and plots
+  training/    the training loop, evaluation, checkpoints, FP8 and distributed transforms, metrics
+  inference/   the generation engine, quantization, speculative decoding, the server and the chat
+  evaluation/  task scoring, generation metrics, the lm-eval backend and run comparison
   cli/         the command line (`python train.py`, `python -m blueberry`)
 """
 
-__version__ = "0.1.0"
+import logging
+
+
+class _QuietOptionalKernels(logging.Filter):
+    """torchao (FP8, int4) warns at import that its CUDA-only kernel libraries cannot load on a machine
+    without them; that is expected here and says nothing about what Blueberry will do."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to load ")
+
+
+logging.getLogger("torchao").addFilter(_QuietOptionalKernels())
+
+__version__ = "0.2.0"
