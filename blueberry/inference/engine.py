@@ -1,9 +1,10 @@
 """The generation engine shared by `generate`, `chat`, the server and evaluation.
 
 A fixed number of slots, each a row of a static (pre-allocated) KV cache. A request is prefilled alone
-into a free slot (its prompt in one forward); then every `step()` decodes one token for all slots at
-once — the same fixed-shape call whatever the slots hold, so it can be compiled (`torch.compile`, as
-gpt-fast does) and a row's result does not depend on the others. Requests join at the next step and
+into the first free slot (its prompt in one forward); then every `step()` decodes one token for the
+slots at once — compiled (`torch.compile`, as gpt-fast does), always all of them, one fixed-shape call
+whatever they hold; eager, the slots up to the last busy one. A row's result does not depend on the
+others. Requests join at the next step and
 leave when they finish (continuous batching). Each request samples with its own temperature, top-k,
 top-p and seeded generator, and stops at end-of-text, at a stop string or after max_new_tokens.
 
@@ -79,6 +80,7 @@ class Engine:
         self._ids = itertools.count(1)
         self.finished_counts: Counter = Counter()  # requests by finish reason
         self._lock = threading.Lock()
+        self.compiled = compile
         self._decode = self._compiled(self._decode_logits) if compile else self._decode_logits
 
     # ---- requests ----
@@ -114,8 +116,9 @@ class Engine:
         active = [i for i, s in enumerate(self.slots) if s is not None]
         if not active:
             return finished
-        last = [0] * len(self.slots)
-        where = [0] * len(self.slots)
+        # compiled: always every slot (one fixed shape); eager: the slots up to the last busy one
+        rows = len(self.slots) if self.compiled else active[-1] + 1
+        last, where = [0] * rows, [0] * rows
         for i in active:
             seq = self.slots[i]
             last[i], where[i] = seq.output_ids[-1], len(seq.prompt_ids) + len(seq.output_ids) - 1
@@ -166,7 +169,9 @@ class Engine:
         return self.model(ids, kv_caches=caches, positions=positions, last_only=True).logits[:, -1]
 
     def _decode_logits(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(tokens, kv_caches=self.caches, positions=positions).logits[:, -1]
+        rows = tokens.shape[0]
+        caches = self.caches if rows == len(self.slots) else [c.rows(0, rows) for c in self.caches]
+        return self.model(tokens, kv_caches=caches, positions=positions).logits[:, -1]
 
     def _compiled(self, fn):
         # each engine compiles its own model: allow more than dynamo's default few graphs per function
