@@ -17,14 +17,17 @@ Sub-packages, one job each, each importing only from those above it:
 import logging
 
 
-class _QuietOptionalKernels(logging.Filter):
-    """torchao (FP8, int4) warns at import that its CUDA-only kernel libraries cannot load on a machine
-    without them; that is expected here and says nothing about what Blueberry will do."""
+class _QuietTorchaoImport(logging.Filter):
+    """torchao (FP8, int4; transformers imports it when installed) warns at import that its CUDA-only
+    kernel libraries cannot load on a machine without them, and torch that torchao registers enums the
+    old way; both are expected here and say nothing about what Blueberry will do."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Failed to load ")
+        message = record.getMessage()
+        return not (message.startswith("Failed to load ") or "register_constant() on Enum" in message)
 
 
-logging.getLogger("torchao").addFilter(_QuietOptionalKernels())
+for _name in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_name).addFilter(_QuietTorchaoImport())
 
 __version__ = "0.2.0"

@@ -45,7 +45,8 @@ def chat_loop(model, tokenizer, params: SamplingParams, system: str | None = Non
             seq.cancelled = True
             engine.step()  # releases the slot
             write(" [stopped]")
-        write("\n")
+        if not seq.text.endswith("\n"):
+            write("\n")
         messages.append({"role": "assistant", "content": seq.text.strip()})
 
 
