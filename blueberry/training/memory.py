@@ -7,9 +7,10 @@
   activations  kept for backward, per micro-batch: layers x tokens x (16 x d_model + 3 x active FFN width)
                values (attention through SDPA keeps no seq x seq scores), plus one chunk of logits, at 2 bytes
                under bf16/fp16 autocast or 4 in fp32
-Under FSDP2 the first three are divided by the number of processes. The figures are estimates (within a
-few tens of percent of measured peaks for these models); the check refuses a run whose estimate exceeds
-the device's memory (GPU: its total; CPU: the memory the system reports available).
+Under FSDP2 the first three are divided by the number of processes. Weights, gradients and optimizer
+states are counted from the model (the optimizer part is checked against real AdamW and Muon states in
+tests/test_sft.py); the activation term is a rule of thumb, not a measurement. The check refuses a run
+whose estimate exceeds the device's memory (GPU: its total; CPU: what the system reports available).
 """
 
 from __future__ import annotations
