@@ -30,7 +30,7 @@ def free_port() -> int:
 def trained_run(corpus_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("served")
     flags = list(TINY_FLAGS)
-    flags[flags.index("--seq-len") + 1] = "128"
+    flags[flags.index("--seq-len") + 1] = "512"  # room for a generation long enough to hang up during
     r = run_cli("--dataset", corpus_dir, "--cache-dir", root / "cache", "--out-dir", root / "run", "--max-steps", "30",
                 "--eval-every", "30", "--no-compile", *flags)
     assert r.returncode == 0, r.stderr
@@ -99,7 +99,7 @@ def test_chat_streamed_and_not(client):
     ({"model": "nope", "prompt": "x"}, 404, "model_not_found"),
     ({"model": "tiny", "prompt": "x", "max_tokens": 0}, 400, "invalid_value"),
     ({"model": "tiny", "prompt": "x", "max_tokens": 100000}, 400, "context_length_exceeded"),
-    ({"model": "tiny", "prompt": "word " * 400, "max_tokens": 4}, 400, "context_length_exceeded"),
+    ({"model": "tiny", "prompt": "word " * 2000, "max_tokens": 4}, 400, "context_length_exceeded"),
     ({"model": "tiny", "prompt": "x", "temperature": "hot"}, 422, "invalid_value"),
     ({"model": "tiny"}, 422, "invalid_value"),
     ({"model": "tiny", "prompt": "x", "n": 3}, 400, "invalid_value"),
@@ -141,8 +141,9 @@ def test_sixteen_concurrent_streaming_clients(server, client):
 
 def test_a_client_that_disconnects_stops_its_generation(server):
     before = httpx.get(f"{server}/health").json()["finished"].get("cancelled", 0)
-    body = {"model": "tiny", "prompt": "the", "max_tokens": 120, "temperature": 1.0, "stream": True,
-            "stop": ["@@never@@"]}
+    # 500 tokens, end-of-text ignored: the generation cannot end by itself before the hang-up is noticed
+    body = {"model": "tiny", "prompt": "the", "max_tokens": 500, "temperature": 1.0, "stream": True,
+            "stop": ["@@never@@"], "ignore_eos": True}
     with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=30) as r:
         for line in r.iter_lines():
             if line.startswith("data: {"):

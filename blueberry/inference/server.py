@@ -1,7 +1,7 @@
 """An OpenAI-compatible HTTP server over the engine (FastAPI + uvicorn, started by `blueberry serve`).
 
   POST /v1/completions        {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop",
-                               "seed", "stream"}
+                               "seed", "stream", "ignore_eos" (vLLM's extension)}
   POST /v1/chat/completions   {"model", "messages": [{"role", "content"}], ...the same options}
   GET  /v1/models             the one model served
   GET  /health                {"status": "ok", ...}
@@ -54,6 +54,7 @@ class _Options(BaseModel):
     seed: Optional[StrictInt] = None
     stream: StrictBool = False
     n: StrictInt = 1
+    ignore_eos: StrictBool = False  # vLLM's extension: generate max_tokens whatever the end-of-text
 
 
 class CompletionRequest(_Options):
@@ -171,7 +172,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
             raise ApiError(400, str(exc), code="invalid_value") from None
         return SamplingParams(max_new_tokens=max_tokens, temperature=float(body.temperature),
                               top_k=body.top_k, top_p=float(body.top_p) if body.top_p < 1 else None,
-                              seed=body.seed, stop=tuple(stops) + tuple(extra_stop))
+                              seed=body.seed, stop=tuple(stops) + tuple(extra_stop), stop_at_eot=not body.ignore_eos)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
