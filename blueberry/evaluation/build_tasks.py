@@ -23,6 +23,8 @@ from .tasks import TASK_DIR
 ITEMS = 300
 VAL_FRACTION, SPLIT_SEED = 0.1, 0  # the defaults of DataConfig
 SPEAKER = re.compile(r"^([A-Z][A-Z' .-]{1,30})$")
+# editors' notes in the source text (the Python docs have a few): not prose a model should predict
+_MARKERS = re.compile(r"\b(TODO|FIXME|XXX)\b")
 
 
 def held_out(dataset: str) -> list[str]:
@@ -31,7 +33,7 @@ def held_out(dataset: str) -> list[str]:
 
 
 def next_line_items(texts: list[str], rng: random.Random, context_lines: int = 8) -> list[dict]:
-    lines_of = [[ln for ln in t.splitlines() if len(ln.strip()) > 12] for t in texts]
+    lines_of = [[ln for ln in t.splitlines() if len(ln.strip()) > 12 and not _MARKERS.search(ln)] for t in texts]
     pool = [ln for lines in lines_of for ln in lines]
     items = []
     while len(items) < ITEMS:

@@ -181,7 +181,7 @@ class _Run:
     """What the loop's periodic actions share: checkpointing, evaluation and resuming."""
 
     def __init__(self, model, optimizers, scheduler, precision, train_loader, val_loader, config, ctx,
-                 run_dir, tokenizer, token_bytes, sample_prompts, logger, peak):
+                 run_dir, tokenizer, token_bytes, sample_prompts, logger, peak, task_scorer=None):
         self.model, self.core = model, unwrap(model)
         self.optimizers, self.scheduler, self.precision = optimizers, scheduler, precision
         self.train_loader, self.val_loader = train_loader, val_loader
@@ -189,7 +189,7 @@ class _Run:
         self.tokenizer, self.token_bytes, self.sample_prompts = tokenizer, token_bytes, sample_prompts
         self.logger, self.peak = logger, peak
         self.sharded = is_sharded(model)
-        self.task_scorer = None
+        self.task_scorer = task_scorer
 
     def resume(self, state: dict, loop: LoopState, log) -> None:
         check_optimizer_layout(self.optimizers, state["optimizers"])
@@ -273,8 +273,7 @@ def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokeni
     flops_per_token = core.flops_per_token(config.max_seq_len)
     peak = caps.job_peak_flops(ctx.world_size, ctx.local_world_size)
     run = _Run(model, optimizers, scheduler, precision, train_loader, val_loader, config, ctx, run_dir,
-               tokenizer, token_bytes, sample_prompts, logger, peak)
-    run.task_scorer = task_scorer
+               tokenizer, token_bytes, sample_prompts, logger, peak, task_scorer)
     loop = LoopState()
     if resume_state is not None:
         run.resume(resume_state, loop, log)
