@@ -1,5 +1,6 @@
 """torchrun with 2 CPU processes (gloo): DDP equals one process with the same global batch, FSDP2 within
-tolerance, distributed Muon equals single-process Muon, and a 2-process resume continues exactly."""
+tolerance (for the dense and MoE transformers and for each of Mamba-2, retention and Mixture-of-Depths),
+distributed Muon equals single-process Muon, and a 2-process resume continues exactly."""
 
 import os
 import signal
@@ -79,6 +80,21 @@ def test_fsdp2_matches_single_process(corpus_dir, tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-4, (a, b)  # fp32 reductions in another order
+
+
+@pytest.mark.parametrize("layers,parallel", [("mamba:mlp", "fsdp"), ("retention:mlp", "ddp"),
+                                             ("attn:mlp,mod(attn:mlp)", "ddp")])
+def test_each_new_mixer_under_torchrun_matches_one_process(corpus_dir, tmp_path, layers, parallel):
+    mixer = ["--layers", layers, "--ssm-head-dim", "16", "--ssm-state", "8", "--scan-chunk", "16",
+             "--mod-capacity", "0.5", "--max-steps", "6"]
+    one = single(*common(corpus_dir, tmp_path, 8), *mixer, "--out-dir", tmp_path / "one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun("train.py", *common(corpus_dir, tmp_path, 4), *mixer, "--out-dir", tmp_path / "two",
+                   "--parallel", parallel)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(a) == len(b) == 6
+    assert max(abs(x - y) for x, y in zip(a, b)) <= (1e-4 if parallel == "fsdp" else 1e-5), (a, b)
 
 
 def test_distributed_muon_equals_single_process():

@@ -147,7 +147,8 @@ def _hardware_defaults(caps: Capabilities, cfg: AdaptiveMoEModelConfig) -> dict:
     return dict(
         **size,
         n_kv_heads=cfg.n_heads or size["n_heads"],
-        d_ff=(8 * d_model // 3 + 63) // 64 * 64 if cfg.model_type == "standard" else 2 * d_model,
+        # a dense MLP gets the usual 8/3 d_model; an expert (or an MLP beside experts) 2 d_model
+        d_ff=2 * d_model if _has_experts(cfg) else (8 * d_model // 3 + 63) // 64 * 64,
         vocab_size=8192,
         eval_every=max(1, min(250, max_steps // 4)),
         checkpoint_every=max(1, min(1000, max_steps // 2)),
@@ -156,3 +157,9 @@ def _hardware_defaults(caps: Capabilities, cfg: AdaptiveMoEModelConfig) -> dict:
         # compiling costs tens of seconds once and saves a share of every step: worth it on longer runs
         compile=max_steps >= 150,
     )
+
+
+def _has_experts(cfg: AdaptiveMoEModelConfig) -> bool:
+    if cfg.layers is None:
+        return cfg.model_type == "moe"
+    return ":moe" in cfg.layers.replace(" ", "")

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from .fields import MLP_TYPES, MODEL_TYPES, check_choices, check_positive, check_range, setting
+from .layer_pattern import DEFAULT_PATTERNS, STATEFUL_MIXERS, LayerSpec, describe, parse_layers
 
 
 @dataclass
@@ -39,10 +40,36 @@ class ModelConfig:
     router_z_loss_weight: float = setting(0.001, "weight of the router z-loss mean(logsumexp^2)")
     router_noise: float = setting(0.0, "std of Gaussian noise added to router logits in training")
     shared_expert: bool = setting(False, "add a sigmoid-gated shared expert every token passes (Qwen2-MoE)")
+    # ---- the stack: mixers and feed-forwards per block ----
+    layers: str | None = setting(None, "layer pattern, e.g. 'mamba:mlp*3,attn:mlp' or 'attn:mlp,mod(attn:mlp)' "
+                                       "(mixers attn|mamba|retention, feed-forwards mlp|moe|none, tiled to "
+                                       "n_layers; default: attn:moe for --model-type moe, attn:mlp for standard)")
+    ssm_state: int = setting(64, "Mamba-2: state size N per head")
+    ssm_head_dim: int = setting(64, "Mamba-2: channels per head P")
+    ssm_expand: int = setting(2, "Mamba-2: inner width as a multiple of d_model")
+    ssm_conv: int = setting(4, "Mamba-2: causal depthwise convolution width")
+    scan_chunk: int = setting(64, "Mamba-2 and retention: chunk length of the chunked parallel scan")
+    mod_capacity: float = setting(0.125, "Mixture-of-Depths: fraction of tokens a routed block processes")
+    mod_aux_weight: float = setting(0.01, "Mixture-of-Depths: weight of the causal predictor's loss")
 
     @property
     def attention_head_dim(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def layer_pattern(self) -> list[LayerSpec]:
+        """The LayerSpec of every block (from --layers, else from model_type)."""
+        return parse_layers(self.layers or DEFAULT_PATTERNS[self.model_type], self.n_layers)
+
+    @property
+    def architecture(self) -> str:
+        """standard, moe, mamba, retention, mod or hybrid: a short name for logs and run names."""
+        return self.model_type if self.layers is None else describe(self.layer_pattern)
+
+    @property
+    def stateful(self) -> bool:
+        """Some block keeps a recurrent state (no KV cache to roll back)."""
+        return any(s.mixer in STATEFUL_MIXERS for s in self.layer_pattern)
 
     @property
     def expert_d_ff(self) -> int:
@@ -69,4 +96,14 @@ class ModelConfig:
         check_range(self, "load_balancing_weight", 0.0, 100.0)
         check_range(self, "router_z_loss_weight", 0.0, 100.0)
         check_range(self, "router_noise", 0.0, 10.0)
+        check_positive(self, "ssm_state", "ssm_head_dim", "ssm_expand", "ssm_conv", "scan_chunk")
+        check_range(self, "mod_capacity", 0.0, 1.0, lo_open=True)
+        check_range(self, "mod_aux_weight", 0.0, 100.0)
+        try:
+            pattern = self.layer_pattern
+        except ValueError as e:
+            raise ConfigError("layers", str(e)) from None
+        if any(s.mixer == "mamba" for s in pattern) and (self.ssm_expand * self.d_model) % self.ssm_head_dim:
+            raise ConfigError("ssm_head_dim", f"must divide the Mamba-2 inner width ssm_expand * d_model = "
+                              f"{self.ssm_expand * self.d_model}, got {self.ssm_head_dim}")
         return self

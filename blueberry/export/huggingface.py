@@ -25,13 +25,26 @@ class ExportError(UsageError):
     pass
 
 
+def _stack_kind(config) -> str:
+    """standard or moe: the two stacks transformers can represent exactly (ExportError for the others)."""
+    model = getattr(config, "model", config)  # a run's config or its ModelConfig
+    blocks = {str(s) for s in model.layer_pattern}
+    if blocks == {"attn:mlp"}:
+        return "standard"
+    if blocks == {"attn:moe"}:
+        return "moe"
+    raise ExportError(f"the layer pattern {config.layers!r} has no Hugging Face transformers equivalent: export "
+                      "supports attention blocks with an MLP (or an MoE) in every layer")
+
+
 def hf_architecture(config) -> str:
+    kind = _stack_kind(config)
     if config.mlp_type != "swiglu":
         raise ExportError(f"mlp_type={config.mlp_type!r} (Linear-SiLU-Linear) has no exact Hugging Face "
                           "equivalent; only SwiGLU models can be exported")
-    if config.qkv_bias and not (config.model_type == "moe" and config.shared_expert and not config.qk_norm):
+    if config.qkv_bias and not (kind == "moe" and config.shared_expert and not config.qk_norm):
         raise ExportError("query/key/value biases are carried by Qwen2-MoE (an MoE with a shared expert) only")
-    if config.model_type == "standard":
+    if kind == "standard":
         return "Qwen3ForCausalLM" if config.qk_norm else "LlamaForCausalLM"
     if config.shared_expert and config.qk_norm:
         raise ExportError("an MoE with both a shared expert and QK-norm has no exact Hugging Face equivalent")

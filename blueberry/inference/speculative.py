@@ -76,6 +76,10 @@ def accept_or_correct(p: torch.Tensor, q: torch.Tensor, proposals: list[int], ge
 @torch.no_grad()
 def speculative_generate(target, draft, prompt_ids: list[int], params: SamplingParams, eot_id: int,
                          k: int = 4) -> SpeculativeResult:
+    for role, model in (("target", target), ("draft", draft)):
+        if model.config.stateful:
+            raise UsageError(f"the {role} has Mamba-2 or retention layers: their recurrent state cannot roll back "
+                             "the draft tokens the target rejects; speculative decoding needs attention-only models")
     device = next(target.parameters()).device
     context = min(target.config.max_seq_len, draft.config.max_seq_len)
     if len(prompt_ids) + params.max_new_tokens + k > context:

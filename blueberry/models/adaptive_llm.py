@@ -1,7 +1,10 @@
-"""Complete language models: the MoE model of the seed and a dense transformer, plus `create_model`.
+"""Complete language models: one stack of blocks described by the config's layer pattern (the MoE
+model of the seed, a dense transformer, Mamba-2, retention, Mixture-of-Depths and hybrids), plus
+`create_model`.
 
-Init: every matrix N(0, init_std); the projections that write into the residual stream (attention
-output, MLP down, expert down) are scaled by 1/sqrt(2 * n_layers); norms start at one.
+Init: every matrix N(0, init_std); the projections that write into the residual stream (attention and
+retention output, Mamba-2 out_proj, MLP down, expert down) are scaled by 1/sqrt(2 * n_layers); norms
+start at one; the state-space parameters (conv, A, dt, D) keep their mixer's own init.
 """
 
 from __future__ import annotations
@@ -14,10 +17,10 @@ import torch
 import torch.nn as nn
 
 from ..ops.cross_entropy import linear_cross_entropy
-from .attention import KVCache
-from .block import TransformerBlock
+from .block import Block
 from .generation import sample_next
 from .layers import RMSNorm
+from .mod import MixtureOfDepths, MoDAux
 from .moe import MixtureOfExperts
 
 
@@ -42,14 +45,24 @@ def _moe_stats(auxes) -> torch.Tensor:
                         torch.stack([a.load_balancing_loss for a in auxes]).float().mean()]).float()
 
 
-class TransformerLM(nn.Module):
-    """Decoder-only transformer; `use_moe` puts a Mixture of Experts in every block's feed-forward."""
+def build_block(config, spec) -> nn.Module:
+    block = Block(config, spec)
+    return MixtureOfDepths(block, config.d_model, config.mod_capacity, config.mod_aux_weight) if spec.mod else block
 
-    def __init__(self, config, use_moe: bool):
+
+class TransformerLM(nn.Module):
+    """Decoder-only language model: embedding, the blocks of `config.layer_pattern`, norm, output head."""
+
+    default_model_type: str | None = None  # the subclasses' kind of stack when the config has no --layers
+
+    def __init__(self, config):
         super().__init__()
+        config = getattr(config, "model", config)  # a run's config or its ModelConfig: keep the ModelConfig
+        if config.layers is None and self.default_model_type not in (None, config.model_type):
+            config = dataclasses.replace(config, model_type=self.default_model_type)
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.blocks = nn.ModuleList([TransformerBlock(config, use_moe) for _ in range(config.n_layers)])
+        self.blocks = nn.ModuleList([build_block(config, spec) for spec in config.layer_pattern])
         self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -62,21 +75,24 @@ class TransformerLM(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(".bias"):
                 nn.init.zeros_(p)
-            if p.dim() < 2:
+            if p.dim() < 2 or ".conv." in name:
                 continue
-            is_output = name.endswith(("o_proj.weight", "down.weight", "w_down"))
+            is_output = name.endswith(("o_proj.weight", "down.weight", "w_down", "out_proj.weight"))
             nn.init.normal_(p, mean=0.0, std=out_std if is_output else std)
         for m in self.modules():
             if isinstance(m, nn.RMSNorm):
                 nn.init.ones_(m.weight)
+            if hasattr(m, "reset_special_parameters"):
+                m.reset_special_parameters()
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None, kv_caches: list[KVCache] | None = None,
+                doc_ids: torch.Tensor | None = None, kv_caches: list | None = None,
                 positions: torch.Tensor | None = None, return_logits: bool = False,
                 last_only: bool = False) -> LMOutput:
         """Logits (batch, seq, vocab) without `targets`; with them the loss, from the fused chunked
         cross-entropy (the full logits are not formed unless `return_logits`). Generation passes
-        `kv_caches` and the tokens' `positions` (batch, seq); `last_only` keeps the last position's logits."""
+        `kv_caches` (one per block, from `new_kv_caches`) and the tokens' `positions` (batch, seq);
+        `last_only` keeps the last position's logits."""
         x = self.embed(idx)
         aux_total = x.new_zeros((), dtype=torch.float32)
         auxes = []
@@ -85,7 +101,9 @@ class TransformerLM(nn.Module):
             x, aux = block(x, doc_ids=doc_ids, kv_cache=cache, positions=positions)
             if aux is not None:
                 aux_total = aux_total + aux.loss
-                auxes.append(aux)
+                moe_aux = aux.moe if isinstance(aux, MoDAux) else aux
+                if moe_aux is not None:
+                    auxes.append(moe_aux)
         h = self.norm(x)
         want_logits = targets is None or return_logits
         out = LMOutput(logits=self.lm_head(h[:, -1:] if last_only else h) if want_logits else None,
@@ -101,25 +119,40 @@ class TransformerLM(nn.Module):
     def parameter_report(self) -> dict:
         """Total, embedding and active-per-token parameter counts (tied weights counted once)."""
         total = sum(p.numel() for p in self.parameters())
-        inactive = 0
+        inactive = 0.0
         for block in self.blocks:
+            skipped = 1.0
+            if isinstance(block, MixtureOfDepths):  # a token passes the block with probability `capacity`
+                skipped = block.capacity
+                inactive += (1 - block.capacity) * sum(p.numel() for p in block.block.parameters())
             if isinstance(block.ffn, MixtureOfExperts):
                 moe = block.ffn
-                inactive += (moe.num_experts - moe.top_k) * moe.expert_parameters_per_expert()
-        return {"total": total, "active_per_token": total - inactive, "embedding": self.embed.weight.numel()}
+                inactive += skipped * (moe.num_experts - moe.top_k) * moe.expert_parameters_per_expert()
+        return {"total": total, "active_per_token": round(total - inactive), "embedding": self.embed.weight.numel()}
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6 * active non-embedding params + 12 * layers * d_model * seq (attention)."""
+        """Training FLOPs per token: 6 * active non-embedding params, plus the token mixing that parameters do
+        not count: 12 * d * seq per attention or (parallel) retention layer, the chunked scan per Mamba-2 layer."""
         rep = self.parameter_report()
         matmul_params = rep["active_per_token"] - (0 if self.config.tie_embeddings else rep["embedding"])
-        return 6 * matmul_params + 12 * self.config.n_layers * self.config.d_model * seq_len
+        mixing = 0.0
+        for block in self.blocks:
+            share = block.capacity ** 2 if isinstance(block, MixtureOfDepths) else 1.0
+            inner = block.block if isinstance(block, MixtureOfDepths) else block
+            if inner.mixer_name == "mamba":
+                m = inner.mixer
+                mixing += 6 * m.heads * (m.chunk * (m.d_state + m.head_dim) + 2 * m.head_dim * m.d_state)
+            else:
+                mixing += share * 12 * self.config.d_model * seq_len
+        return 6 * matmul_params + mixing
 
     # ---- generation ----
-    def new_kv_caches(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> list[KVCache]:
-        cfg = self.config
+    def new_kv_caches(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> list:
+        """One generation cache per block: a static KV cache for attention, a fixed-size state for Mamba-2 and
+        retention (those cannot roll back: see `config.stateful`)."""
         p = self.embed.weight
-        return [KVCache(batch, cfg.n_kv_heads, max_len or cfg.max_seq_len, cfg.attention_head_dim, p.device, dtype or p.dtype)
-                for _ in self.blocks]
+        return [block.new_cache(batch, max_len or self.config.max_seq_len, p.device, dtype or p.dtype)
+                for block in self.blocks]
 
     def fuse_projections(self) -> "TransformerLM":
         """Inference only: each attention's q/k/v, and each gated MLP's gate/up, multiplied as one matrix."""
@@ -159,17 +192,15 @@ class TransformerLM(nn.Module):
 
 
 class AdaptiveMoEMinimalLLM(TransformerLM):
-    """The seed's Mixture-of-Experts language model."""
+    """The seed's Mixture-of-Experts language model (attention + MoE in every block, unless --layers)."""
 
-    def __init__(self, config):
-        super().__init__(config, use_moe=True)
+    default_model_type = "moe"
 
 
 class StandardTransformerLLM(TransformerLM):
-    """Dense transformer with the same attention, norms and embeddings."""
+    """Dense transformer with the same attention, norms and embeddings (unless --layers)."""
 
-    def __init__(self, config):
-        super().__init__(config, use_moe=False)
+    default_model_type = "standard"
 
 
 MODEL_CLASSES = {"moe": AdaptiveMoEMinimalLLM, "standard": StandardTransformerLLM}

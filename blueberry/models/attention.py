@@ -19,9 +19,12 @@ class KVCache:
     its own row; whatever a row holds beyond that is never read."""
 
     def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, device, dtype,
-                 k: torch.Tensor | None = None, v: torch.Tensor | None = None):
+                 k: torch.Tensor | None = None, v: torch.Tensor | None = None, valid: torch.Tensor | None = None):
         self.k = k if k is not None else torch.zeros(batch, kv_heads, max_len, head_dim, device=device, dtype=dtype)
         self.v = v if v is not None else torch.zeros_like(self.k)
+        # which written positions may be attended to (Mixture-of-Depths writes the tokens it skips as invalid)
+        self.valid = valid if valid is not None else torch.ones(self.k.shape[0], self.k.shape[2], dtype=torch.bool,
+                                                                 device=self.k.device)
         self.key_positions = torch.arange(self.k.shape[2], device=self.k.device)
 
     @property
@@ -30,17 +33,22 @@ class KVCache:
 
     def rows(self, start: int, end: int) -> "KVCache":
         """A view of rows start..end-1 (writes go to this cache's storage)."""
-        return KVCache(0, 0, 0, 0, None, None, k=self.k[start:end], v=self.v[start:end])
+        return KVCache(0, 0, 0, 0, None, None, k=self.k[start:end], v=self.v[start:end],
+                       valid=self.valid[start:end])
 
-    def write(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v (batch, kv_heads, seq, head_dim) stored at `positions` (batch, seq)."""
+    def write(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              keep: torch.Tensor | None = None) -> None:
+        """k, v (batch, kv_heads, seq, head_dim) stored at `positions` (batch, seq); `keep` (batch, seq) marks
+        the keys later queries may see (default: all)."""
         rows = torch.arange(k.shape[0], device=k.device)[:, None]
         self.k[rows, :, positions] = k.transpose(1, 2).to(self.k.dtype)
         self.v[rows, :, positions] = v.transpose(1, 2).to(self.v.dtype)
+        self.valid[rows, positions] = True if keep is None else keep
 
     def mask(self, positions: torch.Tensor) -> torch.Tensor:
-        """(batch, 1, seq, max_len): query at position p sees keys at positions <= p."""
-        return self.key_positions[None, None, None, :] <= positions[:, None, :, None]
+        """(batch, 1, seq, max_len): query at position p sees the valid keys at positions <= p, and its own."""
+        key, query = self.key_positions[None, None, None, :], positions[:, None, :, None]
+        return ((key <= query) & self.valid[:, None, None, :]) | (key == query)
 
 
 def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -49,6 +57,17 @@ def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(seq, seq, dtype=torch.bool, device=doc_ids.device).tril()
     same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
     return (same_doc & causal)[:, None]
+
+
+def training_mask(seq: int, device, doc_ids: torch.Tensor | None, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """(batch or 1, 1, seq, seq): causal, within documents if `doc_ids`, only to keys where `key_mask`
+    (batch, seq) is set — and always to the query's own position (a row is never empty)."""
+    mask = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()[None, None]
+    if doc_ids is not None:
+        mask = mask & document_causal_mask(doc_ids)
+    if key_mask is not None:
+        mask = mask & key_mask[:, None, None, :]
+    return mask | torch.eye(seq, dtype=torch.bool, device=device)[None, None]
 
 
 class MultiHeadAttention(nn.Module):
@@ -88,11 +107,15 @@ class MultiHeadAttention(nn.Module):
         self.qkv_weight = fused
         self.qkv_bias = torch.cat([p.bias.detach() for p in projections]) if self.q_proj.bias is not None else None
 
+    def new_cache(self, batch: int, max_len: int, device, dtype) -> KVCache:
+        return KVCache(batch, self.n_kv_heads, max_len, self.head_dim, device, dtype)
+
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Training: causal (or document-causal) attention over x. With `kv_cache`: the tokens of x sit at
-        `positions` (batch, seq); their keys/values are stored there and each query attends to the
-        cached keys up to its own position."""
+                positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Training: causal (or document-causal) attention over x, whose tokens sit at `positions` (batch, seq;
+        default 0..seq-1). With `kv_cache`: their keys/values are stored at `positions` and each query
+        attends to the cached keys up to its own position. `key_mask` (batch, seq): the tokens other
+        queries may attend to (Mixture-of-Depths: the tokens its block processes)."""
         batch, seq, _ = x.shape
         if self.qkv_weight is not None:  # one matmul for the three projections (see fuse_projections)
             q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(self.qkv_sizes, dim=-1)
@@ -103,16 +126,14 @@ class MultiHeadAttention(nn.Module):
         v = v.reshape(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(q, k, positions=positions)
         mask, causal = None, True
         if kv_cache is not None:
-            q, k = self.rotary(q, k, positions=positions)
-            kv_cache.write(positions, k, v)
+            kv_cache.write(positions, k, v, key_mask)
             k, v = kv_cache.k, kv_cache.v
             mask, causal = kv_cache.mask(positions), False
-        else:
-            q, k = self.rotary(q, k)
-            if doc_ids is not None:
-                mask, causal = document_causal_mask(doc_ids), False
+        elif doc_ids is not None or key_mask is not None:
+            mask, causal = training_mask(seq, x.device, doc_ids, key_mask), False
         y = F.scaled_dot_product_attention(
             q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=causal,
             dropout_p=self.dropout if self.training else 0.0,

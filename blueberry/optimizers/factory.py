@@ -1,7 +1,9 @@
 """`setup_optimizers(model, config)`: which parameters each optimizer owns, with which settings.
 
---optimizer muon (the hybrid): Muon for the hidden matrices (attention, MLP, stacked experts);
-  AdamW for embeddings, output head, norms, biases and the router, at `adamw_lr`.
+--optimizer muon (the hybrid): Muon for the hidden matrices (attention, retention and Mamba-2
+  projections, MLP, stacked experts); AdamW at `adamw_lr` for embeddings, output head, norms, biases,
+  the MoE and Mixture-of-Depths routers and predictor, and Mamba-2's convolution and A/dt/D (not
+  matrices one would orthogonalise: a depthwise filter and per-head scalars).
 --optimizer adamw | lion | adafactor: that optimizer for everything at `lr`.
 Weight decay applies to matrices only; norms, biases and embeddings never decay.
 """
@@ -24,7 +26,8 @@ def _fused_ok(params) -> bool:
 
 
 def split_parameters(model: torch.nn.Module) -> dict[str, list[tuple[str, torch.nn.Parameter]]]:
-    """Named parameters by role: hidden (matrices inside blocks), embed, head, router, scalar (norms/biases)."""
+    """Named parameters by role: hidden (matrices inside blocks), embed, head, router, scalar (norms, biases,
+    convolution filters, state-space scalars)."""
     groups = {"hidden": [], "embed": [], "head": [], "router": [], "scalar": []}
     seen = set()
     for name, p in model.named_parameters():
@@ -35,9 +38,9 @@ def split_parameters(model: torch.nn.Module) -> dict[str, list[tuple[str, torch.
             groups["embed"].append((name, p))
         elif name.startswith("lm_head"):
             groups["head"].append((name, p))
-        elif "router" in name or "shared_gate" in name:
+        elif "router" in name or "shared_gate" in name or ".predictor." in name:
             groups["router"].append((name, p))
-        elif p.dim() >= 2:
+        elif p.dim() >= 2 and ".conv." not in name:
             groups["hidden"].append((name, p))
         else:
             groups["scalar"].append((name, p))

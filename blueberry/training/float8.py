@@ -3,8 +3,8 @@
 tensorwise scaling, e4m3 forward / e5m2 gradients; with FSDP2 the all-gathers run in float8, and it
 composes with torch.compile). The model code knows nothing of it.
 
-Left in bf16: the output head (the loss is sensitive to its precision), the router and the shared
-expert's gate (tiny), and linears whose dimensions are not multiples of 16 or too small to repay the
+Left in bf16: the output head (the loss is sensitive to its precision), the MoE and Mixture-of-Depths
+routers, the MoD predictor and the shared expert's gate (tiny), and linears whose dimensions are not multiples of 16 or too small to repay the
 casts (`ops.fp8.fp8_shapes_qualify`). torchao has no stable float8 path for grouped expert matmuls,
 so MoE experts stay bf16; `ops.fp8` (our own `torch._scaled_mm` linear) remains for the seed's
 `AdaptiveLinear(use_fp8=True)` and `ops.matmul`.
@@ -16,12 +16,12 @@ import torch.nn as nn
 
 from ..ops.fp8 import fp8_shapes_qualify
 
-_KEEP_HIGH_PRECISION = ("lm_head", "router", "shared_gate")
+_KEEP_HIGH_PRECISION = {"lm_head", "router", "shared_gate", "predictor"}
 
 
 def float8_eligible(module: nn.Module, fqn: str) -> bool:
     """Which linears run in FP8."""
-    if not isinstance(module, nn.Linear) or fqn.rsplit(".", 1)[-1] in _KEEP_HIGH_PRECISION:
+    if not isinstance(module, nn.Linear) or _KEEP_HIGH_PRECISION & set(fqn.split(".")):
         return False
     return fp8_shapes_qualify(module.in_features, module.out_features)
 

@@ -15,7 +15,8 @@ from .checkpoint import load_weights, read_state, resolve_checkpoint, run_dir_of
 
 MODEL_FIELDS = ("model_type", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "qkv_bias",
                 "d_ff", "mlp_type", "qk_norm", "tie_embeddings", "rope_theta", "norm_eps", "num_experts",
-                "expert_top_k", "moe_d_ff", "shared_expert")
+                "expert_top_k", "moe_d_ff", "shared_expert", "layers", "ssm_state", "ssm_head_dim", "ssm_expand",
+                "ssm_conv", "scan_chunk", "mod_capacity")
 
 
 def source_settings(source: str) -> dict:

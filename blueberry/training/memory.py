@@ -28,9 +28,13 @@ def estimate(model, config, world_size: int = 1) -> dict:
               "muon": matrices + 2 * (params - matrices)}.get(config.optimizer, 2 * params)
     shard = world_size if config.parallel == "fsdp" else 1
     tokens = config.batch_size * config.max_seq_len
-    ffn = config.expert_top_k * config.expert_d_ff if config.model_type == "moe" else config.d_ff
     per_value = 2 if config.use_amp else 4
-    activations = tokens * (config.n_layers * (16 * config.d_model + 3 * ffn) + 2 * config.d_model) * per_value
+    per_token = 2 * config.d_model
+    for spec in config.model.layer_pattern:  # what each block keeps for the backward pass, per token
+        ffn = {"moe": config.expert_top_k * config.expert_d_ff, "mlp": config.d_ff, "none": 0}[spec.ffn]
+        mixer = 16 * config.d_model if spec.mixer != "mamba" else 10 * config.ssm_expand * config.d_model
+        per_token += mixer + 3 * ffn
+    activations = tokens * per_token * per_value
     activations += min(tokens, 1 << 14) * config.vocab_size * 4  # one chunk of fp32 logits
     out = {"parameters": params, "weights": params * 4 / shard, "gradients": params * 4 / shard,
            "optimizer": states * 4 / shard, "activations": activations}

@@ -11,7 +11,7 @@ from ..errors import UsageError
 
 
 def default_run_dir(config) -> Path:
-    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.model_type}"
+    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.model.architecture}"
 
 
 def prepare_run_dir(run_dir: Path, resuming: bool) -> None:

@@ -278,7 +278,7 @@ def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokeni
     if resume_state is not None:
         run.resume(resume_state, loop, log)
 
-    log(f"Training {config.model_type} model: {core.parameter_report()['total']:,} params, "
+    log(f"Training {config.model.architecture} model: {core.parameter_report()['total']:,} params, "
         f"precision {precision.name}, fp8 {'on' if config.use_fp8 else 'off'}, {ctx.world_size} process(es), "
         f"{config.tokens_per_step * ctx.world_size:,} tokens per optimizer step")
     if config.init_from and resume_state is None:
