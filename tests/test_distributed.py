@@ -115,6 +115,22 @@ def test_two_process_resume_continues_exactly(corpus_dir, tmp_path, parallel, mo
     assert wrong.returncode == 1 and "same --nproc_per_node" in wrong.stderr
 
 
+def test_two_process_resume_on_a_sharded_store_continues_exactly(corpus_dir, tmp_path):
+    """Disjoint windows per rank from a store of several shards, read ahead by a thread; resume is exact."""
+    from helpers import run_cli
+
+    r = run_cli("prepare", corpus_dir, "--out", tmp_path / "store", "--vocab-size", "300", "--shard-tokens", "2000",
+                "--workers", "1", "--val-fraction", "0.3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    args = [*common(corpus_dir, tmp_path, 4), "--dataset", tmp_path / "store", "--max-steps", "10"]
+    full = torchrun("train.py", *args, "--out-dir", tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    ck = tmp_path / "full" / "checkpoints" / "step_000005"
+    resumed = torchrun("train.py", "--resume-from", ck, "--out-dir", tmp_path / "resumed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "full")[5:]
+
+
 def _rank_pid(torchrun_pid: int, rank: int, timeout: float = 120) -> int:
     """The pid of the worker of `rank` among torchrun's descendants (read from /proc)."""
     deadline = time.time() + timeout

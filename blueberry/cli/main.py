@@ -1,5 +1,5 @@
-"""Entry point: `train` (the default verb), `generate`, `chat`, `eval`, `compare`, `export`, `quantize`, `serve`,
-`lm-eval` (lm-evaluation-harness with the blueberry model registered), `info`.
+"""Entry point: `train` (the default verb), `prepare`, `generate`, `chat`, `eval`, `compare`, `export`, `quantize`,
+`serve`, `lm-eval` (lm-evaluation-harness with the blueberry model registered), `info`.
 
 Every expected failure is a `BlueberryError`: printed as one line, exit 2 for usage errors and 1 for
 run-time failures; `--debug` shows the traceback instead.
@@ -13,10 +13,11 @@ import warnings
 from ..errors import BlueberryError, ConfigError
 from .args import OneLineParser, add_train_flags, flag_for
 
-VERBS = ("train", "generate", "chat", "eval", "compare", "export", "import", "quantize", "serve", "lm-eval", "info")
+VERBS = ("train", "prepare", "generate", "chat", "eval", "compare", "export", "import", "quantize", "serve", "lm-eval", "info")
 
 
 def build_parser() -> OneLineParser:
+    from .prepare_cmd import add_parser as add_prepare_parser
     from .use_cmds import add_parsers
 
     parser = OneLineParser(prog="blueberry", description="Train, use, evaluate and export language models.")
@@ -26,6 +27,7 @@ def build_parser() -> OneLineParser:
         description="Train a model (the default verb). Other verbs: blueberry "
                     + "|".join(v for v in VERBS if v != "train") + " --help"))
     add_parsers(sub)
+    add_prepare_parser(sub)
     i = sub.add_parser("info", help="print the detected hardware capabilities")
     i.add_argument("--debug", action="store_true")
     return parser
@@ -79,6 +81,10 @@ def _dispatch(args) -> int:
         from .train_cmd import train_command
 
         return train_command(args)
+    if args.command == "prepare":
+        from .prepare_cmd import prepare_command
+
+        return prepare_command(args)
     if args.command == "info":
         from ..system import print_system_info
 

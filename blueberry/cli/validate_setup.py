@@ -51,7 +51,7 @@ def validate_setup(config) -> int:
     def data():
         tok, corpus, model, train_loader, _ = build_everything(config, log=lambda *a: None)
         context.update(model=model, loader=train_loader)
-        return f"{len(corpus.train):,} train / {len(corpus.val):,} val tokens, vocab {tok.vocab_size}"
+        return f"{corpus.n_train:,} train / {corpus.n_val:,} val tokens, vocab {tok.vocab_size}"
 
     def step():
         model = context["model"].to(resolve_device(config))

@@ -12,8 +12,10 @@ class DataConfig:
     task: str = setting("pretrain", "pretrain: next-token prediction on documents; sft: supervised fine-tuning on "
                                     "a .jsonl of conversations (loss on the assistant's tokens only)",
                         choices=("pretrain", "sft"))
-    dataset: str = setting("shakespeare", "shakespeare, python-docs, hf:NAME[:CONFIG], or a .txt/.jsonl/.parquet "
-                                          "file or directory")
+    dataset: str = setting("shakespeare", "shakespeare, python-docs, hf:NAME[:CONFIG], a .txt/.jsonl/.parquet file, "
+                                          "directory or glob, a token store made by blueberry prepare, or a "
+                                          "mixture 'SOURCE:WEIGHT,SOURCE:WEIGHT' (or a .yaml list of "
+                                          "{source, weight})")
     dataset_type: str = setting("packed", "how training windows are cut", choices=DATASET_TYPES)
     tokenizer: str | None = setting(None, "a tokenizer.json or a local AutoTokenizer directory (default: train a "
                                           "byte-level BPE on the training split)")
@@ -25,9 +27,17 @@ class DataConfig:
     stride: int | None = setting(None, "text_token windows: tokens between starts (default seq_len // 2)")
     document_mask: bool = setting(False, "no attention across document boundaries")
     cache_dir: str = setting("data_cache", "where tokenized corpora are cached")
+    token_store: bool | None = setting(None, "read the data through a sharded token store (default: for streams, "
+                                             "mixtures, prepared stores and local data over 256 MB)")
+    shard_tokens: int = setting(100_000_000, "token store: training tokens per shard")
+    prepare_workers: int = setting(0, "token store: tokenizer processes when preparing (0: one per core)")
+    prefetch: int = setting(4, "token store: batches a background thread reads ahead (0: none)")
 
     def validate(self) -> "DataConfig":
         check_positive(self, "stride", "num_documents", "max_tokens", optional=True)
+        check_positive(self, "shard_tokens")
+        check_range(self, "prepare_workers", 0, 1024)
+        check_range(self, "prefetch", 0, 1024)
         check_choices(self)
         check_range(self, "val_fraction", 0.0, 0.5, lo_open=True)
         return self

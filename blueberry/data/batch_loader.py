@@ -83,6 +83,10 @@ class BatchLoader:
 
 def create_dataloaders(config, corpus, rank: int = 0, world_size: int = 1) -> tuple[BatchLoader, BatchLoader]:
     """Training loader (dataset_type from the config) and validation loader (every val token once)."""
+    from .stores import StoreCorpus, create_store_loaders
+
+    if isinstance(corpus, StoreCorpus):
+        return create_store_loaders(config, corpus, rank=rank, world_size=world_size)
     train_ds, val_ds = _datasets(config, corpus)
     train = BatchLoader(train_ds, config.batch_size, shuffle=True, seed=config.seed, rank=rank,
                         world_size=world_size)

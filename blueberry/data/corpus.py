@@ -41,6 +41,14 @@ class TokenizedCorpus:
     meta: dict = field(default_factory=dict)
 
     @property
+    def n_train(self) -> int:
+        return len(self.train)
+
+    @property
+    def n_val(self) -> int:
+        return len(self.val)
+
+    @property
     def val_bytes(self) -> int:
         return int(self.token_bytes[np.asarray(self.val, dtype=np.int64)].sum())
 

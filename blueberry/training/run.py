@@ -13,6 +13,7 @@ import torch._dynamo
 
 from ..configs import save_config
 from ..data import create_dataloaders, load_and_cache_data
+from ..data.stores import uses_token_store
 from ..errors import CheckpointError, UsageError
 from ..models import create_model
 from ..system import set_cpu_threads
@@ -40,6 +41,8 @@ def build_everything(config, log=print, rank: int = 0, world_size: int = 1):
         from ..data.sft import load_sft_data
 
         tokenizer, corpus = load_sft_data(config, log=log)
+    elif uses_token_store(config):
+        tokenizer, corpus = _token_stores(config, log)
     else:
         _, tokenizer, corpus = load_and_cache_data(config, log=log)
     if tokenizer.vocab_size > config.vocab_size:
@@ -52,6 +55,13 @@ def build_everything(config, log=print, rank: int = 0, world_size: int = 1):
     train_loader, val_loader = create_dataloaders(config, corpus, rank=rank, world_size=world_size)
     model = create_model(config)
     return tokenizer, corpus, model, train_loader, val_loader
+
+
+def _token_stores(config, log):
+    """Prepare (or find: rank 0 runs first, see _build_on_every_rank) and open the token stores."""
+    from ..data.stores import open_stores, prepare_stores
+
+    return open_stores(prepare_stores(config, log=log), log=log)
 
 
 def sample_prompts(tokenizer, corpus, n: int = 2, tokens: int = 8) -> tuple[str, ...]:
@@ -116,11 +126,15 @@ def _train_in_group(config, ctx, resume_state, resume_checkpoint, log, task_scor
         say(f"Model: {rep['total']:,} parameters, {rep['active_per_token']:,} active per token")
     check_fits(model, config, device, ctx.world_size, log=say)
     wrapped = _wrap(model, config, ctx)
-    _, metrics = train_model(
-        wrapped, train_loader, val_loader, config, run_dir=run_dir, tokenizer=tokenizer,
-        token_bytes=corpus.token_bytes, resume_state=resume_state, ctx=ctx, log=say,
-        sample_prompts=sample_prompts(tokenizer, corpus),
-        task_scorer=task_scorer_factory(config, tokenizer) if task_scorer_factory else None)
+    try:
+        _, metrics = train_model(
+            wrapped, train_loader, val_loader, config, run_dir=run_dir, tokenizer=tokenizer,
+            token_bytes=corpus.token_bytes, resume_state=resume_state, ctx=ctx, log=say,
+            sample_prompts=sample_prompts(tokenizer, corpus),
+            task_scorer=task_scorer_factory(config, tokenizer) if task_scorer_factory else None)
+    finally:
+        if hasattr(train_loader, "stop"):
+            train_loader.stop()  # the read-ahead thread of a token-store loader
     del wrapped  # the DDP reducer must go before the process group (see distributed.teardown)
     if ctx.is_main:
         print_summary(metrics, run_dir, say)

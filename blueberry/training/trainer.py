@@ -110,11 +110,13 @@ def train_step(model, train_loader, optimizers, params, precision: Precision, co
     """One optimizer step's micro-batches, backward passes and update. Returns the step's record and
     `outcome`: "stepped", "overflow" (fp16 scale too high: nothing applied) or "nonfinite" (skipped)."""
     device = next(model.parameters()).device
-    loss_sum, lm_sum = 0.0, 0.0
+    loss_sum, lm_sum, data_time = 0.0, 0.0, 0.0
     for micro in range(config.grad_accum_steps):
+        t0 = time.perf_counter()
         batch = train_loader.next_batch()
         x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         doc_ids = batch[2].to(device) if len(batch) > 2 else None
+        data_time += time.perf_counter() - t0
         last = micro == config.grad_accum_steps - 1
         with no_sync(model, active=ctx.enabled and not last):
             with precision.autocast():
@@ -157,8 +159,10 @@ def train_step(model, train_loader, optimizers, params, precision: Precision, co
     lr = optimizers[0].param_groups[0]["lr"]
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
-    record = {"loss": loss_sum, "lm_loss": lm_sum, "lr": lr, "grad_norm": grad_norm}
+    record = {"loss": loss_sum, "lm_loss": lm_sum, "lr": lr, "grad_norm": grad_norm, "data_time": data_time}
     record.update(moe_stats)
+    for source, tokens in (getattr(train_loader, "tokens_by_source", None) or {}).items():
+        record[f"tokens/{source}"] = tokens  # a mixture: tokens served per source (this rank)
     return {"record": record, "outcome": outcome, "stop_signal": stop_signal}
 
 

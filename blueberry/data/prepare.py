@@ -1,0 +1,291 @@
+"""`blueberry prepare`: a document source of any size -> a sharded token store (token_store.py).
+
+    1. documents stream from the source (sources.py); with --shard-index i --num-shards n, a machine
+       takes every n-th file of a local source (every n-th document of a stream);
+    2. each document goes to train or val by a hash of its text and --split-seed: deterministic, no
+       global shuffle, stable as the corpus grows, and duplicates of a text land in the same split;
+    3. the tokenizer: --tokenizer, or a byte-level BPE trained on the first --bpe-sample-mb of training
+       documents (saved as STORE/tokenizer.json);
+    4. documents are tokenized in batches by --workers processes, at most 2 batches per worker in flight,
+       and appended in source order to the current shard's files: memory stays flat whatever the size;
+    5. a shard is sealed past --shard-tokens training tokens, and the manifest records how many source
+       documents are done. An interrupted prepare resumes after the last sealed shard; a finished one is
+       a cache hit decided from the manifest alone (file sizes and modification times; a file whose
+       time changed but whose content hash did not is still a hit).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError
+from .sources import is_local, iter_documents, local_files, source_identity
+from .token_store import ShardWriter, read_manifest, token_dtype, write_manifest
+from .tokenizer import Tokenizer, load_tokenizer, train_bpe
+
+BATCH_DOCUMENTS = 256
+
+
+@dataclass
+class PrepareSettings:
+    source: str
+    text_field: str = "text"
+    tokenizer: str | None = None  # a tokenizer.json or a transformers directory; None: train a BPE
+    vocab_size: int = 8192
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    num_documents: int | None = None
+    max_tokens: int | None = None
+    shard_tokens: int = 100_000_000
+    workers: int = 0  # 0: one per core
+    shard_index: int = 0
+    num_shards: int = 1
+    bpe_sample_mb: float = 64.0
+
+    def inputs(self) -> dict:
+        """What decides the store's content (not how fast it is made)."""
+        d = asdict(self)
+        for k in ("workers",):
+            d.pop(k)
+        d["source"] = source_identity(self.source)
+        return d
+
+
+def is_validation(text: str, val_fraction: float, seed: int) -> bool:
+    digest = hashlib.blake2b(text.encode("utf-8", errors="replace"), digest_size=8, key=str(seed).encode()).digest()
+    return int.from_bytes(digest, "big") < val_fraction * 2**64
+
+
+def file_records(files: list[Path], with_hash: bool) -> list[dict]:
+    out = []
+    for f in files:
+        st = f.stat()
+        rec = {"path": str(f.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        if with_hash:
+            rec["sha256"] = _file_sha256(f)
+        out.append(rec)
+    return out
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def same_files(recorded: list[dict], current: list[dict]) -> bool:
+    """Sizes and times say so in microseconds; a file whose time moved but whose size did not is hashed."""
+    if [r["path"] for r in recorded] != [c["path"] for c in current]:
+        return False
+    for r, c in zip(recorded, current):
+        if r["size"] != c["size"]:
+            return False
+        if r["mtime_ns"] != c["mtime_ns"] and r.get("sha256") != _file_sha256(Path(c["path"])):
+            return False
+    return True
+
+
+def my_files(settings: PrepareSettings) -> list[Path] | None:
+    """This machine's files of a local source (None for built-in corpora and streams)."""
+    if not is_local(settings.source):
+        return None
+    return local_files(settings.source)[settings.shard_index::settings.num_shards]
+
+
+def prepare(settings: PrepareSettings, store: Path, log=print) -> dict:
+    """Build (or resume, or find complete) the store of `settings`; returns its manifest."""
+    store = Path(store)
+    _check(settings)
+    files = my_files(settings)
+    current = file_records(files, with_hash=False) if files is not None else []
+    manifest = read_manifest(store)
+    if manifest is not None and manifest.get("inputs") == settings.inputs() and same_files(manifest["files"], current):
+        if manifest["complete"]:
+            log(f"Token store up to date: {store} ({_counts(manifest)})")
+            return manifest
+        log(f"Resuming {store} after {len(manifest['shards'])} complete shard(s), {manifest['documents']:,} documents")
+    else:
+        if manifest is not None:
+            log(f"{store} was made from other data or settings: rebuilding it")
+        _clear(store)
+        manifest = None
+    store.mkdir(parents=True, exist_ok=True)
+    _clear_partial(store)
+    tokenizer, tokenizer_spec = _tokenizer(settings, store, files, log)
+    if manifest is None:
+        manifest = {"format": 1, "source": settings.source, "inputs": settings.inputs(),
+                    "files": file_records(files, with_hash=True) if files is not None else [],
+                    "tokenizer": tokenizer.identity, "vocab_size": tokenizer.vocab_size,
+                    "dtype": np.dtype(token_dtype(tokenizer.vocab_size)).name,
+                    "split": {"val_fraction": settings.val_fraction, "split_seed": settings.split_seed},
+                    "part": {"index": settings.shard_index, "count": settings.num_shards},
+                    "shards": [], "documents": 0, "complete": False}
+        write_manifest(store, manifest)
+    return _fill(settings, store, manifest, tokenizer, tokenizer_spec, files, log)
+
+
+def _check(settings: PrepareSettings) -> None:
+    if not 0 <= settings.shard_index < settings.num_shards:
+        raise DataError(f"--shard-index {settings.shard_index} must be in 0..{settings.num_shards - 1}")
+    if not 0 < settings.val_fraction < 1:
+        raise DataError(f"--val-fraction must be in (0, 1), got {settings.val_fraction}")
+    if settings.shard_tokens < 1:
+        raise DataError(f"--shard-tokens must be positive, got {settings.shard_tokens}")
+
+
+def _clear(store: Path) -> None:
+    if store.exists():
+        for p in store.iterdir():
+            if p.name.startswith(("shard-", ".shard-", "manifest", ".manifest", "tokenizer.json")):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def _clear_partial(store: Path) -> None:
+    for p in store.glob(".shard-*"):  # a shard being written when the last prepare stopped
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _tokenizer(settings: PrepareSettings, store: Path, files, log) -> tuple[Tokenizer, str]:
+    if settings.tokenizer:
+        return load_tokenizer(settings.tokenizer), settings.tokenizer
+    path = store / "tokenizer.json"
+    if path.exists():
+        tok = load_tokenizer(str(path))
+        return tok, str(path)
+    budget, texts = settings.bpe_sample_mb * 1e6, []
+    for doc in iter_documents(settings.source, settings.text_field, files):
+        if not is_validation(doc.text, settings.val_fraction, settings.split_seed):
+            texts.append(doc.text)
+            budget -= len(doc.text)
+            if budget <= 0:
+                break
+    if not texts:
+        raise DataError(f"{settings.source}: no training documents to train a tokenizer on")
+    log(f"Training a byte-level BPE tokenizer (vocab {settings.vocab_size}) on {len(texts):,} training documents")
+    tok = train_bpe(texts, settings.vocab_size)
+    tmp = path.with_suffix(".tmp")
+    tok.save(tmp)
+    tmp.replace(path)
+    return load_tokenizer(str(path)), str(path)
+
+
+# ---- tokenizing in worker processes ----
+_WORKER_TOKENIZER = None
+
+
+def _init_worker(spec: str) -> None:
+    global _WORKER_TOKENIZER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: --workers says how many cores
+    _WORKER_TOKENIZER = load_tokenizer(spec)
+
+
+def _encode(texts: list[str]) -> list[np.ndarray]:
+    return [np.asarray(ids, dtype=np.int64) for ids in _WORKER_TOKENIZER.encode_batch(texts)]
+
+
+def _encoded_batches(batches, workers: int, tokenizer_spec: str):
+    """(texts' batch, their token arrays) in order; with workers > 1 in a process pool, at most two batches
+    per worker in flight (the source is never read further ahead than that)."""
+    if workers <= 1:
+        _init_worker(tokenizer_spec)
+        for batch in batches:
+            yield batch, _encode([t for _, t in batch])
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                             initargs=(tokenizer_spec,)) as pool:
+        pending = deque()
+        for batch in batches:
+            pending.append((batch, pool.submit(_encode, [t for _, t in batch])))
+            if len(pending) >= 2 * workers:
+                b, fut = pending.popleft()
+                yield b, fut.result()
+        while pending:
+            b, fut = pending.popleft()
+            yield b, fut.result()
+
+
+def _document_batches(settings: PrepareSettings, files, skip: int):
+    """Batches of (is_val, text) from document `skip` on (documents before it are in sealed shards)."""
+    batch, position = [], -1
+    docs = iter_documents(settings.source, settings.text_field, files)
+    for i, doc in enumerate(docs):
+        if files is None and i % settings.num_shards != settings.shard_index:
+            continue  # a stream: this machine's every n-th document (files: already this machine's share)
+        position += 1
+        if position < skip:
+            continue
+        batch.append((is_validation(doc.text, settings.val_fraction, settings.split_seed), doc.text))
+        if len(batch) == BATCH_DOCUMENTS:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _fill(settings, store, manifest, tokenizer, tokenizer_spec, files, log) -> dict:
+    workers = settings.workers or os.cpu_count() or 1
+    dtype = np.dtype(manifest["dtype"])
+    done = manifest["documents"]
+    total_tokens = sum(s["train"]["tokens"] + s["val"]["tokens"] for s in manifest["shards"])
+    writer, first = ShardWriter(store, len(manifest["shards"]), dtype), done
+    t0, eot = time.perf_counter(), np.asarray([tokenizer.eot_id], dtype=np.int64)
+    stop = False
+    try:
+        for batch, encoded in _encoded_batches(_document_batches(settings, files, done), workers, tokenizer_spec):
+            for (is_val, _), ids in zip(batch, encoded):
+                tokens = np.concatenate([eot, ids])
+                if settings.max_tokens is not None and total_tokens + len(tokens) >= settings.max_tokens:
+                    tokens, stop = tokens[:settings.max_tokens - total_tokens], True
+                writer.add("val" if is_val else "train", tokens)
+                total_tokens += len(tokens)
+                done += 1
+                stop = stop or (settings.num_documents is not None and done >= settings.num_documents)
+                if writer.tokens["train"] >= settings.shard_tokens or stop:
+                    manifest = _seal(store, manifest, writer, first, done, log, t0)
+                    writer, first = ShardWriter(store, len(manifest["shards"]), dtype), done
+                if stop:
+                    break
+            if stop:
+                break
+        if writer.tokens["train"] + writer.tokens["val"]:
+            manifest = _seal(store, manifest, writer, first, done, log, t0)
+        else:
+            writer.discard()
+    except BaseException:
+        writer.discard()
+        raise
+    if not manifest["shards"] or not any(s["val"]["tokens"] for s in manifest["shards"]):
+        raise DataError(f"{settings.source}: {done} document(s) gave no validation documents at --val-fraction "
+                        f"{settings.val_fraction}; use more documents or a larger fraction")
+    manifest["complete"] = True
+    write_manifest(store, manifest)
+    log(f"Token store ready: {store} ({_counts(manifest)}) in {time.perf_counter() - t0:.1f} s")
+    return manifest
+
+
+def _seal(store, manifest, writer, first, done, log, t0) -> dict:
+    entry = writer.seal(first, done - first)
+    manifest = {**manifest, "shards": manifest["shards"] + [entry], "documents": done}
+    write_manifest(store, manifest)
+    log(f"  shard {entry['name']}: {entry['train']['tokens']:,} train / {entry['val']['tokens']:,} val tokens "
+        f"({done:,} documents, {time.perf_counter() - t0:.0f} s)")
+    return manifest
+
+
+def _counts(manifest: dict) -> str:
+    train = sum(s["train"]["tokens"] for s in manifest["shards"])
+    val = sum(s["val"]["tokens"] for s in manifest["shards"])
+    return f"{len(manifest['shards'])} shard(s), {train:,} train / {val:,} val tokens, {manifest['documents']:,} documents"

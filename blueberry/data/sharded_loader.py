@@ -1,0 +1,230 @@
+"""Batches from token stores (token_store.py), for corpora far larger than memory.
+
+`ShardedLoader`: packed windows of seq_len + 1 tokens, read by memory map. An epoch visits the shards in
+a permutation drawn from (seed, epoch) and each shard's windows in a permutation drawn from (seed,
+epoch, shard); rank r of w takes every w-th window of that sequence, so ranks read disjoint data. No
+window crosses a shard. The state is (epoch, batches done): resume replays exactly.
+
+`MixtureLoader`: several sources with weights. Each row of a batch comes from a source drawn with a
+generator seeded by (seed, rank, batch number), so the draw needs no saved RNG: its state is the batch
+number and each source's own state. It counts the tokens it served per source (for the training log).
+
+`Prefetched`: a background thread that prepares the next batches while the model trains on this one;
+its state is that of the last batch handed out, not of the batches read ahead.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError, DataError
+from .token_store import Shard
+
+
+class ShardedLoader:
+    def __init__(self, shards: list[Shard], seq_len: int, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, document_mask: bool = False, max_batches: int | None = None):
+        self.shards, self.seq_len, self.batch_size = shards, seq_len, batch_size
+        self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
+        self.document_mask, self.max_batches = document_mask, max_batches
+        self.windows = np.array([max(0, (len(s.tokens) - 1) // seq_len) for s in shards], dtype=np.int64)
+        self.epoch, self.position = 0, 0
+        if self.batches_per_epoch == 0:
+            raise DataError(f"{int(self.windows.sum())} windows of {seq_len + 1} tokens cannot fill one batch of "
+                            f"{batch_size} per process on {world_size} process(es); use a smaller --batch-size "
+                            "or --seq-len, or more data")
+
+    @property
+    def num_windows(self) -> int:
+        return int(self.windows.sum())
+
+    @property
+    def batches_per_epoch(self) -> int:
+        n = self.num_windows // self.world_size // self.batch_size
+        return min(n, self.max_batches) if self.max_batches else n
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    # ---- which window is the i-th of an epoch ----
+    @lru_cache(maxsize=4)
+    def _shard_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        order = np.arange(len(self.shards))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+        return order, np.cumsum(self.windows[order])
+
+    @lru_cache(maxsize=4)
+    def _window_order(self, epoch: int, shard: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch, shard]).permutation(int(self.windows[shard]))
+
+    def _locate(self, epoch: int, i: int) -> tuple[int, int]:
+        """(shard, window) of the i-th window of `epoch` (over all ranks)."""
+        order, ends = self._shard_order(epoch)
+        k = int(np.searchsorted(ends, i, side="right"))
+        shard = int(order[k])
+        local = i - (int(ends[k - 1]) if k else 0)
+        return shard, int(self._window_order(epoch, shard)[local]) if self.shuffle else local
+
+    def _window(self, shard: int, window: int) -> tuple[np.ndarray, ...]:
+        s = self.shards[shard]
+        start = window * self.seq_len
+        chunk = np.asarray(s.tokens[start:start + self.seq_len + 1], dtype=np.int64)
+        x, y = chunk[:-1], chunk[1:]
+        if not self.document_mask:
+            return x, y
+        docs = np.searchsorted(s.doc_starts, np.arange(start, start + self.seq_len), side="right") - 1
+        return x, y, docs.astype(np.int64)
+
+    def batch(self, epoch: int, b: int) -> tuple[torch.Tensor, ...]:
+        first = b * self.batch_size * self.world_size + self.rank
+        items = [self._window(*self._locate(epoch, first + j * self.world_size)) for j in range(self.batch_size)]
+        return tuple(torch.from_numpy(np.stack(col)) for col in zip(*items))
+
+    # ---- the training interface (as BatchLoader) ----
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        if self.position >= self.batches_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+        out = self.batch(self.epoch, self.position)
+        self.position += 1
+        return out
+
+    def __iter__(self):
+        """One pass from the start (evaluation: unshuffled, every window at most once)."""
+        for b in range(self.batches_per_epoch):
+            yield self.batch(0, b)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "world_size": self.world_size,
+                "num_samples": self.num_windows}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("num_samples") not in (None, self.num_windows):
+            raise CheckpointError(f"the checkpoint's data position is for {state['num_samples']} windows, this "
+                                  f"store has {self.num_windows}: resume with the same data and --seq-len")
+        self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]
+
+
+class MixtureLoader:
+    def __init__(self, loaders: dict[str, ShardedLoader], weights: dict[str, float], batch_size: int, seed: int = 0,
+                 rank: int = 0):
+        self.loaders, self.batch_size, self.seed, self.rank = loaders, batch_size, seed, rank
+        total = sum(weights.values())
+        self.names = list(loaders)
+        self.p = np.array([weights[n] / total for n in self.names])
+        self.batches = 0
+        self.tokens_by_source = {n: 0 for n in self.names}
+
+    @property
+    def epoch(self) -> int:
+        return max(loader.epoch for loader in self.loaders.values())
+
+    @property
+    def position(self) -> int:
+        return self.batches
+
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        rng = np.random.default_rng([self.seed, self.rank, self.batches])
+        picks = rng.choice(len(self.names), size=self.batch_size, p=self.p)
+        rows = []
+        for k in picks:
+            name = self.names[k]
+            rows.append(self.loaders[name].next_batch())  # each source loader serves one window per call
+            self.tokens_by_source[name] += self.loaders[name].seq_len
+        self.batches += 1
+        return tuple(torch.cat(col) for col in zip(*rows))
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches, "tokens_by_source": dict(self.tokens_by_source),
+                "sources": {n: loader.state_dict() for n, loader in self.loaders.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state.get("sources", {})) != set(self.loaders):
+            raise CheckpointError(f"the checkpoint's mixture has sources {sorted(state.get('sources', {}))}, "
+                                  f"this run {sorted(self.loaders)}: resume with the same --dataset")
+        self.batches = state["batches"]
+        self.tokens_by_source = dict(state["tokens_by_source"])
+        for n, loader in self.loaders.items():
+            loader.load_state_dict(state["sources"][n])
+
+
+class EvalConcat:
+    """Validation over several sources: each source's first batches in turn, as many as its weight's share."""
+
+    def __init__(self, loaders: list[ShardedLoader]):
+        self.loaders = loaders
+
+    def __iter__(self):
+        for loader in self.loaders:
+            yield from loader
+
+    def __len__(self) -> int:
+        return sum(len(loader) for loader in self.loaders)
+
+
+class Prefetched:
+    """`loader` read `depth` batches ahead by a background thread."""
+
+    def __init__(self, loader, depth: int = 4):
+        self.loader, self.depth = loader, depth
+        self._thread = None
+        self._state = loader.state_dict()
+
+    def __getattr__(self, name):  # epoch, position, batches_per_epoch, tokens_by_source ... of the loader
+        return getattr(self.loader, name)
+
+    def _produce(self, q: queue.Queue, halt: threading.Event) -> None:
+        try:
+            while not halt.is_set():
+                batch = self.loader.next_batch()
+                item = (batch, self.loader.state_dict())
+                while not halt.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as exc:  # handed to the consumer, raised there
+            q.put((exc, None))
+
+    def next_batch(self):
+        if self._thread is None:
+            self._queue, self._halt = queue.Queue(self.depth), threading.Event()
+            self._thread = threading.Thread(target=self._produce, args=(self._queue, self._halt), daemon=True,
+                                            name="batch-prefetch")
+            self._thread.start()
+        batch, state = self._queue.get()
+        if isinstance(batch, BaseException):
+            raise batch
+        self._state = state
+        return batch
+
+    @property
+    def tokens_by_source(self):
+        return self._state.get("tokens_by_source")
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._halt.set()
+            self._thread.join()
+            self._thread = None
+            self.loader.load_state_dict(self._state)  # forget the batches read ahead
+
+    def state_dict(self) -> dict:
+        return self._state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stop()
+        self.loader.load_state_dict(state)
+        self._state = self.loader.state_dict()
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)

@@ -1,0 +1,177 @@
+"""A sharded token store on disk: what `blueberry prepare` writes and the large-data loader reads.
+
+    STORE/manifest.json
+    STORE/tokenizer.json                     the tokenizer the tokens were made with (when trained here)
+    STORE/shard-00000/train.bin  val.bin     tokens (uint16 when the vocabulary fits, else uint32)
+                      train_docs.npy val_docs.npy   offsets where each document starts (int64)
+
+A shard holds the documents of a contiguous stretch of the source, both splits; it is closed at the first
+document boundary past `shard_tokens` training tokens. Its files are written into a temporary directory,
+fsynced, checksummed (sha256, computed while writing) and renamed into place; then the manifest, rewritten
+atomically, lists it together with how many source documents have been consumed so far. So a killed
+`prepare` leaves complete shards and a manifest that says where to resume, never a half shard under its
+final name. A merged store (several machines' parts) lists shard directories inside the parts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+STORE_FORMAT = 1
+SPLITS = ("train", "val")
+
+
+def token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
+
+
+def read_manifest(store: Path) -> dict | None:
+    path = Path(store) / "manifest.json"
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return manifest if manifest.get("format") == STORE_FORMAT else None
+
+
+def write_manifest(store: Path, manifest: dict) -> None:
+    """Atomically: a reader sees the old manifest or the new one, never a partial file."""
+    store = Path(store)
+    fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=store)
+    with os.fdopen(fd, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, store / "manifest.json")
+
+
+def is_store(path) -> bool:
+    return read_manifest(Path(path)) is not None
+
+
+class ShardWriter:
+    """Appends the documents of one shard to its files as they come (memory stays flat), then seals it."""
+
+    def __init__(self, store: Path, index: int, dtype):
+        self.store, self.index, self.dtype = Path(store), index, np.dtype(dtype)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".shard-{index:05d}.", dir=self.store))
+        self.files = {s: open(self.tmp / f"{s}.bin", "wb") for s in SPLITS}
+        self.hashes = {s: hashlib.sha256() for s in SPLITS}
+        self.starts = {s: [] for s in SPLITS}
+        self.tokens = {s: 0 for s in SPLITS}
+
+    def add(self, split: str, ids: np.ndarray) -> None:
+        """One document's tokens (its end-of-text first) to `split`."""
+        data = np.asarray(ids, dtype=self.dtype).tobytes()
+        self.starts[split].append(self.tokens[split])
+        self.files[split].write(data)
+        self.hashes[split].update(data)
+        self.tokens[split] += len(ids)
+
+    def seal(self, first_document: int, documents: int) -> dict:
+        """Close, fsync and rename into place; the shard's manifest entry."""
+        for split, f in self.files.items():
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            np.save(self.tmp / f"{split}_docs.npy", np.asarray(self.starts[split], dtype=np.int64))
+        name = f"shard-{self.index:05d}"
+        final = self.store / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(self.tmp, final)
+        return {"name": name, "first_document": first_document, "documents": documents,
+                **{split: {"tokens": self.tokens[split], "documents": len(self.starts[split]),
+                           "sha256": self.hashes[split].hexdigest()} for split in SPLITS}}
+
+    def discard(self) -> None:
+        for f in self.files.values():
+            f.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@dataclass
+class Shard:
+    path: Path
+    tokens: np.ndarray  # memory-mapped
+    doc_starts: np.ndarray
+
+
+def open_split(store: Path, split: str, verify: bool = False) -> list[Shard]:
+    """The non-empty shards of one split, memory-mapped. `verify` re-checks every checksum (slow on big stores)."""
+    from ..errors import DataError
+
+    store = Path(store)
+    manifest = read_manifest(store)
+    if manifest is None:
+        raise DataError(f"{store} is not a token store (no readable manifest.json); build it with blueberry prepare")
+    dtype = np.dtype(manifest["dtype"])
+    shards = []
+    for entry in manifest["shards"]:
+        path = (store / entry["name"]).resolve()
+        info = entry[split]
+        if info["tokens"] == 0:
+            continue
+        data = path / f"{split}.bin"
+        if not data.exists() or data.stat().st_size != info["tokens"] * dtype.itemsize:
+            raise DataError(f"{data} is missing or has the wrong size for its manifest; run blueberry prepare again")
+        if verify and _sha256(data) != info["sha256"]:
+            raise DataError(f"{data} does not match its checksum; run blueberry prepare again")
+        shards.append(Shard(path, np.memmap(data, dtype=dtype, mode="r", shape=(info["tokens"],)),
+                            np.load(path / f"{split}_docs.npy")))
+    return shards
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def merge_stores(out: Path, parts: list[Path]) -> dict:
+    """One store listing the shards of `parts` (each machine's `prepare --shard-index i --num-shards n`),
+    in part order; nothing is copied. The parts must be complete, of one source, tokenizer and split."""
+    from ..errors import DataError
+
+    out = Path(out)
+    manifests = []
+    for part in parts:
+        m = read_manifest(Path(part))
+        if m is None or not m.get("complete"):
+            raise DataError(f"{part} is not a complete token store; finish its blueberry prepare first")
+        manifests.append((Path(part), m))
+    first = manifests[0][1]
+    same = ("tokenizer", "dtype", "split")
+    for part, m in manifests:
+        for key in same:
+            if m[key] != first[key]:
+                raise DataError(f"{part}: its {key} differs from {parts[0]}'s; parts of one store must agree")
+    indices = sorted(m["part"]["index"] for _, m in manifests)
+    n = first["part"]["count"]
+    if indices != list(range(n)) or any(m["part"]["count"] != n for _, m in manifests):
+        raise DataError(f"the parts cover shard indices {indices} of {n}: give each of 0..{n - 1} exactly once")
+    out.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for part, m in sorted(manifests, key=lambda pm: pm[1]["part"]["index"]):
+        for entry in m["shards"]:
+            shards.append({**entry, "name": os.path.relpath(part.resolve() / entry["name"], out.resolve())})
+    if (Path(parts[0]) / "tokenizer.json").exists() and not (out / "tokenizer.json").exists():
+        shutil.copy(Path(parts[0]) / "tokenizer.json", out / "tokenizer.json")
+    merged = {**{k: first[k] for k in ("format", "source", "tokenizer", "dtype", "split", "vocab_size")},
+              "part": {"index": 0, "count": 1}, "merged_from": [str(Path(p).resolve()) for p in parts],
+              "shards": shards, "complete": True, "files": [f for _, m in manifests for f in m.get("files", [])],
+              "documents": sum(m["documents"] for _, m in manifests)}
+    write_manifest(out, merged)
+    return merged
