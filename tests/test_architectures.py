@@ -339,6 +339,10 @@ def test_a_mamba_run_trains_generates_and_refuses_export_and_speculation(tmp_pat
     assert gen.returncode == 0, gen.stderr[-2000:]
     export = run_cli("export", run, tmp_path / "hf")
     assert export.returncode == 2 and "no Hugging Face transformers equivalent" in export.stderr
+    q = run_cli("quantize", run, tmp_path / "int8", "--method", "int8")
+    assert q.returncode == 0, q.stderr[-2000:]
+    qgen = run_cli("generate", "--checkpoint", tmp_path / "int8", "--prompt", "the", "--max-new-tokens", "8")
+    assert qgen.returncode == 0, qgen.stderr[-2000:]
     spec = run_cli("generate", "--checkpoint", run, "--prompt", "the", "--max-new-tokens", "4", "--draft", run)
     assert spec.returncode == 2 and "cannot roll back" in spec.stderr and "Traceback" not in spec.stderr
 

@@ -247,7 +247,7 @@ def test_training_on_a_mixture_logs_tokens_per_source_and_resumes_bitwise(tmp_pa
     run_training(cfg, log=quiet)
     train = [r for r in read_metrics(cfg.out_dir) if r["kind"] == "train"]
     assert train[-1][f"tokens/{tmp_path / 'a'}"] + train[-1][f"tokens/{tmp_path / 'b'}"] == 8 * 4 * 32
-    assert all("data_time" in r for r in train)
+    assert all(r["data_time"] >= 0 and 0 < r["optimizer_share"] < 1 for r in train)
     ckpt = resolve_checkpoint(Path(cfg.out_dir) / "checkpoints" / "step_000004")
     resumed = cfg.replace(out_dir=str(tmp_path / "resumed"))
     run_training(resumed, resume_state=read_state(ckpt), resume_checkpoint=ckpt, log=quiet)
@@ -264,6 +264,8 @@ def test_train_on_a_prepared_store_from_the_command_line(tmp_path):
                 "--out-dir", tmp_path / "run")
     assert t.returncode == 0, t.stderr[-2000:]
     assert "token store" in t.stdout + t.stderr
+    e = run_cli("eval", "--checkpoint", tmp_path / "run")  # the store's validation split
+    assert e.returncode == 0 and "bits_per_byte" in e.stdout, e.stderr[-2000:]
     missing = run_cli("prepare", tmp_path / "nope", "--out", tmp_path / "s2")
     assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
 

@@ -152,11 +152,19 @@ def chat_command(args) -> int:
     return chat_loop(model, tok, _params(args), system=args.system)
 
 
+def _packed_loader(tokens, config, batches):
+    from ..data import BatchLoader, create_dataset
+
+    dataset = create_dataset(tokens, "packed", config.max_seq_len)
+    return BatchLoader(dataset, min(config.batch_size, len(dataset)), shuffle=False, max_batches=batches)
+
+
 def eval_command(args) -> int:
     import json
 
-    from ..data import BatchLoader, create_dataset, load_and_cache_data, load_documents
+    from ..data import load_and_cache_data, load_documents
     from ..data.corpus import encode_documents, split_documents
+    from ..data.stores import uses_token_store
     from ..evaluation.tasks import evaluate_tasks, markdown_table
     from ..training.checkpoint import run_dir_of
     from ..training.evaluation import evaluate_model
@@ -166,12 +174,17 @@ def eval_command(args) -> int:
         docs = load_documents(args.dataset, args.text_field)
         tokens, _ = encode_documents(tok, docs, None)
         source = f"{args.dataset} ({len(docs)} documents, all evaluated)"
+        loader = _packed_loader(tokens, config, args.batches)
+    elif uses_token_store(config):  # a run trained on token stores: their validation shards, never re-read
+        from ..data.sharded_loader import EvalConcat
+        from ..data.stores import prepare_stores, validation_loader
+
+        docs, source = None, f"the validation split of {config.dataset}"
+        loader = EvalConcat([validation_loader(store, config, args.batches) for _, store, _ in prepare_stores(config)])
     else:
         _, _, corpus = load_and_cache_data(config, log=lambda *a: None)
-        tokens, source = corpus.val, f"the validation split of {config.dataset}"
-        docs = None
-    dataset = create_dataset(tokens, "packed", config.max_seq_len)
-    loader = BatchLoader(dataset, min(config.batch_size, len(dataset)), shuffle=False, max_batches=args.batches)
+        docs, source = None, f"the validation split of {config.dataset}"
+        loader = _packed_loader(corpus.val, config, args.batches)
     result = evaluate_model(model, loader, config, token_bytes=tok.token_bytes())
     print(f"Checkpoint {ckpt} on {source}: {result['tokens']:,} tokens")
     for key in ("loss", "perplexity", "accuracy", "bits_per_byte"):

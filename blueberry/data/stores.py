@@ -171,11 +171,16 @@ def create_store_loaders(config, corpus: StoreCorpus, rank: int = 0, world_size:
     if config.prefetch > 0:
         train = Prefetched(train, config.prefetch)
     total = sum(weights.values())
-    vals = []
-    for source, store, w in corpus.sources:
-        shards = open_split(store, "val")
-        n = max(1, round(config.eval_batches * w / total)) if len(corpus.sources) > 1 else config.eval_batches
-        batch = max(1, min(config.batch_size, sum((len(s.tokens) - 1) // config.max_seq_len for s in shards)
-                           // world_size))
-        vals.append(ShardedLoader(shards, config.max_seq_len, batch, shuffle=False, max_batches=n, **common))
+    vals = [validation_loader(store, config, max(1, round(config.eval_batches * w / total))
+                              if len(corpus.sources) > 1 else config.eval_batches, rank, world_size)
+            for _, store, w in corpus.sources]
     return train, vals[0] if len(vals) == 1 else EvalConcat(vals)
+
+
+def validation_loader(store: Path, config, max_batches: int | None, rank: int = 0, world_size: int = 1) -> ShardedLoader:
+    """A store's validation windows in order (the first `max_batches` batches; all when None)."""
+    shards = open_split(store, "val")
+    windows = sum((len(s.tokens) - 1) // config.max_seq_len for s in shards)
+    batch = max(1, min(config.batch_size, windows // world_size))
+    return ShardedLoader(shards, config.max_seq_len, batch, shuffle=False, max_batches=max_batches, rank=rank,
+                         world_size=world_size, document_mask=config.document_mask)

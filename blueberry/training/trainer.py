@@ -139,6 +139,7 @@ def train_step(model, train_loader, optimizers, params, precision: Precision, co
     summed = ctx.all_reduce_sum([loss_sum, lm_sum, *stop.flags()])
     loss_sum, lm_sum = summed[0] / ctx.world_size, summed[1] / ctx.world_size
     stop_signal = StopRequest.agreed(summed[2:])
+    t_opt = time.perf_counter()
     if precision.scaler is not None:
         for opt in optimizers:
             precision.scaler.unscale_(opt)
@@ -159,7 +160,10 @@ def train_step(model, train_loader, optimizers, params, precision: Precision, co
     lr = optimizers[0].param_groups[0]["lr"]
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
-    record = {"loss": loss_sum, "lm_loss": lm_sum, "lr": lr, "grad_norm": grad_norm, "data_time": data_time}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the optimizer's kernels have run: its time is its own
+    record = {"loss": loss_sum, "lm_loss": lm_sum, "lr": lr, "grad_norm": grad_norm, "data_time": data_time,
+              "optimizer_time": time.perf_counter() - t_opt}
     record.update(moe_stats)
     for source, tokens in (getattr(train_loader, "tokens_by_source", None) or {}).items():
         record[f"tokens/{source}"] = tokens  # a mixture: tokens served per source (this rank)
@@ -309,7 +313,8 @@ def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokeni
                 tokens = config.tokens_per_step * ctx.world_size
                 tok_rate = tokens / dt if tok_rate is None else 0.9 * tok_rate + 0.1 * tokens / dt
                 record.update(tokens_per_sec=tokens / dt, mfu=flops_per_token * tokens / dt / peak, step_time=dt,
-                              tokens=loop.step * tokens, elapsed=loop.elapsed)
+                              tokens=loop.step * tokens, elapsed=loop.elapsed,
+                              optimizer_share=record["optimizer_time"] / dt)
                 logger.log("train", loop.step, record)
                 if bar is not None:
                     bar.set_postfix(loss=f"{record['lm_loss']:.3f}", lr=f"{record['lr']:.2e}",
