@@ -207,3 +207,23 @@ def test_external_tokenizer_file(tiny, tmp_path):
 def test_bad_tokenizer_message(tiny, tmp_path):
     with pytest.raises(DataError, match="cannot be loaded offline"):
         load_and_cache_data(tiny(tokenizer=str(tmp_path / "nowhere")), log=quiet)
+
+
+def test_the_test_split_is_held_out_of_training_and_validation_and_scored_at_the_end(tiny, corpus_dir):
+    import json
+    from pathlib import Path
+
+    from blueberry.data.corpus import run_documents, split_documents, test_documents
+    from blueberry.training.run import run_training
+
+    cfg = tiny(test_fraction=0.2, max_steps=2)
+    docs = run_documents(cfg, log=lambda *a: None)
+    train, val = split_documents(docs, cfg.val_fraction, cfg.split_seed, cfg.test_fraction)
+    test = test_documents(docs, cfg.val_fraction, cfg.split_seed, cfg.test_fraction)
+    names = lambda ds: {d.name for d in ds}  # noqa: E731
+    assert test and not names(test) & (names(train) | names(val))
+    assert names(train) | names(val) | names(test) == names(docs)
+    assert val == split_documents(docs, cfg.val_fraction, cfg.split_seed)[1]  # validation does not move
+    run_training(cfg, log=lambda *a, **k: None)
+    summary = json.loads((Path(cfg.out_dir) / "summary.json").read_text())
+    assert summary["test_documents"] == len(test) and 0 < summary["test_bits_per_byte"] < 20

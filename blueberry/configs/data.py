@@ -23,6 +23,8 @@ class DataConfig:
     num_documents: int | None = setting(None, "use at most this many documents")
     max_tokens: int | None = setting(None, "use at most this many tokens")
     val_fraction: float = setting(0.1, "fraction of documents held out for validation")
+    test_fraction: float = setting(0.0, "fraction of documents held out as a test split: never trained on, never "
+                                        "used for validation or choices, scored once when the run ends")
     split_seed: int = setting(0, "which documents are held out (separate from --seed so runs share a val set)")
     stride: int | None = setting(None, "text_token windows: tokens between starts (default seq_len // 2)")
     document_mask: bool = setting(False, "no attention across document boundaries")
@@ -40,4 +42,9 @@ class DataConfig:
         check_range(self, "prefetch", 0, 1024)
         check_choices(self)
         check_range(self, "val_fraction", 0.0, 0.5, lo_open=True)
+        check_range(self, "test_fraction", 0.0, 0.5)
+        if self.test_fraction > 0 and self.task == "sft":
+            from ..errors import ConfigError
+
+            raise ConfigError("test_fraction", "applies to pretraining corpora; fine-tuning data has a val split only")
         return self

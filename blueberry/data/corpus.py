@@ -53,17 +53,31 @@ class TokenizedCorpus:
         return int(self.token_bytes[np.asarray(self.val, dtype=np.int64)].sum())
 
 
-def split_documents(docs: list[Document], val_fraction: float, seed: int) -> tuple[list[Document], list[Document]]:
-    """Whole documents, shuffled with `seed`: at least one in each split."""
-    if len(docs) < 2:
-        raise DataError("need at least 2 documents to hold some out for validation")
-    order = list(range(len(docs)))
-    random.Random(seed).shuffle(order)
-    n_val = min(len(docs) - 1, max(1, round(val_fraction * len(docs))))
-    val_ids = set(order[:n_val])
-    train = [d for i, d in enumerate(docs) if i not in val_ids]
+def split_documents(docs: list[Document], val_fraction: float, seed: int,
+                    test_fraction: float = 0.0) -> tuple[list[Document], list[Document]]:
+    """(train, val): whole documents, shuffled with `seed`, at least one in each split. The test documents
+    (`test_documents`) are left out of both; the validation set does not depend on `test_fraction`."""
+    val_ids, test_ids = _held_out(len(docs), val_fraction, test_fraction, seed)
+    train = [d for i, d in enumerate(docs) if i not in val_ids and i not in test_ids]
     val = [d for i, d in enumerate(docs) if i in val_ids]
     return train, val
+
+
+def test_documents(docs: list[Document], val_fraction: float, seed: int, test_fraction: float) -> list[Document]:
+    """The test split: documents never trained on nor validated on, scored once at the end of a run."""
+    _, test_ids = _held_out(len(docs), val_fraction, test_fraction, seed)
+    return [d for i, d in enumerate(docs) if i in test_ids]
+
+
+def _held_out(n: int, val_fraction: float, test_fraction: float, seed: int) -> tuple[set, set]:
+    if n < 2 + (test_fraction > 0):
+        raise DataError(f"need at least {2 + (test_fraction > 0)} documents to hold some out for validation"
+                        + (" and test" if test_fraction > 0 else ""))
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_val = min(n - 1, max(1, round(val_fraction * n)))
+    n_test = min(n - 1 - n_val, max(1, round(test_fraction * n))) if test_fraction > 0 else 0
+    return set(order[:n_val]), set(order[n_val:n_val + n_test])
 
 
 def cut_into_pieces(docs: list[Document], pieces: int) -> list[Document]:
@@ -121,8 +135,9 @@ def _get_tokenizer(config, train_docs: list[Document], log) -> Tokenizer:
     return tok
 
 
-def load_and_cache_data(config, log=print) -> tuple[list[str], Tokenizer, TokenizedCorpus]:
-    """(texts, tokenizer, tokens): the documents' texts, the tokenizer, and the cached token streams."""
+def run_documents(config, log=print) -> list[Document]:
+    """The documents a run splits: the first num_documents of the source (a corpus of fewer than
+    MIN_DOCUMENTS_FOR_SPLIT cut into pieces)."""
     docs = load_documents(config.dataset, config.text_field, config.num_documents)
     if config.num_documents is not None and len(docs) < config.num_documents:
         log(f"Note: num_documents={config.num_documents} asked, the source has {len(docs)}")
@@ -130,7 +145,13 @@ def load_and_cache_data(config, log=print) -> tuple[list[str], Tokenizer, Tokeni
         docs = cut_into_pieces(docs, PIECES_PER_SMALL_CORPUS)
         log(f"Fewer than {MIN_DOCUMENTS_FOR_SPLIT} documents: cut into {len(docs)} line-aligned pieces "
             "so that validation holds out whole pieces")
-    train_docs, val_docs = split_documents(docs, config.val_fraction, config.split_seed)
+    return docs
+
+
+def load_and_cache_data(config, log=print) -> tuple[list[str], Tokenizer, TokenizedCorpus]:
+    """(texts, tokenizer, tokens): the documents' texts, the tokenizer, and the cached token streams."""
+    docs = run_documents(config, log)
+    train_docs, val_docs = split_documents(docs, config.val_fraction, config.split_seed, config.test_fraction)
     tokenizer = _get_tokenizer(config, train_docs, log)
 
     parts = {
@@ -141,6 +162,7 @@ def load_and_cache_data(config, log=print) -> tuple[list[str], Tokenizer, Tokeni
         "max_tokens": config.max_tokens,
         "val_fraction": config.val_fraction,
         "split_seed": config.split_seed,
+        "test_fraction": config.test_fraction,
         "text_field": config.text_field,
     }
     key = cache_key(parts)

@@ -66,7 +66,7 @@ def uses_token_store(config) -> bool:
     source = sources[0][0]
     if is_store(source) or source.startswith("hf:"):
         return True
-    if is_local(source) and Path(source).exists() or any(c in source for c in "*?["):
+    if is_local(source) and (Path(source).exists() or any(c in source for c in "*?[")):
         return sum(f.stat().st_size for f in local_files(source)) > LARGE_LOCAL_BYTES
     return False
 

@@ -23,6 +23,7 @@ from .float8 import apply_float8
 from .init_from import load_initial_weights
 from .memory import check_fits
 from .run_dir import default_run_dir, prepare_run_dir
+from .test_split import score_test_split
 from .trainer import train_model
 
 
@@ -61,6 +62,9 @@ def _token_stores(config, log):
     """Prepare (or find: rank 0 runs first, see _build_on_every_rank) and open the token stores."""
     from ..data.stores import open_stores, prepare_stores
 
+    if config.test_fraction > 0:
+        raise UsageError("--test-fraction holds out documents of an in-memory corpus; a token store has its "
+                         "train/val split only: drop --test-fraction or use --no-token-store")
     return open_stores(prepare_stores(config, log=log), log=log)
 
 
@@ -138,6 +142,8 @@ def _train_in_group(config, ctx, resume_state, resume_checkpoint, log, task_scor
     del wrapped  # the DDP reducer must go before the process group (see distributed.teardown)
     if ctx.is_main:
         print_summary(metrics, run_dir, say)
+    if config.test_fraction > 0 and metrics.get("stop_signal") is None:
+        score_test_split(model, config, tokenizer, ctx, run_dir, metrics, log=say)
     return model, metrics
 
 

@@ -1,0 +1,37 @@
+"""The test split (--test-fraction): documents held out of training and validation, scored once when a
+run ends, so that choices made by watching the validation bits per byte (a recipe search) can be checked
+on text nothing was tuned on. Added to summary.json as test_loss / test_bits_per_byte."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..data import BatchLoader, create_dataset
+from ..data.corpus import encode_documents, run_documents, test_documents
+from ..errors import DataError
+from .evaluation import evaluate_model
+from .precision import choose_precision
+
+
+def score_test_split(model, config, tokenizer, ctx, run_dir: Path, metrics: dict, log=print) -> dict:
+    """Evaluate `model` (every rank takes part) on the run's test documents; updates `metrics` and the summary."""
+    if config.test_fraction <= 0:
+        return metrics
+    docs = test_documents(run_documents(config, log=lambda *a: None), config.val_fraction, config.split_seed,
+                          config.test_fraction)
+    tokens, _ = encode_documents(tokenizer, docs, None)
+    dataset = create_dataset(tokens, "packed", config.max_seq_len)
+    if len(dataset) < ctx.world_size:
+        raise DataError(f"the test split ({len(tokens)} tokens) is shorter than one window per process")
+    batch = max(1, min(config.batch_size, len(dataset) // ctx.world_size))
+    loader = BatchLoader(dataset, batch, shuffle=False, rank=ctx.rank, world_size=ctx.world_size)
+    result = evaluate_model(model, loader, config, token_bytes=tokenizer.token_bytes(),
+                            precision=choose_precision(config, config.capabilities()), ranks=ctx)
+    metrics.update(test_loss=result["loss"], test_bits_per_byte=result["bits_per_byte"], test_tokens=result["tokens"],
+                   test_documents=len(docs))
+    log(f"  test split     bits per byte {result['bits_per_byte']:.4f} ({len(docs)} documents never trained or "
+        "validated on)")
+    if ctx.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(metrics, indent=2, default=str))
+    return metrics
