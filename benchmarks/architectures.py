@@ -106,6 +106,7 @@ def main() -> None:
     ap.add_argument("--archs", default=",".join(ARCHS))
     ap.add_argument("--out-root", type=Path, default=Path("/tmp/arch"))
     ap.add_argument("--skip-training", action="store_true", help="only the generation speeds")
+    ap.add_argument("--reuse", action="store_true", help="keep the finished training runs under --out-root")
     args = ap.parse_args()
     archs = args.archs.split(",")
     rows = []
@@ -113,15 +114,22 @@ def main() -> None:
         flags = ARCHS[name]
         row = [name]
         if not args.skip_training:
-            calib = args.out_root / f"{name}-calibrate"
-            train([*flags, "--max-steps", "16", "--compile", "--eval-every", "1000", "--checkpoint-every", "1000"],
-                  calib)
-            steps = int(args.minutes * 60 / step_seconds(calib))
             out = args.out_root / name
-            summary, rss, wall = train([*flags, "--max-steps", str(steps)], out)
+            if args.reuse and (out / "summary.json").exists():  # a finished run of an earlier invocation
+                summary = json.loads((out / "summary.json").read_text())
+                done = json.loads((out / "bench.json").read_text()) if (out / "bench.json").exists() else {}
+                rss, wall = done.get("rss_gb"), done.get("wall_s")
+            else:
+                calib = args.out_root / f"{name}-calibrate"
+                train([*flags, "--max-steps", "16", "--compile", "--eval-every", "1000", "--checkpoint-every", "1000"],
+                      calib)
+                steps = int(args.minutes * 60 / step_seconds(calib))
+                summary, rss, wall = train([*flags, "--max-steps", str(steps)], out)
+                (out / "bench.json").write_text(json.dumps({"rss_gb": rss, "wall_s": wall}))
             total, active = parameters(out)
-            row += [steps, f"{summary['bits_per_byte']:.4f}", f"{summary['train_tokens_per_sec']:,.0f}",
-                    f"{total / 1e6:.1f}M / {active / 1e6:.1f}M", f"{rss:.2f}", f"{wall / 60:.1f}"]
+            row += [summary["step"], f"{summary['bits_per_byte']:.4f}", f"{summary['train_tokens_per_sec']:,.0f}",
+                    f"{total / 1e6:.1f}M / {active / 1e6:.1f}M", "n/a" if rss is None else f"{rss:.2f}",
+                    "n/a" if wall is None else f"{wall / 60:.1f}"]
         row += [f"{decode_speed(flags, ctx):.0f}" for ctx in (512, 2048)]
         rows.append(row)
         print(" | ".join(map(str, row)), flush=True)
