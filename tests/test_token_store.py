@@ -264,6 +264,9 @@ def test_train_on_a_prepared_store_from_the_command_line(tmp_path):
                 "--out-dir", tmp_path / "run")
     assert t.returncode == 0, t.stderr[-2000:]
     assert "token store" in t.stdout + t.stderr
+    other = run_cli("train", "--dataset", tmp_path / "store", *TINY_FLAGS, "--dataset-type", "random_chunk",
+                    "--max-steps", "1", "--out-dir", tmp_path / "run2")
+    assert other.returncode == 2 and "packed windows only" in other.stderr
     e = run_cli("eval", "--checkpoint", tmp_path / "run")  # the store's validation split
     assert e.returncode == 0 and "bits_per_byte" in e.stdout, e.stderr[-2000:]
     missing = run_cli("prepare", tmp_path / "nope", "--out", tmp_path / "s2")

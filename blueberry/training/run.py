@@ -65,6 +65,9 @@ def _token_stores(config, log):
     if config.test_fraction > 0:
         raise UsageError("--test-fraction holds out documents of an in-memory corpus; a token store has its "
                          "train/val split only: drop --test-fraction or use --no-token-store")
+    if config.dataset_type != "packed":
+        raise UsageError(f"--dataset-type {config.dataset_type}: a token store serves packed windows only; drop "
+                         "the flag or use --no-token-store")
     return open_stores(prepare_stores(config, log=log), log=log)
 
 
