@@ -53,8 +53,7 @@ class PrepareSettings:
     def inputs(self) -> dict:
         """What decides the store's content (not how fast it is made)."""
         d = asdict(self)
-        for k in ("workers",):
-            d.pop(k)
+        d.pop("workers")
         d["source"] = source_identity(self.source)
         return d
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import queue
 import threading
-from functools import lru_cache
-
 import numpy as np
 import torch
 
@@ -34,6 +32,7 @@ class ShardedLoader:
         self.document_mask, self.max_batches = document_mask, max_batches
         self.windows = np.array([max(0, (len(s.tokens) - 1) // seq_len) for s in shards], dtype=np.int64)
         self.epoch, self.position = 0, 0
+        self._orders: dict = {}  # the permutations of one epoch, drawn when first needed
         if self.batches_per_epoch == 0:
             raise DataError(f"{int(self.windows.sum())} windows of {seq_len + 1} tokens cannot fill one batch of "
                             f"{batch_size} per process on {world_size} process(es); use a smaller --batch-size "
@@ -52,16 +51,24 @@ class ShardedLoader:
         return self.batches_per_epoch
 
     # ---- which window is the i-th of an epoch ----
-    @lru_cache(maxsize=4)
-    def _shard_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        order = np.arange(len(self.shards))
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
-        return order, np.cumsum(self.windows[order])
+    def _cached(self, key: tuple, make):
+        if key[0] != self._orders.get("epoch"):  # keep one epoch's permutations only
+            self._orders = {"epoch": key[0]}
+        if key not in self._orders:
+            self._orders[key] = make()
+        return self._orders[key]
 
-    @lru_cache(maxsize=4)
+    def _shard_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        def make():
+            order = np.arange(len(self.shards))
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+            return order, np.cumsum(self.windows[order])
+        return self._cached((epoch, "shards"), make)
+
     def _window_order(self, epoch: int, shard: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch, shard]).permutation(int(self.windows[shard]))
+        return self._cached((epoch, shard), lambda: np.random.default_rng([self.seed, epoch, shard]).permutation(
+            int(self.windows[shard])))
 
     def _locate(self, epoch: int, i: int) -> tuple[int, int]:
         """(shard, window) of the i-th window of `epoch` (over all ranks)."""
