@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from .cache import file_sha256, token_dtype
 from .sources import is_local, iter_documents, local_files, source_identity
-from .token_store import ShardWriter, read_manifest, token_dtype, write_manifest
+from .token_store import ShardWriter, read_manifest, write_manifest
 from .tokenizer import Tokenizer, load_tokenizer, train_bpe
 
 BATCH_DOCUMENTS = 256
@@ -69,17 +70,9 @@ def file_records(files: list[Path], with_hash: bool) -> list[dict]:
         st = f.stat()
         rec = {"path": str(f.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
         if with_hash:
-            rec["sha256"] = _file_sha256(f)
+            rec["sha256"] = file_sha256(f)
         out.append(rec)
     return out
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def same_files(recorded: list[dict], current: list[dict]) -> bool:
@@ -89,7 +82,7 @@ def same_files(recorded: list[dict], current: list[dict]) -> bool:
     for r, c in zip(recorded, current):
         if r["size"] != c["size"]:
             return False
-        if r["mtime_ns"] != c["mtime_ns"] and r.get("sha256") != _file_sha256(Path(c["path"])):
+        if r["mtime_ns"] != c["mtime_ns"] and r.get("sha256") != file_sha256(Path(c["path"])):
             return False
     return True
 

@@ -25,12 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .cache import file_sha256
+
 STORE_FORMAT = 1
 SPLITS = ("train", "val")
-
-
-def token_dtype(vocab_size: int):
-    return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
 
 
 def read_manifest(store: Path) -> dict | None:
@@ -125,19 +123,11 @@ def open_split(store: Path, split: str, verify: bool = False) -> list[Shard]:
         data = path / f"{split}.bin"
         if not data.exists() or data.stat().st_size != info["tokens"] * dtype.itemsize:
             raise DataError(f"{data} is missing or has the wrong size for its manifest; run blueberry prepare again")
-        if verify and _sha256(data) != info["sha256"]:
+        if verify and file_sha256(data) != info["sha256"]:
             raise DataError(f"{data} does not match its checksum; run blueberry prepare again")
         shards.append(Shard(path, np.memmap(data, dtype=dtype, mode="r", shape=(info["tokens"],)),
                             np.load(path / f"{split}_docs.npy")))
     return shards
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def merge_stores(out: Path, parts: list[Path]) -> dict:
