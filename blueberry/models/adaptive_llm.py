@@ -121,13 +121,13 @@ class TransformerLM(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         inactive = 0.0
         for block in self.blocks:
-            skipped = 1.0
-            if isinstance(block, MixtureOfDepths):  # a token passes the block with probability `capacity`
-                skipped = block.capacity
+            passes = 1.0  # the share of tokens that go through the block
+            if isinstance(block, MixtureOfDepths):
+                passes = block.capacity
                 inactive += (1 - block.capacity) * sum(p.numel() for p in block.block.parameters())
             if isinstance(block.ffn, MixtureOfExperts):
                 moe = block.ffn
-                inactive += skipped * (moe.num_experts - moe.top_k) * moe.expert_parameters_per_expert()
+                inactive += passes * (moe.num_experts - moe.top_k) * moe.expert_parameters_per_expert()
         return {"total": total, "active_per_token": round(total - inactive), "embedding": self.embed.weight.numel()}
 
     def flops_per_token(self, seq_len: int) -> float:
