@@ -36,6 +36,9 @@ CANDIDATES = {
     "dense-lr03": ["--model-type", "standard", "--max-steps", "1150", "--lr", "0.03"],
     "dense-b32": ["--model-type", "standard", "--max-steps", "575", "--batch-size", "32"],
     "dense-d320": ["--model-type", "standard", "--max-steps", "900", "--d-model", "320", "--n-heads", "5"],
+    # the 30 training plays are ~1.1M tokens: 1,150 steps of 4,096 tokens is ~4 epochs; fewer steps, or dropout
+    "dense-700": ["--model-type", "standard", "--max-steps", "700"],
+    "dense-drop": ["--model-type", "standard", "--max-steps", "1150", "--dropout", "0.1"],
 }
 
 
