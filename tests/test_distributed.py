@@ -105,12 +105,7 @@ def test_distributed_muon_equals_single_process():
 @pytest.mark.parametrize("parallel,model_type", [("ddp", "moe"), ("fsdp", "standard")])
 def test_two_process_resume_continues_exactly(corpus_dir, tmp_path, parallel, model_type):
     args = [*common(corpus_dir, tmp_path, 4), "--model-type", model_type, "--max-steps", "10", "--parallel", parallel]
-    full = torchrun("train.py", *args, "--out-dir", tmp_path / "full")
-    assert full.returncode == 0, full.stderr[-3000:]
-    ck = tmp_path / "full" / "checkpoints" / "step_000005"
-    resumed = torchrun("train.py", "--resume-from", ck, "--out-dir", tmp_path / "resumed")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert losses(tmp_path / "resumed") == losses(tmp_path / "full")[5:]
+    ck = _train_then_resume_at_step_5(args, tmp_path)
     wrong = single("--resume-from", ck, "--out-dir", tmp_path / "wrong")
     assert wrong.returncode == 1 and "same --nproc_per_node" in wrong.stderr
 
@@ -122,13 +117,19 @@ def test_two_process_resume_on_a_sharded_store_continues_exactly(corpus_dir, tmp
     r = run_cli("prepare", corpus_dir, "--out", tmp_path / "store", "--vocab-size", "300", "--shard-tokens", "2000",
                 "--workers", "1", "--val-fraction", "0.3")
     assert r.returncode == 0, r.stderr[-2000:]
-    args = [*common(corpus_dir, tmp_path, 4), "--dataset", tmp_path / "store", "--max-steps", "10"]
+    _train_then_resume_at_step_5([*common(corpus_dir, tmp_path, 4), "--dataset", tmp_path / "store",
+                                  "--max-steps", "10"], tmp_path)
+
+
+def _train_then_resume_at_step_5(args, tmp_path):
+    """Train 10 steps on 2 processes, resume from step 5: the resumed losses are the same floats. The checkpoint."""
     full = torchrun("train.py", *args, "--out-dir", tmp_path / "full")
     assert full.returncode == 0, full.stderr[-3000:]
     ck = tmp_path / "full" / "checkpoints" / "step_000005"
     resumed = torchrun("train.py", "--resume-from", ck, "--out-dir", tmp_path / "resumed")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert losses(tmp_path / "resumed") == losses(tmp_path / "full")[5:]
+    return ck
 
 
 def _rank_pid(torchrun_pid: int, rank: int, timeout: float = 120) -> int:
