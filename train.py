@@ -1,8 +1,6 @@
 """Train a Blueberry model: `python train.py --help`. The same CLI as `python -m blueberry`."""
 
-import sys
-
-from blueberry.cli import main
+from blueberry.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

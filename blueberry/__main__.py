@@ -1,7 +1,5 @@
 """`python -m blueberry ...`: the same command line as train.py."""
 
-import sys
+from .cli import entry
 
-from .cli import main
-
-sys.exit(main())
+entry()

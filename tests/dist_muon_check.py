@@ -4,8 +4,9 @@ import torch
 import torch.distributed as dist
 
 from blueberry.optimizers import Muon
+from blueberry.training.distributed import exit_process, init_distributed, teardown
 
-dist.init_process_group("gloo")
+ctx = init_distributed("cpu")
 torch.manual_seed(0)  # same parameters and gradients on every rank, as after DDP's all-reduce
 shapes = [(16, 8), (16, 8), (8, 24), (3, 12, 8), (16, 8)]
 params_a = [torch.nn.Parameter(torch.randn(*s)) for s in shapes]
@@ -22,4 +23,5 @@ for p, q in zip(params_a, params_b):
     assert torch.equal(p, q), (p - q).abs().max()
 if dist.get_rank() == 0:
     print("DIST_MUON_OK")
-dist.destroy_process_group()
+teardown(ctx)
+exit_process(0)

@@ -187,3 +187,15 @@ def test_jobs_exit_cleanly_ten_times_in_a_row(corpus_dir, tmp_path, parallel, mo
         r = torchrun("train.py", *common(corpus_dir, tmp_path, 4), "--model-type", model_type, "--max-steps", "2",
                      "--eval-every", "2", "--parallel", parallel, "--out-dir", tmp_path / f"run{i}", timeout=120)
         assert r.returncode == 0, f"run {i}: {r.stderr[-3000:]}"
+
+
+def test_a_rank_leaves_with_its_exit_code_and_all_its_output(tmp_path):
+    """`exit_process` skips interpreter finalization on a torchrun rank; what the rank printed still arrives."""
+    import subprocess
+
+    script = ("import sys\nfrom blueberry.training.distributed import exit_process\n"
+              "print('x' * 100000)\nprint('last line', file=sys.stderr, end='')\nexit_process(3)\n")
+    env = {**cli_env(), "WORLD_SIZE": "2"}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 3
+    assert r.stdout == "x" * 100000 + "\n" and r.stderr.endswith("last line")

@@ -1,5 +1,5 @@
 """The command line: `python train.py ...`, `python -m blueberry ...`, `blueberry ...`."""
 
-from .main import main
+from .main import entry, main
 
-__all__ = ["main"]
+__all__ = ["entry", "main"]

@@ -62,6 +62,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def entry() -> None:
+    """The console script, `python train.py` and `python -m blueberry`: `main`, then leave the process
+    (a torchrun rank leaves without interpreter finalization, see `training.distributed.exit_process`)."""
+    code = main()
+    from ..training.distributed import exit_process
+
+    exit_process(code)
+
+
 def lm_eval_command(argv: list[str]) -> int:
     """`blueberry lm-eval ARGS`: lm-evaluation-harness's own command line, with `--model blueberry`
     registered in this process (lm-eval has no plugins); every argument goes to lm-eval unchanged."""

@@ -127,6 +127,26 @@ def teardown(ctx: DistContext) -> None:
     gc.collect()
 
 
+def exit_process(code: int) -> None:
+    """End a torchrun rank without the interpreter's finalization (entry points only, never a library call).
+
+    Why: after `teardown`, gloo's worker threads can still be dropping a finished collective's tensors;
+    a thread that asks for the GIL while the interpreter finalizes is unwound by CPython, and the C++
+    frame it unwinds through calls std::terminate ("terminate called without an active exception",
+    SIGABRT) although every rank finished its work. Output is flushed first, so nothing is lost; files
+    the run wrote are closed by then. A single process (no WORLD_SIZE > 1) exits normally."""
+    import logging
+    import sys
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        sys.exit(code)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
 def is_sharded(model) -> bool:
     """True when FSDP2 has turned the parameters into DTensors."""
     from torch.distributed.tensor import DTensor
