@@ -27,18 +27,45 @@ from pathlib import Path
 from common import ROOT, table
 
 COMMON = ["--test-fraction", "0.1"]
+
+
+def dense(steps: int, *extra: str) -> list[str]:
+    return ["--model-type", "standard", "--max-steps", str(steps), *extra]
+
+
+# the third round's combination: a 4,096-token vocabulary, weight decay 0.1, QK-norm
+C3 = ("--vocab-size", "4096", "--weight-decay", "0.1", "--qk-norm")
 CANDIDATES = {
     # the default before this search: MoE, 8 experts top-2, 400 steps of 16 x 256 tokens
     "baseline": ["--model-type", "moe", "--max-steps", "400"],
-    # dense at the same width, as many steps as fit (the architecture benchmark: dense is ~2x faster per step)
-    "dense": ["--model-type", "standard", "--max-steps", "1150"],
-    "dense-wsd": ["--model-type", "standard", "--max-steps", "1150", "--schedule", "wsd"],
-    "dense-lr03": ["--model-type", "standard", "--max-steps", "1150", "--lr", "0.03"],
-    "dense-b32": ["--model-type", "standard", "--max-steps", "575", "--batch-size", "32"],
-    "dense-d320": ["--model-type", "standard", "--max-steps", "900", "--d-model", "320", "--n-heads", "5"],
-    # the 30 training plays are ~1.1M tokens: 1,150 steps of 4,096 tokens is ~4 epochs; fewer steps, or dropout
-    "dense-700": ["--model-type", "standard", "--max-steps", "700"],
-    "dense-drop": ["--model-type", "standard", "--max-steps", "1150", "--dropout", "0.1"],
+    # first round: dense at the same width, as many steps as fit (the architecture benchmark: dense is ~2x
+    # faster per step); the 30 training plays are ~1.1M tokens: 1,150 steps of 4,096 tokens is ~4 epochs
+    "dense": dense(1150),
+    "dense-wsd": dense(1150, "--schedule", "wsd"),
+    "dense-lr03": dense(1150, "--lr", "0.03"),
+    "dense-b32": dense(575, "--batch-size", "32"),
+    "dense-d320": dense(900, "--d-model", "320", "--n-heads", "5"),
+    "dense-700": dense(700),
+    "dense-drop": dense(1150, "--dropout", "0.1"),
+    # second round, each one change from dense-700: vocabulary, weight decay, QK-norm
+    "d700-v4096": dense(700, "--vocab-size", "4096"),
+    "d700-v2048": dense(700, "--vocab-size", "2048"),
+    "d700-wd": dense(700, "--weight-decay", "0.1"),
+    "d700-qkn": dense(700, "--qk-norm"),
+    # third round: the three small gains of the second together, then one change each: context 512 at the
+    # same tokens per step, ReLU² (its d_ff defaults to 4 d_model: SwiGLU's parameters), more steps
+    "c3": dense(700, *C3),
+    "c3-s512": dense(700, *C3, "--seq-len", "512", "--batch-size", "8"),
+    "c3-relu2": dense(700, *C3, "--mlp-type", "relu2"),
+    "c3-900": dense(900, *C3),
+    # fourth round, one change each from c3: weight decay 0.2, width 384 (fewer steps), untied head, lr 0.03
+    "c3-wd02": dense(700, "--vocab-size", "4096", "--weight-decay", "0.2", "--qk-norm"),
+    "c3-d384": dense(450, *C3, "--d-model", "384", "--n-heads", "6"),
+    "c3-untied": dense(700, *C3, "--no-tie-embeddings"),
+    "c3-lr03": dense(700, *C3, "--lr", "0.03"),
+    # fifth round: c3 ran 900 steps to 1.8371 (no overfitting with weight decay): how many steps pay
+    "c3-1100": dense(1100, *C3),
+    "c3-1300": dense(1300, *C3),
 }
 
 

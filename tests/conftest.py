@@ -39,7 +39,7 @@ def corpus_dir(tmp_path_factory) -> Path:
 
 
 def tiny_config(tmp_path: Path, corpus: Path, **overrides) -> AdaptiveMoEModelConfig:
-    base = dict(dataset=str(corpus), d_model=32, n_layers=2, n_heads=4, max_seq_len=32, batch_size=4,
+    base = dict(dataset=str(corpus), model_type="moe", d_model=32, n_layers=2, n_heads=4, max_seq_len=32, batch_size=4,
                 num_experts=4, vocab_size=300, max_steps=6, eval_every=3, eval_batches=2, checkpoint_every=3,
                 cache_dir=str(tmp_path / "cache"), out_dir=str(tmp_path / "run"), device="cpu",
                 sample_tokens=4, momentum_warmup_steps=3, warmup_steps=1)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY_FLAGS = ["--d-model", "32", "--n-layers", "2", "--n-heads", "4", "--seq-len", "32", "--batch-size", "4",
-              "--num-experts", "4", "--vocab-size", "300", "--eval-batches", "2", "--device", "cpu"]
+TINY_FLAGS = ["--model-type", "moe", "--d-model", "32", "--n-layers", "2", "--n-heads", "4", "--seq-len", "32",
+              "--batch-size", "4", "--num-experts", "4", "--vocab-size", "300", "--eval-batches", "2", "--device", "cpu"]
 
 
 def cli_env() -> dict:

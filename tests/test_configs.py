@@ -14,6 +14,20 @@ def test_default_config_is_resolved_from_hardware():
     assert c.use_fp8 is False  # CPU has no FP8
 
 
+def test_the_device_picks_the_model_type_unless_the_user_does():
+    """A CPU trains the dense recipe (the measured winner there, docs/LOG.md); a CUDA device the MoE."""
+    from blueberry.configs.adaptive_moe_config import _hardware_defaults
+    from blueberry.system import capabilities_for_device
+
+    cpu = AdaptiveMoEModelConfig(device="cpu").validate()
+    assert cpu.model_type == "standard" and "model_type" in cpu.auto_fields and cpu.model.architecture == "standard"
+    assert AdaptiveMoEModelConfig(device="cpu", model_type="moe").model_type == "moe"
+    assert AdaptiveMoEModelConfig(device="cpu", layers="attn:moe").model.layer_pattern[0].ffn == "moe"
+    gpu = capabilities_for_device("cuda", device_name="NVIDIA H100", compute_capability=(9, 0), memory_gb=80.0)
+    assert _hardware_defaults(gpu, AdaptiveMoEModelConfig(device="cpu"))["model_type"] == "moe"
+    assert get_config("h100", device="cpu", use_fp8=False).model_type == "moe"  # a GPU preset names its MoE
+
+
 def test_user_values_are_never_changed():
     c = AdaptiveMoEModelConfig(batch_size=3, d_model=96, n_heads=3, lr=0.123, device="cpu").validate()
     assert (c.batch_size, c.d_model, c.lr) == (3, 96, 0.123)

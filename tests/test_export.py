@@ -25,7 +25,7 @@ def test_exported_logits_match(tmp_path, kw):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg = AdaptiveMoEModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=48, max_seq_len=32, vocab_size=300,
-                                 num_experts=4, device="cpu", use_fp8=False, **kw).validate()
+                                 num_experts=4, device="cpu", use_fp8=False, **{"qk_norm": False, **kw}).validate()
     model = create_model(cfg).eval()
     for p in model.parameters():  # random, non-trivial weights everywhere (norm gains too)
         torch.nn.init.normal_(p, std=0.3) if p.dim() > 1 else torch.nn.init.uniform_(p, 0.5, 1.5)
@@ -47,7 +47,8 @@ def test_unmappable_options_are_refused(tmp_path):
                                  mlp_type="silu", device="cpu", use_fp8=False).validate()
     with pytest.raises(ExportError, match="no exact Hugging Face"):
         hf_architecture(cfg)
-    top1 = AdaptiveMoEModelConfig(d_model=32, n_layers=1, n_heads=4, max_seq_len=16, vocab_size=300,
-                                  expert_top_k=1, device="cpu", use_fp8=False).validate()
+    top1 = AdaptiveMoEModelConfig(model_type="moe", d_model=32, n_layers=1, n_heads=4, max_seq_len=16,
+                                  vocab_size=300, expert_top_k=1, qk_norm=False, device="cpu",
+                                  use_fp8=False).validate()
     with pytest.raises(ExportError, match="top-1 MoE"):  # Mixtral would renormalise its weight to 1
         hf_architecture(top1)

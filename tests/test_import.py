@@ -79,7 +79,8 @@ def test_import_of_an_export_is_the_run_exactly(tmp_path, model_type, extra):
     from blueberry.models import create_model
 
     cfg = AdaptiveMoEModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=48, max_seq_len=32, vocab_size=300,
-                                 num_experts=4, device="cpu", use_fp8=False, model_type=model_type, **extra).validate()
+                                 num_experts=4, device="cpu", use_fp8=False, model_type=model_type,
+                                 **{"qk_norm": False, **extra}).validate()
     model = create_model(cfg).eval()
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.3)
@@ -114,7 +115,7 @@ def test_continued_pretraining_starts_from_the_imported_weights(tmp_path, corpus
     save_family("qwen3", tmp_path / "hf")
     assert run_cli("import", tmp_path / "hf", tmp_path / "imported").returncode == 0
     flags = [f for f in TINY_FLAGS]
-    for name in ("--d-model", "--n-layers", "--n-heads", "--num-experts", "--vocab-size"):
+    for name in ("--model-type", "--d-model", "--n-layers", "--n-heads", "--num-experts", "--vocab-size"):
         i = flags.index(name)
         del flags[i:i + 2]
     common = ["--dataset", corpus_dir, "--cache-dir", tmp_path / "c", "--max-steps", "3", "--eval-every", "3",

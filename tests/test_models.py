@@ -11,8 +11,8 @@ from blueberry.ops.grouped_mm import expert_matmul
 
 
 def cfg(**kw):
-    base = dict(d_model=32, n_layers=2, n_heads=4, max_seq_len=16, batch_size=2, num_experts=4, vocab_size=300,
-                device="cpu", use_fp8=False)
+    base = dict(model_type="moe", d_model=32, n_layers=2, n_heads=4, max_seq_len=16, batch_size=2, num_experts=4,
+                vocab_size=300, device="cpu", use_fp8=False)
     base.update(kw)
     return AdaptiveMoEModelConfig(**base).validate()
 
@@ -77,7 +77,7 @@ def test_document_mask_blocks_attention_across_documents():
     torch.testing.assert_close(attn(x2, doc_ids=docs)[:, 3:], y[:, 3:])
 
 
-def naive_moe(moe: MixtureOfExperts, x: torch.Tensor, training_capacity: bool):
+def naive_moe(moe: MixtureOfExperts, x: torch.Tensor, training_capacity: bool, act=None):
     """Per-token loop in float64: route, (drop over capacity in token order), run experts, weight, sum."""
     xf = x.reshape(-1, x.shape[-1]).double()
     T, E, k = xf.shape[0], moe.num_experts, moe.top_k
@@ -98,8 +98,12 @@ def naive_moe(moe: MixtureOfExperts, x: torch.Tensor, training_capacity: bool):
                 continue
             used[e] += 1
             h = w_up[e] @ xf[t]
-            gate, up = h.chunk(2)
-            out[t] += top_w[t, j] * (w_down[e] @ (F.silu(gate) * up))
+            if act is None:
+                gate, up = h.chunk(2)
+                h = F.silu(gate) * up
+            else:
+                h = act(h)
+            out[t] += top_w[t, j] * (w_down[e] @ h)
     load = counts / (T * k)
     lb = E * (load * probs.mean(0)).sum()
     z = torch.logsumexp(logits, -1).pow(2).mean()
@@ -126,6 +130,25 @@ def test_moe_matches_naive_reference(capacity, grouped):
     moe.eval()  # evaluation is dropless
     ref_eval, *_ = naive_moe(moe, x, training_capacity=False)
     torch.testing.assert_close(moe(x)[0].double(), ref_eval, atol=1e-5, rtol=1e-4)
+
+
+def test_relu_squared_feed_forwards_match_transformers_activation():
+    """`--mlp-type relu2`: the MLP and each MoE expert are down(relu(up x)²), with transformers' ReLU² as
+    the reference activation (float64)."""
+    from transformers.activations import ACT2FN
+
+    from blueberry.models.layers import make_mlp
+
+    relu2 = ACT2FN["relu2"]
+    mlp = make_mlp("relu2", 16, 40).double()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    torch.testing.assert_close(mlp(x), relu2(x @ mlp.up.weight.t()) @ mlp.down.weight.t())
+    moe = MixtureOfExperts(16, 24, num_experts=4, top_k=2, capacity_factor=0.0, mlp_type="relu2")
+    torch.nn.init.normal_(moe.router.weight, std=0.5)
+    moe.eval()
+    x = torch.randn(3, 7, 16)
+    ref, *_ = naive_moe(moe, x, training_capacity=False, act=relu2)
+    torch.testing.assert_close(moe(x)[0].double(), ref, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("capacity", [0.0, 0.5])

@@ -205,8 +205,9 @@ def test_constant_schedule_and_factor_values():
 
 
 def test_hybrid_setup_assigns_roles():
-    cfg = AdaptiveMoEModelConfig(d_model=32, n_layers=2, n_heads=4, max_seq_len=16, vocab_size=300,
-                                 num_experts=4, device="cpu", use_fp8=False, tie_embeddings=False).validate()
+    cfg = AdaptiveMoEModelConfig(model_type="moe", d_model=32, n_layers=2, n_heads=4, max_seq_len=16,
+                                 vocab_size=300, num_experts=4, device="cpu", use_fp8=False,
+                                 tie_embeddings=False).validate()
     model = create_model(cfg)
     muon, adamw = setup_optimizers(model, cfg, log=lambda *a: None)
     muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}

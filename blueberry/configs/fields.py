@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 MODEL_TYPES = ("moe", "standard")
-MLP_TYPES = ("swiglu", "silu")
+MLP_TYPES = ("swiglu", "silu", "relu2")
 DATASET_TYPES = ("packed", "text_token", "random_chunk", "document")
 OPTIMIZERS = ("muon", "adamw", "lion", "adafactor")
 SCHEDULES = ("cosine_warmup", "linear_warmup", "constant", "wsd")

@@ -11,10 +11,11 @@ from .layer_pattern import DEFAULT_PATTERNS, STATEFUL_MIXERS, LayerSpec, describ
 
 @dataclass
 class ModelConfig:
-    model_type: str = setting("moe", "moe: a Mixture of Experts in every block; standard: a dense MLP",
+    model_type: str = setting("moe", "moe: a Mixture of Experts in every block; standard: a dense MLP (default: "
+                                     "standard on a CPU, where it trains best in the same time; moe on a GPU)",
                               choices=MODEL_TYPES)
-    vocab_size: int | None = setting(None, "vocabulary size (default: 8192 for a BPE trained here, the size of "
-                                           "a given --tokenizer)")
+    vocab_size: int | None = setting(None, "vocabulary size (default for a BPE trained here: 4096 on a "
+                                           "CPU, 8192 on a GPU; the size of a given --tokenizer)")
     d_model: int | None = setting(None, "width of the residual stream")
     n_layers: int | None = setting(None, "number of blocks")
     n_heads: int | None = setting(None, "attention heads")
@@ -24,8 +25,9 @@ class ModelConfig:
     qkv_bias: bool = setting(False, "biases on the query, key and value projections (Qwen2)")
     d_ff: int | None = setting(None, "hidden width of the MLP (and of each expert unless --moe-d-ff)")
     max_seq_len: int | None = setting(None, "training sequence length and context window", flag="seq_len")
-    mlp_type: str = setting("swiglu", "feed-forward: gated SwiGLU or Linear-SiLU-Linear", choices=MLP_TYPES)
-    qk_norm: bool = setting(False, "RMSNorm on each head's queries and keys before RoPE (Qwen3)")
+    mlp_type: str = setting("swiglu", "feed-forward: gated SwiGLU, Linear-SiLU-Linear, or Linear-ReLU²-Linear "
+                                      "(relu2, as in modded-nanogpt)", choices=MLP_TYPES)
+    qk_norm: bool = setting(False, "RMSNorm on each head's queries and keys before RoPE (Qwen3; default: on)")
     tie_embeddings: bool = setting(True, "share the input embedding and the output head")
     rope_theta: float = setting(10000.0, "RoPE base frequency")
     norm_eps: float = setting(1e-5, "RMSNorm epsilon")

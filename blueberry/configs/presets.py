@@ -7,29 +7,28 @@ value the user gave is never replaced by an automatic one.
 from __future__ import annotations
 
 from ..errors import ConfigError
-from .adaptive_moe_config import AdaptiveMoEModelConfig
+from .adaptive_moe_config import CPU_RECIPE, AdaptiveMoEModelConfig
 
 PRESETS: dict[str, dict] = {
     # Seconds on a laptop CPU: for smoke tests and iterating on code.
-    "dev": dict(d_model=128, n_layers=2, n_heads=4, max_seq_len=128, batch_size=8, num_experts=4,
-                vocab_size=2048, max_steps=200, eval_every=50, eval_batches=5, momentum_warmup_steps=50,
+    "dev": dict(model_type="moe", d_model=128, n_layers=2, n_heads=4, max_seq_len=128, batch_size=8,
+                num_experts=4, vocab_size=2048, max_steps=200, eval_every=50, eval_batches=5, momentum_warmup_steps=50,
                 compile=False),
     # Everything from the hardware (AdaptiveMoEModelConfig()).
     "default": dict(),
     # The CPU-sized model whatever the machine (what `default` picks on a CPU).
-    "cpu": dict(d_model=256, n_layers=4, n_heads=4, max_seq_len=256, batch_size=16, max_steps=400,
-                device="cpu"),
+    "cpu": dict(CPU_RECIPE, device="cpu"),
     # 24 GB Ada card: FP8 capable.
-    "rtx4090": dict(d_model=768, n_layers=12, n_heads=12, max_seq_len=1024, batch_size=16, num_experts=8,
-                    vocab_size=32768, max_steps=5000),
+    "rtx4090": dict(model_type="moe", d_model=768, n_layers=12, n_heads=12, max_seq_len=1024, batch_size=16,
+                    num_experts=8, vocab_size=32768, max_steps=5000),
     # 32 GB Blackwell card.
-    "rtx5090": dict(d_model=768, n_layers=12, n_heads=12, max_seq_len=1024, batch_size=24, num_experts=8,
-                    vocab_size=32768, max_steps=5000),
+    "rtx5090": dict(model_type="moe", d_model=768, n_layers=12, n_heads=12, max_seq_len=1024, batch_size=24,
+                    num_experts=8, vocab_size=32768, max_steps=5000),
     # 80 GB Hopper.
-    "h100": dict(d_model=1024, n_layers=16, n_heads=16, n_kv_heads=4, max_seq_len=2048, batch_size=32,
+    "h100": dict(model_type="moe", d_model=1024, n_layers=16, n_heads=16, n_kv_heads=4, max_seq_len=2048, batch_size=32,
                  num_experts=8, vocab_size=32768, max_steps=10000),
     # Multi-GPU with torchrun: FSDP2 and a larger model.
-    "production": dict(d_model=1536, n_layers=24, n_heads=16, n_kv_heads=4, max_seq_len=2048,
+    "production": dict(model_type="moe", d_model=1536, n_layers=24, n_heads=16, n_kv_heads=4, max_seq_len=2048,
                        batch_size=16, num_experts=16, vocab_size=32768, max_steps=20000, parallel="fsdp"),
 }
 

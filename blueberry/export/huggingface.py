@@ -40,7 +40,7 @@ def _stack_kind(config) -> str:
 def hf_architecture(config) -> str:
     kind = _stack_kind(config)
     if config.mlp_type != "swiglu":
-        raise ExportError(f"mlp_type={config.mlp_type!r} (Linear-SiLU-Linear) has no exact Hugging Face "
+        raise ExportError(f"mlp_type={config.mlp_type!r} (an ungated feed-forward) has no exact Hugging Face "
                           "equivalent; only SwiGLU models can be exported")
     if config.qkv_bias and not (kind == "moe" and config.shared_expert and not config.qk_norm):
         raise ExportError("query/key/value biases are carried by Qwen2-MoE (an MoE with a shared expert) only")

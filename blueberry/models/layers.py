@@ -63,17 +63,26 @@ class RotaryEmbedding(nn.Module):
         return q * cos + rotate_half(q) * sin, k * cos.to(k.dtype) + rotate_half(k) * sin.to(k.dtype)
 
 
-class MLP(nn.Module):
-    """The seed's feed-forward: Linear -> SiLU -> Linear."""
+def relu_squared(x: torch.Tensor) -> torch.Tensor:
+    """ReLU(x)²: the ungated activation of the Primer paper and of modded-nanogpt's speedruns."""
+    return F.relu(x).square()
 
-    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0):
+
+UNGATED_ACTIVATIONS = {"silu": F.silu, "relu2": relu_squared}
+
+
+class MLP(nn.Module):
+    """Ungated feed-forward: Linear -> activation -> Linear (SiLU, the seed's; or ReLU²)."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0, activation: str = "silu"):
         super().__init__()
         self.up = nn.Linear(d_model, d_ff, bias=False)
         self.down = nn.Linear(d_ff, d_model, bias=False)
         self.dropout = nn.Dropout(dropout)
+        self.act = UNGATED_ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down(F.silu(self.up(x))))
+        return self.dropout(self.down(self.act(self.up(x))))
 
 
 class SwiGLU(nn.Module):
@@ -106,4 +115,6 @@ class SwiGLU(nn.Module):
 
 
 def make_mlp(kind: str, d_model: int, d_ff: int, dropout: float = 0.0) -> nn.Module:
-    return {"swiglu": SwiGLU, "silu": MLP}[kind](d_model, d_ff, dropout)
+    if kind == "swiglu":
+        return SwiGLU(d_model, d_ff, dropout)
+    return MLP(d_model, d_ff, dropout, activation=kind)

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.grouped_mm import expert_matmul, group_alignment
-from .layers import SwiGLU
+from .layers import UNGATED_ACTIVATIONS, SwiGLU
 
 
 @dataclass
@@ -60,6 +60,7 @@ class MixtureOfExperts(nn.Module):
         self.load_balancing_weight, self.z_loss_weight = load_balancing_weight, z_loss_weight
         self.router_noise = router_noise
         self.gated = mlp_type == "swiglu"
+        self.ungated_act = None if self.gated else UNGATED_ACTIVATIONS[mlp_type]
         self.use_grouped_mm = use_grouped_mm
         self.group_align = group_align  # rows per alignment unit of an expert group; None: by device
         self.router = nn.Linear(d_model, num_experts, bias=False)
@@ -187,7 +188,7 @@ class MixtureOfExperts(nn.Module):
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
             return F.silu(gate) * up
-        return F.silu(h)
+        return self.ungated_act(h)
 
     def expert_weight(self, name: str, dtype: torch.dtype, index: torch.Tensor | int | None = None) -> torch.Tensor:
         """`w_up`/`w_down` in `dtype` (the experts at `index` only, when given). A quantized model stores
