@@ -1,14 +1,14 @@
 """The optimizer's share of a training step at a preset's shapes, measured on this machine.
 
-    python benchmarks/optimizer_share.py [--presets cpu,rtx4090,h100] [--layers 2] [--rows 2] [--ns-steps 5]
+    python benchmarks/optimizer_share.py [--presets cpu,rtx4090,h100] [--rows 1] [--ns-steps 5]
 
-For each preset: its model (width, heads, experts, vocabulary, sequence length, model type) with `--layers`
-blocks instead of its full depth (forward+backward and the Muon step both grow in proportion to depth, so
-the share does not depend on it), bf16 autocast where the device has it, eager. Forward+backward is timed on
-`--rows` sequences of the preset's length and scaled to the preset's batch (its cost is linear in the
-rows); the optimizer step (every optimizer of the run: Muon on the hidden matrices, AdamW on the rest) is
-timed as it is. share = optimizer / (forward+backward + optimizer), the `optimizer_share` that training
-logs. On a CPU this measures CPU kernels: a GPU's ratio of matmul speeds at these shapes differs.
+For each preset: its model (width, heads, experts, vocabulary, sequence length, model type) built with 1 and
+with 2 blocks, bf16 autocast where the device has it, eager. Forward+backward is timed on `--rows` sequences
+of the preset's length and scaled to the preset's batch (its cost is linear in the rows); the optimizer step
+(every optimizer of the run: Muon on the hidden matrices, AdamW on the rest) is timed as it is. Each cost at
+the preset's depth L is cost(1) + (L - 1) * (cost(2) - cost(1)): a block's share, plus the embedding and head
+once. share = optimizer / (forward+backward + optimizer), the `optimizer_share` that training logs. On a CPU
+this measures CPU kernels: a GPU's ratio of matmul speeds at these shapes differs.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from blueberry.models import create_model
 from blueberry.optimizers.factory import setup_optimizers
 
 
-def measure(preset: str, layers: int, rows: int, ns_steps: int) -> list:
+def step_costs(preset: str, layers: int, rows: int, ns_steps: int) -> tuple[float, float]:
+    """(forward+backward seconds at the preset's batch, optimizer step seconds) with `layers` blocks."""
     cfg = get_config(preset, device="cpu", use_fp8=False, n_layers=layers, compile=False).validate()
     torch.manual_seed(0)
     model = create_model(cfg)
@@ -47,21 +48,27 @@ def measure(preset: str, layers: int, rows: int, ns_steps: int) -> list:
 
     fb = timed(forward_backward, warmup=1, repeats=3, stat="min") * cfg.batch_size / rows
     forward_backward()
-    opt_s = timed(step, warmup=1, repeats=3, stat="min")
-    return [preset, cfg.model.architecture, cfg.d_model, layers, cfg.batch_size * cfg.max_seq_len,
-            f"{fb:.3f}", f"{opt_s:.3f}", f"{opt_s / (fb + opt_s):.2f}"]
+    return fb, timed(step, warmup=1, repeats=3, stat="min")
+
+
+def measure(preset: str, rows: int, ns_steps: int) -> list:
+    cfg = get_config(preset, device="cpu", use_fp8=False).validate()
+    (fb1, opt1), (fb2, opt2) = (step_costs(preset, n, rows, ns_steps) for n in (1, 2))
+    depth = cfg.n_layers
+    fb, opt = fb1 + (depth - 1) * (fb2 - fb1), opt1 + (depth - 1) * (opt2 - opt1)
+    return [preset, cfg.model.architecture, cfg.d_model, depth, cfg.batch_size * cfg.max_seq_len,
+            f"{fb:.2f}", f"{opt:.2f}", f"{opt / (fb + opt):.2f}"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--presets", default="cpu,rtx4090,h100")
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--rows", type=int, default=2)
+    ap.add_argument("--rows", type=int, default=1)
     ap.add_argument("--ns-steps", type=int, default=5)
     args = ap.parse_args()
     rows = []
     for preset in args.presets.split(","):
-        rows.append(measure(preset, args.layers, args.rows, args.ns_steps))
+        rows.append(measure(preset, args.rows, args.ns_steps))
         print(" | ".join(map(str, rows[-1])), flush=True)
     print(table(["preset", "model", "d_model", "layers", "tokens/step", "fwd+bwd s", "optimizer s", "share"], rows))
 

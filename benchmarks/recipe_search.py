@@ -36,6 +36,8 @@ def dense(steps: int, *extra: str) -> list[str]:
 # the third round's combination: a 4,096-token vocabulary, weight decay 0.1, QK-norm
 C3 = ("--vocab-size", "4096", "--weight-decay", "0.1", "--qk-norm")
 CANDIDATES = {
+    # whatever `python train.py` picks on this machine now (the seeds' spread of the default is measured on it)
+    "default": [],
     # the default before this search: MoE, 8 experts top-2, 400 steps of 16 x 256 tokens
     "baseline": ["--model-type", "moe", "--max-steps", "400"],
     # first round: dense at the same width, as many steps as fit (the architecture benchmark: dense is ~2x
@@ -66,6 +68,16 @@ CANDIDATES = {
     # fifth round: c3 ran 900 steps to 1.8371 (no overfitting with weight decay): how many steps pay
     "c3-1100": dense(1100, *C3),
     "c3-1300": dense(1300, *C3),
+    # sixth round, one change each from c3-900 (1,100 steps scored worse: 1.8524): weight decay 0.2, lr 0.03
+    "c3-900-wd02": dense(900, "--vocab-size", "4096", "--weight-decay", "0.2", "--qk-norm"),
+    "c3-900-lr03": dense(900, *C3, "--lr", "0.03"),
+    # seventh round: more steps with the stronger weight decay; and the two sixth-round changes together
+    "c3-1000-wd02": dense(1000, "--vocab-size", "4096", "--weight-decay", "0.2", "--qk-norm"),
+    "c3-900-wd02-lr03": dense(900, "--vocab-size", "4096", "--weight-decay", "0.2", "--qk-norm", "--lr", "0.03"),
+    # the MoE (8 experts, top-2) with the same changes, for the steps that take the dense run's wall time (an
+    # MoE step costs ~1.75 dense steps here: baseline 400 steps and dense-700 both took 5.7 min)
+    "moe-c3": ["--model-type", "moe", "--max-steps", "515", "--vocab-size", "4096", "--weight-decay", "0.2",
+               "--qk-norm"],
 }
 
 
