@@ -43,6 +43,8 @@ CANDIDATES = {
     # first round: dense at the same width, as many steps as fit (the architecture benchmark: dense is ~2x
     # faster per step); the 30 training plays are ~1.1M tokens: 1,150 steps of 4,096 tokens is ~4 epochs
     "dense": dense(1150),
+    # named but not run (later rounds went elsewhere): dense-wsd, dense-lr03, dense-b32, dense-d320, c3-d384,
+    # c3-lr03 (stopped for the fifth round), c3-900-wd02-lr03 (lr 0.03 lost on its own)
     "dense-wsd": dense(1150, "--schedule", "wsd"),
     "dense-lr03": dense(1150, "--lr", "0.03"),
     "dense-b32": dense(575, "--batch-size", "32"),
