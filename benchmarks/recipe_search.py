@@ -80,6 +80,9 @@ CANDIDATES = {
     # MoE step costs ~1.75 dense steps here: baseline 400 steps and dense-700 both took 5.7 min)
     "moe-c3": ["--model-type", "moe", "--max-steps", "515", "--vocab-size", "4096", "--weight-decay", "0.2",
                "--qk-norm"],
+    # after the decision, from the new default: a warm-up-stable-decay schedule; wider and fewer steps
+    "default-wsd": ["--schedule", "wsd"],
+    "default-d320": ["--d-model", "320", "--n-heads", "5", "--max-steps", "700"],
 }
 
 
