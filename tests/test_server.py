@@ -140,15 +140,18 @@ def test_sixteen_concurrent_streaming_clients(server, client):
 
 
 def test_a_client_that_disconnects_stops_its_generation(server):
-    before = httpx.get(f"{server}/health").json()["finished"].get("cancelled", 0)
-    # 500 tokens, end-of-text ignored: the generation cannot end by itself before the hang-up is noticed
+    # 500 tokens, end-of-text ignored: the generation cannot end by itself before the hang-up is noticed.
+    # Ten hang-ups: one that lands while the server is inside `send` was missed about one time in twenty.
     body = {"model": "tiny", "prompt": "the", "max_tokens": 500, "temperature": 1.0, "stream": True,
             "stop": ["@@never@@"], "ignore_eos": True}
-    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=30) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                break  # the first token arrived: hang up
-    deadline = time.time() + 20
-    while httpx.get(f"{server}/health").json()["finished"].get("cancelled", 0) <= before:
-        assert time.time() < deadline, "the generation was not cancelled"
-        time.sleep(0.05)
+    for attempt in range(10):
+        before = httpx.get(f"{server}/health").json()["finished"]
+        with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=30) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    break  # the first token arrived: hang up
+        deadline = time.time() + 20
+        while (after := httpx.get(f"{server}/health").json()["finished"]) == before:
+            assert time.time() < deadline, f"hang-up {attempt}: the generation was neither cancelled nor finished"
+            time.sleep(0.02)
+        assert after.get("cancelled", 0) == before.get("cancelled", 0) + 1, f"hang-up {attempt}: {before} -> {after}"

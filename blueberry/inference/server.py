@@ -239,33 +239,47 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
             return f"data: {json.dumps(body)}\n\n"
 
         async def events():
-            try:
-                if chat:
-                    yield chunk({"role": "assistant", "content": ""})
-                while True:
-                    try:
-                        delta = await asyncio.wait_for(queue.get(), timeout=0.05)
-                        yield chunk(delta_of(delta))
-                        continue
-                    except asyncio.TimeoutError:
-                        pass
-                    if seq.done.is_set() and queue.empty():
-                        break
-                    if await request.is_disconnected():
-                        return
-                if getattr(seq, "error", None):
-                    yield f"data: {json.dumps(error_body('generation failed', 'server_error'))}\n\n"
-                else:
-                    yield chunk({} if chat else {"text": ""}, finish=seq.finish_reason)
-                yield "data: [DONE]\n\n"
-            finally:
-                if not seq.done.is_set():
-                    seq.cancelled = True  # the client went away: its slot is freed at the next step
+            if chat:
+                yield chunk({"role": "assistant", "content": ""})
+            while True:
+                try:
+                    delta = await asyncio.wait_for(queue.get(), timeout=0.05)
+                    yield chunk(delta_of(delta))
+                    continue
+                except asyncio.TimeoutError:
+                    pass
+                if seq.done.is_set() and queue.empty():
+                    break
+                if await request.is_disconnected():
+                    return
+            if getattr(seq, "error", None):
+                yield f"data: {json.dumps(error_body('generation failed', 'server_error'))}\n\n"
+            else:
+                yield chunk({} if chat else {"text": ""}, finish=seq.finish_reason)
+            yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return _GenerationStream(events(), seq, media_type="text/event-stream")
 
     app.state.engine_loop = loop_thread
     return app
+
+
+class _GenerationStream(StreamingResponse):
+    """A streamed answer that cancels its generation however the stream ends. A hang-up cancels the
+    sending task wherever it is; when that is inside `send` rather than inside the event generator, the
+    generator's own `finally` would wait for garbage collection, and the generation would run on."""
+
+    def __init__(self, content, seq, **kwargs):
+        super().__init__(content, **kwargs)
+        self.seq = seq
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self.seq.done.is_set():
+                self.seq.cancelled = True  # the client went away: its slot is freed at the next step
+            await self.body_iterator.aclose()
 
 
 def _raise_if_failed(seqs) -> None:
