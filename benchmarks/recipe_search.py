@@ -83,6 +83,9 @@ CANDIDATES = {
     # after the decision, from the new default: a warm-up-stable-decay schedule; wider and fewer steps
     "default-wsd": ["--schedule", "wsd"],
     "default-d320": ["--d-model", "320", "--n-heads", "5", "--max-steps", "700"],
+    # eighth round (session 6), the data-limited regime (~3.3 epochs of the 30 training plays): regularize
+    "default-drop": ["--dropout", "0.1"],
+    "default-wd04": ["--weight-decay", "0.4"],
 }
 
 
