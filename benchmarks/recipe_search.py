@@ -83,9 +83,20 @@ CANDIDATES = {
     # after the decision, from the new default: a warm-up-stable-decay schedule; wider and fewer steps
     "default-wsd": ["--schedule", "wsd"],
     "default-d320": ["--d-model", "320", "--n-heads", "5", "--max-steps", "700"],
-    # eighth round (session 6), the data-limited regime (~3.3 epochs of the 30 training plays): regularize
+    # eighth round (session 6), the data-limited regime (~3.3 epochs of the 30 training plays): regularize.
+    # Tried as patches, not flags (docs/patches/*.diff: apply, set the variable, run `--candidates default`):
+    # logit soft-capping, an embedding skip into every block, value embeddings (docs/LOG.md, session 6)
     "default-drop": ["--dropout", "0.1"],
     "default-wd04": ["--weight-decay", "0.4"],
+    # the learning rates and schedule end not yet swept: AdamW's (tied embedding/head, norms), decay to zero
+    "default-alr6": ["--adamw-lr", "0.006"],
+    "default-minlr0": ["--min-lr-ratio", "0"],
+    # the same tokens in smaller batches (twice the steps); deeper and narrower at about the same parameters
+    "default-b8": ["--batch-size", "8", "--max-steps", "1800"],
+    "default-d192l6": ["--d-model", "192", "--n-heads", "3", "--n-layers", "6"],
+    # a lower Muon learning rate (0.03 lost); twice the heads of half the width
+    "default-lr015": ["--lr", "0.015"],
+    "default-h8": ["--n-heads", "8"],
 }
 
 
