@@ -23,11 +23,11 @@ import torch
 from common import table
 
 from blueberry.cli.use_cmds import _packed_loader
-from blueberry.data import BatchLoader, create_dataset, load_and_cache_data
-from blueberry.data.corpus import encode_documents, run_documents, test_documents
+from blueberry.data import load_and_cache_data
 from blueberry.inference.loading import load_model
 from blueberry.training.evaluation import _batch_totals
 from blueberry.training.precision import choose_precision
+from blueberry.training.test_split import held_out_test_loader
 
 
 @torch.no_grad()
@@ -63,10 +63,7 @@ def main() -> None:
     if args.split == "test":
         if config.test_fraction <= 0:
             raise SystemExit("these runs have no test split (--test-fraction)")
-        docs = test_documents(run_documents(config, log=lambda *a: None), config.val_fraction, config.split_seed,
-                              config.test_fraction)
-        dataset = create_dataset(encode_documents(tokenizer, docs, None)[0], "packed", config.max_seq_len)
-        loader = BatchLoader(dataset, min(config.batch_size, len(dataset)), shuffle=False)
+        loader, _ = held_out_test_loader(config, tokenizer)
     else:
         _, _, corpus = load_and_cache_data(config, log=lambda *a: None)
         loader = _packed_loader(corpus.val, config, args.batches or config.eval_batches)

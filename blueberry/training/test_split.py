@@ -14,18 +14,23 @@ from .evaluation import evaluate_model
 from .precision import choose_precision
 
 
-def score_test_split(model, config, tokenizer, ctx, run_dir: Path, metrics: dict, log=print) -> dict:
-    """Evaluate `model` (every rank takes part) on the run's test documents; updates `metrics` and the summary."""
-    if config.test_fraction <= 0:
-        return metrics
+def held_out_test_loader(config, tokenizer, rank: int = 0, world_size: int = 1) -> tuple[BatchLoader, list]:
+    """(a loader over every window of the run's test documents, this rank's share; the documents)."""
     docs = test_documents(run_documents(config, log=lambda *a: None), config.val_fraction, config.split_seed,
                           config.test_fraction)
     tokens, _ = encode_documents(tokenizer, docs, None)
     dataset = create_dataset(tokens, "packed", config.max_seq_len)
-    if len(dataset) < ctx.world_size:
+    if len(dataset) < world_size:
         raise DataError(f"the test split ({len(tokens)} tokens) is shorter than one window per process")
-    batch = max(1, min(config.batch_size, len(dataset) // ctx.world_size))
-    loader = BatchLoader(dataset, batch, shuffle=False, rank=ctx.rank, world_size=ctx.world_size)
+    batch = max(1, min(config.batch_size, len(dataset) // world_size))
+    return BatchLoader(dataset, batch, shuffle=False, rank=rank, world_size=world_size), docs
+
+
+def score_test_split(model, config, tokenizer, ctx, run_dir: Path, metrics: dict, log=print) -> dict:
+    """Evaluate `model` (every rank takes part) on the run's test documents; updates `metrics` and the summary."""
+    if config.test_fraction <= 0:
+        return metrics
+    loader, docs = held_out_test_loader(config, tokenizer, ctx.rank, ctx.world_size)
     result = evaluate_model(model, loader, config, token_bytes=tokenizer.token_bytes(),
                             precision=choose_precision(config, config.capabilities()), ranks=ctx)
     metrics.update(test_loss=result["loss"], test_bits_per_byte=result["bits_per_byte"], test_tokens=result["tokens"],
