@@ -35,9 +35,9 @@ def dense(steps: int, *extra: str) -> list[str]:
 
 # the third round's combination: a 4,096-token vocabulary, weight decay 0.1, QK-norm
 C3 = ("--vocab-size", "4096", "--weight-decay", "0.1", "--qk-norm")
-CANDIDATES = {
-    # whatever `python train.py` picks on this machine now (the seeds' spread of the default is measured on it)
-    "default": [],
+SINGLE_RUNS = {
+    # one run of the CPU recipe: `python train.py` until session 7 (named "default" in docs/LOG.md before then)
+    "single": [],
     # the default before this search: MoE, 8 experts top-2, 400 steps of 16 x 256 tokens
     "baseline": ["--model-type", "moe", "--max-steps", "400"],
     # first round: dense at the same width, as many steps as fit (the architecture benchmark: dense is ~2x
@@ -97,7 +97,18 @@ CANDIDATES = {
     # a lower Muon learning rate (0.03 lost); twice the heads of half the width
     "default-lr015": ["--lr", "0.015"],
     "default-h8": ["--n-heads", "8"],
+    # ninth round (session 7): members of an average of runs (benchmarks/ensemble.py) — shorter, so that two
+    # fit in the budget side by side, one core each
+    "default-s700": ["--max-steps", "700"],
 }
+# Every candidate above was one model: it stays one (--ensemble 1), whatever the default now is.
+CANDIDATES = {name: [*flags, "--ensemble", "1"] for name, flags in SINGLE_RUNS.items()}
+CANDIDATES.update({
+    # whatever `python train.py` picks on this machine now (the CPU recipe: an ensemble of two runs)
+    "default": [],
+    # ensembles of shorter members (the budget holds two side by side)
+    "ensemble-s800": ["--ensemble", "2", "--max-steps", "800"],
+})
 
 
 def run(name: str, seed: int, out_root: Path, budget_s: float) -> dict:
@@ -110,7 +121,8 @@ def run(name: str, seed: int, out_root: Path, budget_s: float) -> dict:
     if r.returncode != 0:
         raise SystemExit(f"{name} failed:\n{r.stderr[-3000:]}")
     summary = json.loads((out / "summary.json").read_text())
-    train = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logs = [Path(m["run_dir"]) / "metrics.jsonl" for m in summary.get("members", [])] or [out / "metrics.jsonl"]
+    train = [json.loads(line) for log in logs for line in log.read_text().splitlines()]
     shares = [t["optimizer_share"] for t in train if t.get("kind") == "train" and "optimizer_share" in t]
     return {"name": name, "seed": seed, "flags": CANDIDATES[name], "steps": summary["step"],
             "val_bpb": summary["bits_per_byte"], "test_bpb": summary.get("test_bits_per_byte"),

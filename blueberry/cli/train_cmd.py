@@ -37,6 +37,14 @@ def train_command(args) -> int:
 
         return validate_setup(config)
     lrs = getattr(args, "lr", None) or []
+    if config.ensemble > 1:
+        if len(lrs) > 1:
+            raise ConfigError("ensemble", "an LR sweep trains one run per learning rate: sweep with --ensemble 1")
+        from ..evaluation.run_tasks import task_scorer_factory
+        from ..training.ensemble import run_ensemble
+
+        _, metrics = run_ensemble(config, task_scorer_factory=task_scorer_factory)
+        return exit_code(metrics)
     if len(lrs) > 1:
         from ..training.sweep import run_lr_sweep
 
@@ -59,10 +67,13 @@ def exit_code(metrics: dict) -> int:
 
 
 def _resume(args) -> int:
-    from ..training.checkpoint import read_state, resolve_checkpoint, run_dir_of
+    from ..training.checkpoint import read_state, resolve_checkpoint, resolve_run, run_dir_of
+    from ..training.ensemble_dir import is_ensemble
     from ..training.run import run_training
     from .args import overrides_from
 
+    if is_ensemble(resolve_run(args.resume_from, run_dir=getattr(args, "out_dir", None))):
+        return _resume_ensemble(args)
     ckpt = resolve_checkpoint(args.resume_from, run_dir=getattr(args, "out_dir", None))
     state = read_state(ckpt)
     saved = AdaptiveMoEModelConfig.from_dict(state["config"])
@@ -77,5 +88,27 @@ def _resume(args) -> int:
 
     print(f"Resuming from {ckpt}")
     _, metrics = run_training(config, resume_state=state, resume_checkpoint=ckpt,
+                              task_scorer_factory=task_scorer_factory)
+    return exit_code(metrics)
+
+
+def _resume_ensemble(args) -> int:
+    """Finish a stopped ensemble run: the members it has not finished continue (see training.ensemble)."""
+    import json
+    from pathlib import Path
+
+    from ..evaluation.run_tasks import task_scorer_factory
+    from ..training.checkpoint import resolve_run
+    from ..training.ensemble import run_ensemble
+    from .args import overrides_from
+
+    run_dir = resolve_run(args.resume_from, run_dir=getattr(args, "out_dir", None))
+    extra = [name for name in overrides_from(args) if name != "out_dir"]
+    if extra:
+        raise ConfigError(extra[0], "an ensemble resumes with its own settings: drop the "
+                          "flag (or resume one member's run directory with it)")
+    config = AdaptiveMoEModelConfig.from_dict(json.loads((Path(run_dir) / "config.json").read_text()))
+    print(f"Resuming the ensemble {run_dir}")
+    _, metrics = run_ensemble(config.replace(out_dir=str(run_dir)).validate(), resuming=True,
                               task_scorer_factory=task_scorer_factory)
     return exit_code(metrics)

@@ -30,7 +30,7 @@ SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for cls in SECTIONS.values() for f in dataclasses.fields(cls)}
 SECTION_OF: dict[str, str] = {f.name: name for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
 # Fields with a plain default in their dataclass that the device's recipe sets when the user does not.
-DEVICE_CHOSEN = ("model_type", "qk_norm", "weight_decay")
+DEVICE_CHOSEN = ("model_type", "qk_norm", "weight_decay", "ensemble")
 # Fields a run settles after the config is built, and only through `derive`.
 DERIVED_FIELDS = ("vocab_size", "batch_size", "grad_accum_steps", "out_dir")
 _BOOKKEEPING = ("auto_fields", "derived_fields")
@@ -141,6 +141,10 @@ class AdaptiveMoEModelConfig:
 # the MoE at equal wall time at this size; docs/LOG.md has every candidate). Also the `cpu` preset.
 CPU_RECIPE = dict(model_type="standard", d_model=256, n_layers=4, n_heads=4, max_seq_len=256, batch_size=16,
                   max_steps=900, vocab_size=4096, qk_norm=True, weight_decay=0.2)
+# The CPU default: runs of the recipe averaged into one model (`--ensemble`), each a little shorter so that two
+# fit the budget side by side. The training plays, not the minutes, limit one model: the second half of the
+# budget buys more as a second member than as a longer or larger run (docs/LOG.md, #20).
+CPU_ENSEMBLE = dict(ensemble=2, max_steps=800)
 
 
 def _hardware_defaults(caps: Capabilities, cfg: AdaptiveMoEModelConfig) -> dict:
@@ -148,12 +152,16 @@ def _hardware_defaults(caps: Capabilities, cfg: AdaptiveMoEModelConfig) -> dict:
     if caps.is_cuda:
         big = caps.memory_gb >= 40
         # QK-norm and weight decay (the usual 0.1) carry over from the CPU search, unverified on a GPU (docs/LOG.md)
-        size = dict(model_type="moe", d_model=768 if big else 512, n_layers=12 if big else 8,
+        size = dict(ensemble=1, model_type="moe", d_model=768 if big else 512, n_layers=12 if big else 8,
                     n_heads=12 if big else 8, max_seq_len=1024, batch_size=32 if big else 16, max_steps=5000,
                     vocab_size=8192, qk_norm=True, weight_decay=0.1)
     else:
-        # The CPU recipe: the best held-out bits per byte in 10 minutes on 2 cores (docs/LOG.md, #20).
-        size = dict(CPU_RECIPE)
+        # The CPU recipe: the best held-out bits per byte in 10 minutes on 2 cores (docs/LOG.md, #20): an
+        # ensemble of CPU_ENSEMBLE runs when the run is the recipe (its model and length left to the device)
+        ensemble = cfg.ensemble or (CPU_ENSEMBLE["ensemble"] if _is_the_cpu_recipe(cfg) else 1)
+        size = dict(CPU_RECIPE, ensemble=ensemble)
+        if ensemble > 1 and _is_the_cpu_recipe(cfg):
+            size["max_steps"] = CPU_ENSEMBLE["max_steps"]
     d_model = cfg.d_model or size["d_model"]
     max_steps = cfg.max_steps or size["max_steps"]
     return dict(
@@ -170,6 +178,12 @@ def _hardware_defaults(caps: Capabilities, cfg: AdaptiveMoEModelConfig) -> dict:
         # compiling costs tens of seconds once and saves a share of every step: worth it on longer runs
         compile=max_steps >= 150,
     )
+
+
+def _is_the_cpu_recipe(cfg: AdaptiveMoEModelConfig) -> bool:
+    """Whether the config's model and run length are the CPU recipe's (given or left out)."""
+    return cfg.layers is None and all(getattr(cfg, name) in (None, CPU_RECIPE[name]) for name in
+                                      ("model_type", "d_model", "n_layers", "max_steps", "batch_size", "max_seq_len"))
 
 
 def _has_experts(cfg: AdaptiveMoEModelConfig, model_type: str) -> bool:

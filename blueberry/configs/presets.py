@@ -17,7 +17,8 @@ PRESETS: dict[str, dict] = {
     # Everything from the hardware (AdaptiveMoEModelConfig()).
     "default": dict(),
     # The CPU-sized model whatever the machine (what `default` picks on a CPU).
-    "cpu": dict(CPU_RECIPE, device="cpu"),
+    # (its length is left to the device's defaults: shorter runs when it trains an ensemble)
+    "cpu": dict({k: v for k, v in CPU_RECIPE.items() if k != "max_steps"}, device="cpu"),
     # 24 GB Ada card: FP8 capable.
     "rtx4090": dict(model_type="moe", d_model=768, n_layers=12, n_heads=12, max_seq_len=1024, batch_size=16,
                     num_experts=8, vocab_size=32768, max_steps=5000),

@@ -31,9 +31,13 @@ class TrainingConfig:
     eval_tasks: str = setting("auto", "multiple-choice tasks scored at the final evaluation: built-in names or "
                                       ".jsonl paths, comma-separated; auto: the built-in tasks of the dataset; none")
     eval_tasks_periodic: bool = setting(False, "score --eval-tasks at every evaluation, not only the last")
+    ensemble: int | None = setting(None, "train this many runs of the recipe (seeds --seed, --seed + 1, ...) and use "
+                                         "them as one model, the mean of their next-token distributions (default: 2 "
+                                         "for the CPU recipe, 1 otherwise)")
 
     def validate(self) -> "TrainingConfig":
         check_positive(self, "batch_size", "grad_accum_steps", "max_steps", "eval_every", "eval_batches",
                        "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps")
+        check_positive(self, "ensemble", optional=True)  # None in a checkpoint older than the field: one run
         check_choices(self)
         return self

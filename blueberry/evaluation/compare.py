@@ -1,7 +1,8 @@
 """`blueberry compare RUN [RUN ...]`: the runs of an ablation side by side — one table (final val loss,
 bits per byte, task scores, tokens/s, parameters active/total, wall time) and one PNG of the validation
 curves against steps, tokens and wall time. It reads what each run wrote (metrics.jsonl, summary.json,
-config.json); nothing is recomputed but the parameter counts (from the config, on the meta device)."""
+config.json); nothing is recomputed but the parameter counts (from the config, on the meta device). An
+ensemble run is one row: its summary's figures, its members' parameters together, member 0's curves."""
 
 from __future__ import annotations
 
@@ -17,11 +18,14 @@ import torch  # noqa: E402
 from ..configs import AdaptiveMoEModelConfig  # noqa: E402
 from ..errors import UsageError  # noqa: E402
 from ..models import create_model  # noqa: E402
+from ..training.ensemble_dir import ensemble_members, is_ensemble  # noqa: E402
 from ..training.metrics import read_metrics  # noqa: E402
 
 
 def load_run(path: str | Path) -> dict:
     run = Path(path)
+    if is_ensemble(run):
+        return _load_ensemble_run(run)
     if not (run / "metrics.jsonl").exists() or not (run / "config.json").exists():
         raise UsageError(f"{run} is not a run directory (it needs metrics.jsonl and config.json)")
     records = read_metrics(run)
@@ -35,6 +39,17 @@ def load_run(path: str | Path) -> dict:
             "evals": evals, "train": train, "last_eval": evals[-1] if evals else {}}
 
 
+def _load_ensemble_run(run: Path) -> dict:
+    members = [load_run(m) for m in ensemble_members(run)]
+    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
+    final = {k: v for k, v in summary.items() if k in ("loss", "bits_per_byte") or "/acc" in k}
+    params = {k: sum(m["params"][k] for m in members) for k in members[0]["params"]}
+    return {**members[0], "name": f"{run.name} (ensemble of {len(members)})", "path": run, "params": params,
+            "summary": {**summary, "train_tokens_per_sec": sum(m["summary"].get("train_tokens_per_sec", 0)
+                                                               for m in members)},
+            "last_eval": final or members[0]["last_eval"], "wall": summary.get("elapsed")}
+
+
 def comparison_table(runs: list[dict]) -> str:
     tasks = sorted({k[:-4] for r in runs for k in r["last_eval"] if k.endswith("/acc")})
     header = ["run", "model", "optimizer", "val loss", "bits/byte", *[f"{t} acc_norm" for t in tasks],
@@ -43,7 +58,7 @@ def comparison_table(runs: list[dict]) -> str:
     for r in runs:
         e, cfg = r["last_eval"], r["config"]
         tokens_s = r["summary"].get("train_tokens_per_sec")
-        wall = r["train"][-1].get("elapsed") if r["train"] else None
+        wall = r.get("wall") or (r["train"][-1].get("elapsed") if r["train"] else None)
         cells = [r["name"], cfg.model.architecture, cfg.optimizer, _f(e.get("loss")), _f(e.get("bits_per_byte")),
                  *[_f(e.get(f"{t}/acc_norm")) for t in tasks], f"{tokens_s:,.0f}" if tokens_s else "n/a",
                  f"{r['params']['active_per_token'] / 1e6:.2f}M / {r['params']['total'] / 1e6:.2f}M",

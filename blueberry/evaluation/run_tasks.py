@@ -4,6 +4,7 @@ training loop calls at its final (or every) evaluation. The command line hands t
 
 from __future__ import annotations
 
+from ..training.precision import choose_precision
 from .tasks import builtin_tasks, evaluate_task, load_task
 
 AUTO_TASKS = {"shakespeare": ("shakespeare-next-line", "shakespeare-speaker"),
@@ -25,13 +26,16 @@ def task_scorer_factory(config, tokenizer):
     if not tasks:
         return None
 
+    precision = choose_precision(config, config.capabilities())  # the run's own, as its validation uses
+
     def score_tasks(model) -> dict:
         was_training = model.training
         model.eval()
         try:
             out = {}
             for task in tasks:
-                result = evaluate_task(model, tokenizer, task, batch_size=config.batch_size)
+                with precision.autocast():
+                    result = evaluate_task(model, tokenizer, task, batch_size=config.batch_size)
                 out.update({f"{task.name}/{k}": result[k] for k in ("acc", "acc_norm", "centered")})
             return out
         finally:

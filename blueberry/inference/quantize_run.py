@@ -1,13 +1,19 @@
-"""`blueberry quantize RUN OUT`: quantize a run's weights, measure what it costs, write a loadable run."""
+"""`blueberry quantize RUN OUT`: quantize a run's weights, measure what it costs, write a loadable run (of an
+ensemble run: every member, into an ensemble run of the quantized members)."""
 
 from __future__ import annotations
 
 import copy
+import json
+import shutil
+from pathlib import Path
 
 import torch
 
 from ..data import BatchLoader, create_dataset, load_and_cache_data
-from ..training.checkpoint import read_state
+from ..errors import UsageError
+from ..training.checkpoint import read_state, resolve_run
+from ..training.ensemble_dir import ensemble_members, is_ensemble, member_dir, write_ensemble_file
 from ..training.evaluation import evaluate_model
 from .loading import load_model
 from .quantize import quantize_model, save_quantized_run, weight_bytes
@@ -23,6 +29,8 @@ def validation_bits_per_byte(model, config, tokenizer, batches: int) -> float:
 
 def quantize_run(run: str, out: str, method: str, device: str | None, eval_batches: int) -> dict:
     """Quantize `run` into `out`; returns the report (bits per byte before/after, weight bytes)."""
+    if is_ensemble(resolve_run(run)):
+        return _quantize_ensemble(resolve_run(run), Path(out), method, device, eval_batches)
     model, config, tokenizer, ckpt = load_model(run, device)
     report = {"weight_bytes_before": weight_bytes(model)}
     report["bits_per_byte_before"] = validation_bits_per_byte(model, config, tokenizer, eval_batches)
@@ -31,4 +39,25 @@ def quantize_run(run: str, out: str, method: str, device: str | None, eval_batch
     report["bits_per_byte_after"] = validation_bits_per_byte(quantized, config, tokenizer, eval_batches)
     report["bits_per_byte_change_percent"] = 100 * (report["bits_per_byte_after"] / report["bits_per_byte_before"] - 1)
     save_quantized_run(quantized, read_state(ckpt), tokenizer, out, method, report)
+    return report
+
+
+def _quantize_ensemble(run: Path, out: Path, method: str, device: str | None, eval_batches: int) -> dict:
+    """Every member quantized into OUT/members/<i>; the report is the ensemble's, before and after."""
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"{out} exists and is not empty; choose a new output directory")
+    members = ensemble_members(run)
+    for i, member in enumerate(members):
+        quantize_run(str(member), str(member_dir(out, i)), method, device, eval_batches)
+    write_ensemble_file(out, len(members))
+    for name in ("config.json", "tokenizer.json"):
+        if (run / name).exists():
+            shutil.copy2(run / name, out / name)
+    report = {}
+    for when, path in (("before", run), ("after", out)):
+        model, config, tokenizer, _ = load_model(path, device)
+        report[f"weight_bytes_{when}"] = weight_bytes(model)
+        report[f"bits_per_byte_{when}"] = validation_bits_per_byte(model, config, tokenizer, eval_batches)
+    report["bits_per_byte_change_percent"] = 100 * (report["bits_per_byte_after"] / report["bits_per_byte_before"] - 1)
+    (out / "quantization.json").write_text(json.dumps({"method": method, **report}, indent=2) + "\n")
     return report

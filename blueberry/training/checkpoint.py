@@ -21,7 +21,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_file, save_model
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, UsageError
+from .ensemble_dir import ENSEMBLE_FILE, ensemble_members, is_ensemble
 
 FORMAT = 1
 WEIGHTS, STATE, POINTER = "model.safetensors", "state.pt", "latest"
@@ -113,23 +114,37 @@ def clean_stale_temporaries(run_dir: str | Path) -> None:
 def resolve_checkpoint(path: str | Path, runs_root: str | Path = "runs", run_dir: str | Path | None = None) -> Path:
     """A checkpoint directory from: 'latest' (the newest checkpoint of `run_dir` when given, else of the
     newest run under runs_root), a run directory, a checkpoint directory, or a file inside one."""
+    p = resolve_run(path, runs_root, run_dir)
+    if is_ensemble(p):
+        first = ensemble_members(p)[0]
+        raise UsageError(f"{p} is an ensemble of {len(ensemble_members(p))} runs, not one checkpoint: give one "
+                              f"member (e.g. {first}); generate, chat, eval and serve take the ensemble itself")
+    return p
+
+
+def resolve_run(path: str | Path, runs_root: str | Path = "runs", run_dir: str | Path | None = None) -> Path:
+    """Like `resolve_checkpoint`, but an ensemble run directory (`--ensemble`) is returned as it is."""
     if str(path) == "latest" and run_dir is not None:
         if not (Path(run_dir) / "checkpoints" / POINTER).exists():
             raise CheckpointError(f"--resume-from latest: {run_dir} (--out-dir) has no checkpoint yet; give "
                                   "the run directory that holds one")
         path = run_dir
     elif str(path) == "latest":
-        candidates = sorted(Path(runs_root).glob(f"*/checkpoints/{POINTER}"), key=lambda p: p.stat().st_mtime)
+        candidates = sorted([*Path(runs_root).glob(f"*/checkpoints/{POINTER}"),
+                             *Path(runs_root).glob(f"*/{ENSEMBLE_FILE}")], key=lambda p: p.stat().st_mtime)
         if not candidates:
             raise CheckpointError(f"--resume-from latest: no run with a checkpoint under {runs_root}/; "
                                   "give the run directory or checkpoint path")
-        path = candidates[-1].parent.parent
+        last = candidates[-1]
+        path = last.parent if last.name == ENSEMBLE_FILE else last.parent.parent
     p = Path(path)
     if p.is_file():
         p = p.parent
     if not p.exists():
         raise CheckpointError(f"checkpoint {p} does not exist; give a run directory, a checkpoint "
                               "directory, or 'latest'")
+    if is_ensemble(p):
+        return p
     if (p / "checkpoints" / POINTER).exists():
         p = p / "checkpoints"
     if (p / POINTER).exists():
@@ -141,7 +156,8 @@ def resolve_checkpoint(path: str | Path, runs_root: str | Path = "runs", run_dir
 
 
 def run_dir_of(checkpoint: Path) -> Path:
-    return checkpoint.parent.parent
+    """The run directory of a checkpoint directory (an ensemble run directory is its own)."""
+    return checkpoint if is_ensemble(checkpoint) else checkpoint.parent.parent
 
 
 def read_state(checkpoint: Path) -> dict:

@@ -38,6 +38,12 @@ def resolve_device(config) -> torch.device:
 
 def build_everything(config, log=print, rank: int = 0, world_size: int = 1):
     """Data, tokenizer, model and loaders for `config` (used by training, eval and validate-setup)."""
+    tokenizer, corpus, train_loader, val_loader = build_data(config, log, rank, world_size)
+    return tokenizer, corpus, create_model(config), train_loader, val_loader
+
+
+def build_data(config, log=print, rank: int = 0, world_size: int = 1):
+    """(tokenizer, corpus, train loader, validation loader) of `config`, the data cache built on first use."""
     if config.task == "sft":
         from ..data.sft import load_sft_data
 
@@ -54,8 +60,7 @@ def build_everything(config, log=print, rank: int = 0, world_size: int = 1):
             raise UsageError(f"--vocab-size {config.vocab_size} is smaller than the tokenizer's "
                              f"{tokenizer.vocab_size} ids; pass --vocab-size {tokenizer.vocab_size} or more")
     train_loader, val_loader = create_dataloaders(config, corpus, rank=rank, world_size=world_size)
-    model = create_model(config)
-    return tokenizer, corpus, model, train_loader, val_loader
+    return tokenizer, corpus, train_loader, val_loader
 
 
 def _token_stores(config, log):
@@ -81,12 +86,12 @@ def sample_prompts(tokenizer, corpus, n: int = 2, tokens: int = 8) -> tuple[str,
 
 
 def run_training(config, resume_state: dict | None = None, resume_checkpoint: Path | None = None, log=print,
-                 task_scorer_factory=None):
+                 task_scorer_factory=None, progress: bool = True):
     """Train one run (under torchrun: this process's share); returns (plain model, metrics).
     `task_scorer_factory(config, tokenizer)` may return a function scoring tasks at evaluations."""
-    ctx = init_distributed(_device_type(config))
+    ctx = init_distributed(device_type(config))
     try:
-        return _train_in_group(config, ctx, resume_state, resume_checkpoint, log, task_scorer_factory)
+        return train_in_group(config, ctx, resume_state, resume_checkpoint, log, task_scorer_factory, progress)
     except BaseException as exc:
         # the traceback's frames hold the wrapped model; free them so that teardown can drop it first
         traceback.clear_frames(exc.__traceback__)
@@ -95,13 +100,14 @@ def run_training(config, resume_state: dict | None = None, resume_checkpoint: Pa
         teardown(ctx)
 
 
-def _device_type(config) -> str:
+def device_type(config) -> str:
     if config.device:
         return "cuda" if config.device.startswith("cuda") else "cpu"
     return "cuda" if config.capabilities().is_cuda else "cpu"
 
 
-def _train_in_group(config, ctx, resume_state, resume_checkpoint, log, task_scorer_factory):
+def train_in_group(config, ctx, resume_state, resume_checkpoint, log, task_scorer_factory, progress: bool = True):
+    """One run in the process group `ctx` (which the caller owns): train, summarise, score the test split."""
     say = log if ctx.is_main else (lambda *a, **k: None)
     device = resolve_device(config)
     if ctx.enabled and device.type == "cuda":
@@ -137,7 +143,7 @@ def _train_in_group(config, ctx, resume_state, resume_checkpoint, log, task_scor
         _, metrics = train_model(
             wrapped, train_loader, val_loader, config, run_dir=run_dir, tokenizer=tokenizer,
             token_bytes=corpus.token_bytes, resume_state=resume_state, ctx=ctx, log=say,
-            sample_prompts=sample_prompts(tokenizer, corpus),
+            sample_prompts=sample_prompts(tokenizer, corpus), progress=progress,
             task_scorer=task_scorer_factory(config, tokenizer) if task_scorer_factory else None)
     finally:
         if hasattr(train_loader, "stop"):

@@ -1,0 +1,47 @@
+"""The directory of an ensemble run (`--ensemble N`): which runs are its members.
+
+    RUN/ensemble.json     {"format": 1, "members": ["members/0", "members/1", ...]}
+    RUN/members/<i>/      an ordinary run each (config, tokenizer, checkpoints, metrics, summary)
+    RUN/config.json       the ensemble's config; RUN/tokenizer.json the members' tokenizer
+    RUN/summary.json      the ensemble's figures (the mixture's bits per byte) and each member's
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import CheckpointError
+
+ENSEMBLE_FILE = "ensemble.json"
+FORMAT = 1
+
+
+def member_dir(run_dir: Path, index: int) -> Path:
+    return Path(run_dir) / "members" / str(index)
+
+
+def is_ensemble(path: str | Path) -> bool:
+    return (Path(path) / ENSEMBLE_FILE).is_file()
+
+
+def write_ensemble_file(run_dir: Path, members: int) -> None:
+    members_list = [str(member_dir(Path("."), i)) for i in range(members)]
+    tmp = Path(run_dir) / (ENSEMBLE_FILE + ".tmp")
+    tmp.write_text(json.dumps({"format": FORMAT, "members": members_list}, indent=2) + "\n")
+    tmp.replace(Path(run_dir) / ENSEMBLE_FILE)
+
+
+def ensemble_members(run_dir: str | Path) -> list[Path]:
+    """The member run directories of an ensemble run, each checked to exist."""
+    path = Path(run_dir) / ENSEMBLE_FILE
+    try:
+        spec = json.loads(path.read_text())
+        members = [Path(run_dir) / m for m in spec["members"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path} is not a readable ensemble description ({type(exc).__name__}: {exc})") from None
+    missing = [str(m) for m in members if not m.is_dir()]
+    if missing:
+        raise CheckpointError(f"{run_dir} is an ensemble whose member(s) {', '.join(missing)} are missing; "
+                              "restore them, or use one member's run directory alone")
+    return members
