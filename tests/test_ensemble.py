@@ -81,6 +81,8 @@ def test_engine_generation_equals_the_uncached_mixture():
                 ids.append(int(ensemble(torch.tensor([ids])).logits[0, -1].argmax()))
                 expected.append(ids[-1])
         assert seq.output_ids == expected
+        steps = ensemble.generate(torch.tensor([prompt]), 12, temperature=0)  # the model's own cached sampler
+        assert [int(t) for t in steps] == expected
 
 
 def test_members_must_share_vocabulary_and_context():

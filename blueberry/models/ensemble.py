@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.cross_entropy import IGNORE_INDEX
-from .adaptive_llm import LMOutput
+from .adaptive_llm import LMOutput, TransformerLM
 
 
 class EnsembleLM(nn.Module):
@@ -71,3 +71,6 @@ class EnsembleLM(nn.Module):
         for m in self.members:
             m.fuse_projections()
         return self
+
+    # sampling with a cache, as one model does (it needs only the methods above)
+    generate = TransformerLM.generate

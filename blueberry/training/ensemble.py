@@ -66,6 +66,7 @@ def run_ensemble(config, resuming: bool = False, log=print, task_scorer_factory=
 
     ctx = init_distributed(device_type(config))
     members = [member_config(config, i) for i in range(config.ensemble)]
+    log = log if ctx.is_main else _quiet
     try:
         if ctx.is_main:
             prepare_run_dir(run_dir, resuming=True)
@@ -242,7 +243,7 @@ def _score(config, members, ctx, start: float, log, task_scorer_factory) -> tupl
         (run_dir / "summary.json").write_text(json.dumps(metrics, indent=2, default=str))
         _print_summary(metrics, run_dir, log)
     if config.test_fraction > 0:
-        score_test_split(ensemble, config, tokenizer, ctx, run_dir, metrics, log=log if ctx.is_main else _quiet)
+        score_test_split(ensemble, config, tokenizer, ctx, run_dir, metrics, log=log)
     return ensemble, metrics
 
 
