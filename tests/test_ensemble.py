@@ -93,13 +93,22 @@ def test_members_must_share_vocabulary_and_context():
 
 
 def test_the_cpu_recipe_is_an_ensemble_and_other_runs_are_not():
-    cpu = capabilities_for_device("cpu", cpu_cores=2, cpu_flags=set())
+    from types import SimpleNamespace
+
+    def unset(**given):  # a config before the device fills in what the user left out
+        names = ("model_type", "d_model", "n_layers", "n_heads", "max_steps", "batch_size", "max_seq_len", "layers",
+                 "ensemble", "mlp_type")
+        return SimpleNamespace(**{**dict.fromkeys(names), "mlp_type": "swiglu", **given})
+
+    two, one = (capabilities_for_device("cpu", cpu_cores=n, cpu_flags=set()) for n in (2, 1))
     gpu = capabilities_for_device("cuda", compute_capability=(9, 0), memory_gb=80.0, cpu_cores=2, cpu_flags=set())
-    recipe = AdaptiveMoEModelConfig(device="cpu")
-    assert _hardware_defaults(cpu, recipe)["ensemble"] == 2
-    assert _hardware_defaults(gpu, recipe)["ensemble"] == 1
-    assert _hardware_defaults(cpu, AdaptiveMoEModelConfig(device="cpu", d_model=128))["ensemble"] == 1
-    assert _hardware_defaults(cpu, AdaptiveMoEModelConfig(device="cpu", max_steps=50))["ensemble"] == 1
+    chosen = _hardware_defaults(two, unset())
+    assert (chosen["ensemble"], chosen["max_steps"]) == (2, 800)  # members a little shorter than one run
+    assert (_hardware_defaults(two, unset(ensemble=1))["max_steps"]) == 900
+    assert _hardware_defaults(one, unset())["ensemble"] == 1  # no core per member: one run
+    assert _hardware_defaults(gpu, unset())["ensemble"] == 1
+    assert _hardware_defaults(two, unset(d_model=128))["ensemble"] == 1
+    assert _hardware_defaults(two, unset(max_steps=50))["ensemble"] == 1
     assert AdaptiveMoEModelConfig(device="cpu", d_model=128, ensemble=3).ensemble == 3
 
 

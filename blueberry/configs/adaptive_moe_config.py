@@ -158,7 +158,9 @@ def _hardware_defaults(caps: Capabilities, cfg: AdaptiveMoEModelConfig) -> dict:
     else:
         # The CPU recipe: the best held-out bits per byte in 10 minutes on 2 cores (docs/LOG.md, #20): an
         # ensemble of CPU_ENSEMBLE runs when the run is the recipe (its model and length left to the device)
-        ensemble = cfg.ensemble or (CPU_ENSEMBLE["ensemble"] if _is_the_cpu_recipe(cfg) else 1)
+        # (a core per member: with fewer, the members would train in turn, at twice the wall time)
+        averaged = _is_the_cpu_recipe(cfg) and caps.cpu_cores >= CPU_ENSEMBLE["ensemble"]
+        ensemble = cfg.ensemble or (CPU_ENSEMBLE["ensemble"] if averaged else 1)
         size = dict(CPU_RECIPE, ensemble=ensemble)
         if ensemble > 1 and _is_the_cpu_recipe(cfg):
             size["max_steps"] = CPU_ENSEMBLE["max_steps"]

@@ -33,7 +33,7 @@ class TrainingConfig:
     eval_tasks_periodic: bool = setting(False, "score --eval-tasks at every evaluation, not only the last")
     ensemble: int | None = setting(None, "train this many runs of the recipe (seeds --seed, --seed + 1, ...) and use "
                                          "them as one model, the mean of their next-token distributions (default: 2 "
-                                         "for the CPU recipe, 1 otherwise)")
+                                         "for the CPU recipe on 2+ cores, 1 otherwise)")
 
     def validate(self) -> "TrainingConfig":
         check_positive(self, "batch_size", "grad_accum_steps", "max_steps", "eval_every", "eval_batches",
