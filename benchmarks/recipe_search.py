@@ -11,7 +11,9 @@ optimizer share of the step (from metrics.jsonl), wall minutes. Results are appe
 OUT_ROOT/results.jsonl, one line per run, so a search can be run in pieces.
 
 The candidates below are the ones tried so far (docs/LOG.md has every result, negative ones too); add a
-line to CANDIDATES to try another.
+line to CANDIDATES to try another. Until session 7 every candidate was one run, and they still are
+(`--ensemble 1`); `default` is now what `python train.py` does (two runs averaged: the summary's figures are
+the ensemble's, the optimizer share the members'), and the old `default` is `single`.
 """
 
 from __future__ import annotations
