@@ -39,9 +39,10 @@ def load_model(spec: str | Path, device: str | None = None, dtype: torch.dtype |
 
 
 def _load_ensemble(run_dir: Path, device, dtype):
-    loaded = [load_model(member, device, dtype) for member in ensemble_members(run_dir)]
+    members = ensemble_members(run_dir)
+    loaded = [load_model(member, device, dtype) for member in members]
     tokenizer = loaded[0][2]
-    for member, (_, _, other, ckpt) in zip(ensemble_members(run_dir)[1:], loaded[1:]):
+    for member, (_, _, other, _) in zip(members[1:], loaded[1:]):
         if other.identity.rsplit(":", 1)[-1] != tokenizer.identity.rsplit(":", 1)[-1]:  # the content's hash
             raise CheckpointError(f"{member} has another tokenizer than the ensemble's first member: their "
                                   "distributions cannot be averaged")

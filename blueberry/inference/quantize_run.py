@@ -29,8 +29,9 @@ def validation_bits_per_byte(model, config, tokenizer, batches: int) -> float:
 
 def quantize_run(run: str, out: str, method: str, device: str | None, eval_batches: int) -> dict:
     """Quantize `run` into `out`; returns the report (bits per byte before/after, weight bytes)."""
-    if is_ensemble(resolve_run(run)):
-        return _quantize_ensemble(resolve_run(run), Path(out), method, device, eval_batches)
+    resolved = resolve_run(run)
+    if is_ensemble(resolved):
+        return _quantize_ensemble(resolved, Path(out), method, device, eval_batches)
     model, config, tokenizer, ckpt = load_model(run, device)
     report = {"weight_bytes_before": weight_bytes(model)}
     report["bits_per_byte_before"] = validation_bits_per_byte(model, config, tokenizer, eval_batches)

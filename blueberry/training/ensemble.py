@@ -56,7 +56,7 @@ def run_ensemble(config, resuming: bool = False, log=print, task_scorer_factory=
     if _side_by_side(config):
         prepare_run_dir(run_dir, resuming=True)
         _prepare_data(config, log)
-        _announce(config, run_dir, log)
+        _announce(config, run_dir, "side by side, one process each", log)
         members = [member_config(config, i) for i in range(config.ensemble)]
         stopped = _train_side_by_side(members, log)
         if stopped is not None:
@@ -70,7 +70,7 @@ def run_ensemble(config, resuming: bool = False, log=print, task_scorer_factory=
     try:
         if ctx.is_main:
             prepare_run_dir(run_dir, resuming=True)
-            _announce(config, run_dir, log)
+            _announce(config, run_dir, "one after another", log)
         for i, member in enumerate(members):
             if _finished(member):
                 continue
@@ -98,10 +98,9 @@ def _side_by_side(config) -> bool:
     return on_cpu and int(os.environ.get("WORLD_SIZE", "1")) <= 1 and caps.cpu_cores >= config.ensemble
 
 
-def _announce(config, run_dir: Path, log) -> None:
+def _announce(config, run_dir: Path, how: str, log) -> None:
     write_ensemble_file(run_dir, config.ensemble)
     save_config(config, run_dir / "config.json")
-    how = "side by side, one process each" if _side_by_side(config) else "one after another"
     log(f"Ensemble of {config.ensemble} runs (seeds {config.seed}..{config.seed + config.ensemble - 1}), {how}: "
         f"{run_dir}")
 
@@ -160,7 +159,7 @@ def _train_side_by_side(members, log) -> dict | None:
                 os.killpg(p.pid, signum)
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        codes = {i: _wait(p) for i, p in procs.items()}
+        codes = {i: p.wait() for i, p in procs.items()}  # a signal runs `forward`; wait() resumes (PEP 475)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -179,14 +178,6 @@ def _train_side_by_side(members, log) -> dict | None:
     summary = Path(members[stopped[0]].out_dir) / "summary.json"  # absent when stopped before its first step
     signum = codes[stopped[0]] - 128
     return json.loads(summary.read_text()) if summary.exists() else {"stopped_by_signal": True, "stop_signal": signum}
-
-
-def _wait(proc) -> int:
-    while True:
-        try:
-            return proc.wait()
-        except InterruptedError:
-            continue
 
 
 def member_main(out_dir: str, index: str) -> int:
