@@ -123,6 +123,7 @@ def main():
                     print(f"{variant}/{model} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
                     continue
                 r = json.loads(out.stdout.strip().splitlines()[-1])
+                print(f"{variant}/{model}: {r['tokens_per_sec']:,.0f} tokens/s", flush=True)  # kept if a later one hangs
                 results.setdefault((model, variant), []).append(r)
     rows = []
     for model in args.models.split(","):

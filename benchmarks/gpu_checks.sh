@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The GPU checks in one go, most important first, each under its own time limit so that one hang or crash
+# costs only its own step: the GPU-only tests, a short real training run on the device's default recipe
+# (FP8 where the GPU has it, compiled) followed by generate and eval of that run, then the benchmarks of
+# gpu_benchmark.sh. Every step's output goes to LOGDIR/gpu_checks.log, the run's summary and metrics beside it.
+#   bash benchmarks/gpu_checks.sh [LOGDIR]        (default: gpu_checks/)
+#   bash benchmarks/gpu_checks.sh LOGDIR checks   (only the tests and the training run; `bench`: only the benchmarks)
+# Environment: PYTHON (default python), STEPS (training steps, default 200), PRESET (speed benchmark, h100),
+# VARIANTS (training_speed.py's variants, default those of gpu_benchmark.sh).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+LOG_DIR=${1:-gpu_checks}
+PART=${2:-all}
+PY=${PYTHON:-python}
+STEPS=${STEPS:-200}
+PRESET=${PRESET:-h100}
+VARIANTS=${VARIANTS:-pytorch-fp32,blueberry-nofp8,blueberry,blueberry-adamw,hf,hf-compiled}
+WORK=$(mktemp -d)
+mkdir -p "$LOG_DIR"
+LOG="$LOG_DIR/gpu_checks.log"
+export PYTHONUNBUFFERED=1
+
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log its output, status and wall time
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
+    local start=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+    local rc=$?
+    echo "=== $name: exit $rc after $((SECONDS - start))s" | tee -a "$LOG"
+}
+
+checks() {
+    step nvidia-smi 20 nvidia-smi
+    step info 60 $PY -m blueberry info
+    step gpu-tests 180 $PY -m pytest -q tests/test_ops.py tests/test_cross_entropy.py tests/test_models.py
+    step train 300 $PY train.py --max-steps "$STEPS" --compile --eval-every $((STEPS / 2)) --out-dir "$WORK/run" \
+        --cache-dir "$WORK/cache"
+    RUN="$WORK/run"
+    if [ -f "$RUN/summary.json" ]; then
+        cp "$RUN/summary.json" "$LOG_DIR/train_summary.json" 2>/dev/null
+        grep '"kind": "train"' "$RUN/metrics.jsonl" | tail -5 >"$LOG_DIR/train_metrics_tail.jsonl" 2>/dev/null
+        cp "$RUN/config.json" "$LOG_DIR/train_config.json" 2>/dev/null
+        step generate 90 $PY -m blueberry generate --checkpoint "$RUN" --prompt "ROMEO:" --max-new-tokens 64
+        step eval 120 $PY -m blueberry eval --checkpoint "$RUN" --tasks auto
+    fi
+}
+
+bench() {
+    step moe-layer 60 $PY benchmarks/moe_layer.py --tokens 65536 --d-model 1024 --d-ff 2048 --experts 8 --top-k 2
+    step cross-entropy 60 $PY benchmarks/cross_entropy.py --tokens 65536 --d-model 1024 --vocab 32768
+    step training-speed 300 $PY benchmarks/training_speed.py --config "$PRESET" --repeats 1 --steps 5 --models moe \
+        --variants "$VARIANTS"
+}
+
+case $PART in
+    checks) checks ;;
+    bench) bench ;;
+    *) checks; bench ;;
+esac
+rm -rf "$WORK"
