@@ -4,8 +4,9 @@
 # (FP8 where the GPU has it, compiled) followed by generate and eval of that run, then the benchmarks of
 # gpu_benchmark.sh. Every step's output goes to LOGDIR/gpu_checks.log, the run's summary and metrics beside it.
 #   bash benchmarks/gpu_checks.sh [LOGDIR]        (default: gpu_checks/)
-#   bash benchmarks/gpu_checks.sh LOGDIR checks   (only the tests and the training run; `bench`: only the benchmarks)
-# Environment: PYTHON (default python), STEPS (training steps, default 200), PRESET (speed benchmark, h100),
+#   bash benchmarks/gpu_checks.sh LOGDIR checks   (only the tests and the training run; `bench`: only the benchmarks;
+#                                                 `optimizer`: benchmarks/muon_step.py and a training run's optimizer share)
+# Environment: PYTHON (default python), STEPS (training steps, default 200), TRAIN_LIMIT (its seconds, 300), PRESET (speed benchmark, h100),
 # VARIANTS (training_speed.py's variants, default those of gpu_benchmark.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +14,7 @@ LOG_DIR=${1:-gpu_checks}
 PART=${2:-all}
 PY=${PYTHON:-python}
 STEPS=${STEPS:-200}
+TRAIN_LIMIT=${TRAIN_LIMIT:-300}
 PRESET=${PRESET:-h100}
 VARIANTS=${VARIANTS:-pytorch-fp32,blueberry-nofp8,blueberry,blueberry-adamw,hf,hf-compiled}
 WORK=$(mktemp -d)
@@ -30,20 +32,28 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log its output,
     echo "=== $name: exit $rc after $((SECONDS - start))s" | tee -a "$LOG"
 }
 
+train_run() {  # a short real run on the device's default recipe; its summary and last metrics kept
+    step train "$TRAIN_LIMIT" $PY train.py --max-steps "$STEPS" --compile --eval-every $((STEPS / 2)) --out-dir "$WORK/run" \
+        --cache-dir "$WORK/cache" "$@"
+    cp "$WORK/run/summary.json" "$LOG_DIR/train_summary.json" 2>/dev/null
+    cp "$WORK/run/config.json" "$LOG_DIR/train_config.json" 2>/dev/null
+    grep '"kind": "train"' "$WORK/run/metrics.jsonl" 2>/dev/null | tail -5 >"$LOG_DIR/train_metrics_tail.jsonl"
+}
+
 checks() {
     step nvidia-smi 20 nvidia-smi
     step info 60 $PY -m blueberry info
     step gpu-tests 180 $PY -m pytest -q tests/test_ops.py tests/test_cross_entropy.py tests/test_models.py
-    step train 300 $PY train.py --max-steps "$STEPS" --compile --eval-every $((STEPS / 2)) --out-dir "$WORK/run" \
-        --cache-dir "$WORK/cache"
-    RUN="$WORK/run"
-    if [ -f "$RUN/summary.json" ]; then
-        cp "$RUN/summary.json" "$LOG_DIR/train_summary.json" 2>/dev/null
-        grep '"kind": "train"' "$RUN/metrics.jsonl" | tail -5 >"$LOG_DIR/train_metrics_tail.jsonl" 2>/dev/null
-        cp "$RUN/config.json" "$LOG_DIR/train_config.json" 2>/dev/null
-        step generate 90 $PY -m blueberry generate --checkpoint "$RUN" --prompt "ROMEO:" --max-new-tokens 64
-        step eval 120 $PY -m blueberry eval --checkpoint "$RUN" --tasks auto
+    train_run
+    if [ -f "$WORK/run/summary.json" ]; then
+        step generate 90 $PY -m blueberry generate --checkpoint "$WORK/run" --prompt "ROMEO:" --max-new-tokens 64
+        step eval 120 $PY -m blueberry eval --checkpoint "$WORK/run" --tasks auto
     fi
+}
+
+optimizer() {  # the optimizer step alone, then its share of a real training step
+    train_run --eval-tasks none
+    step muon-step 60 $PY benchmarks/muon_step.py --presets default,h100
 }
 
 bench() {
@@ -56,6 +66,7 @@ bench() {
 case $PART in
     checks) checks ;;
     bench) bench ;;
+    optimizer) optimizer ;;
     *) checks; bench ;;
 esac
 rm -rf "$WORK"

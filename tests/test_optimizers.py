@@ -93,6 +93,26 @@ def test_row_blocks_orthogonalise_gate_and_up_separately():
     torch.testing.assert_close(p.data.double(), torch.cat([gate, up], dim=1), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("batch_parameters", [True, False])
+def test_expert_stacks_of_every_layer_joined_equal_the_reference(batch_parameters):
+    # three layers' (E, 2F, D) [gate; up] stacks share one Newton-Schulz call (or one call each): every
+    # matrix still gets its own float64-reference update
+    E, F_, D = 2, 8, 12
+    W0 = [torch.randn(E, 2 * F_, D) for _ in range(3)]
+    params = [torch.nn.Parameter(w.clone()) for w in W0]
+    opt = Muon([{"params": params, "row_blocks": 2}], lr=0.05, momentum=0.9, weight_decay=0.1,
+               ns_dtype=torch.float64, batch_parameters=batch_parameters)
+    grads = [torch.randn(E, 2 * F_, D) for _ in params]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    opt.step()
+    zero = torch.zeros(E, F_, D)
+    for p, w, g in zip(params, W0, grads):
+        halves = [reference_muon_step(w[:, rows], g[:, rows], zero, 0.05, 0.9, 0.1)[0]
+                  for rows in (slice(0, F_), slice(F_, 2 * F_))]
+        torch.testing.assert_close(p.data.double(), torch.cat(halves, dim=1), atol=1e-5, rtol=1e-5)
+
+
 def test_hybrid_setup_splits_gated_expert_up_projections():
     cfg = AdaptiveMoEModelConfig(model_type="moe", vocab_size=300, d_model=32, n_layers=2, n_heads=2,
                                  num_experts=4, max_seq_len=16, device="cpu").validate()

@@ -58,7 +58,7 @@ def update_scale(shape: torch.Size, mode: str = "shape") -> float:
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  weight_decay: float = 0.0, ns_steps: int = 5, scale_mode: str = "shape",
-                 distributed: bool = False, ns_dtype: torch.dtype = torch.bfloat16):
+                 distributed: bool = False, ns_dtype: torch.dtype = torch.bfloat16, batch_parameters: bool = True):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                         ns_steps=ns_steps, scale_mode=scale_mode, row_blocks=1)
         super().__init__(params, defaults)
@@ -68,6 +68,7 @@ class Muon(torch.optim.Optimizer):
                     raise ValueError(f"Muon handles matrices (2-D or stacked 3-D); got a {p.dim()}-D parameter")
         self.distributed = distributed
         self.ns_dtype = ns_dtype
+        self.batch_parameters = batch_parameters  # False: one Newton-Schulz call per parameter
         for group in self.param_groups:  # eager state: checkpoint helpers never need a dummy step
             for p in group["params"]:
                 self.state[p]["momentum_buffer"] = torch.zeros_like(p)
@@ -98,12 +99,13 @@ class Muon(torch.optim.Optimizer):
         return self._newton_schulz(upd, group)
 
     def _orthogonalised_together(self, updates: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
-        """Same-shape 2-D updates stacked into one batched Newton-Schulz (each matrix is normalised on its
-        own, so the result equals one call per matrix, in fewer, larger kernels: `benchmarks/newton_schulz.py`)."""
-        if len(updates) == 1 or updates[0].dim() != 2:
+        """Same-shape updates (2-D matrices, or 3-D stacks of expert matrices from every layer) joined into
+        one batched Newton-Schulz. Each matrix is normalised on its own, so the result equals one call per
+        parameter, in fewer, larger kernels (`benchmarks/newton_schulz.py`, `benchmarks/muon_step.py`)."""
+        if len(updates) == 1 or not self.batch_parameters:
             return [self._orthogonalised(u, group) for u in updates]
-        stacked = torch.stack([u.to(self.ns_dtype) for u in updates])
-        return list(self._newton_schulz(stacked, group).unbind(0))
+        joined = torch.stack([u.to(self.ns_dtype) for u in updates])
+        return list(self._newton_schulz(joined, group).unbind(0))
 
     @staticmethod
     def _apply(p: torch.Tensor, ortho: torch.Tensor, group: dict) -> None:
