@@ -274,3 +274,15 @@ def test_model_forward_backward_and_tied_weights():
     assert len(out.expert_load) == 2
     out.loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_logits_at_selects_positions_of_the_full_logits():
+    from blueberry.models.ensemble import EnsembleLM
+
+    torch.manual_seed(3)
+    members = [create_model(cfg(num_experts=4)).eval(), create_model(cfg(num_experts=4)).eval()]
+    idx = torch.randint(0, members[0].config.vocab_size, (3, 11))
+    mask = torch.rand(3, 11) < 0.4
+    for model in (members[0], EnsembleLM(members).eval()):
+        full = model(idx).logits
+        torch.testing.assert_close(model(idx, logits_at=mask).logits, full[mask])

@@ -124,3 +124,31 @@ def test_fp8_on_gpu_matches_bf16():
     x = torch.randn(256, 1024, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(1024, 1024, device="cuda", dtype=torch.bfloat16)
     assert rel(fp8_linear(x, w), x @ w.t()) < FP8_TOLERANCE
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_cpu_bf16_causal_attention_matches_float64(kv_heads):
+    from blueberry.ops.attention import causal_attention, uses_matmul_form
+
+    torch.manual_seed(11)
+    q = torch.randn(2, 4, 37, 16)
+    k, v = torch.randn(2, kv_heads, 37, 16), torch.randn(2, kv_heads, 37, 16)
+    assert uses_matmul_form(q.bfloat16(), 0.0)
+    ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = torch.nn.functional.scaled_dot_product_attention(*ref_in, is_causal=True, enable_gqa=kv_heads != 4)
+    grad_out = torch.randn_like(ref)
+    ref.backward(grad_out)
+    got_in = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    got = causal_attention(*got_in)
+    got.backward(grad_out.bfloat16())
+    torch.testing.assert_close(got.double(), ref.detach(), atol=3e-2, rtol=3e-2)
+    for g, r in zip(got_in, ref_in):
+        torch.testing.assert_close(g.grad.double(), r.grad, atol=5e-2, rtol=5e-2)
+
+
+def test_causal_attention_leaves_fp32_long_sequences_and_dropout_to_sdpa():
+    from blueberry.ops.attention import MATMUL_FORM_MAX_SEQ, uses_matmul_form
+
+    assert not uses_matmul_form(torch.zeros(1, 1, 8, 4), 0.0)  # fp32
+    assert not uses_matmul_form(torch.zeros(1, 1, MATMUL_FORM_MAX_SEQ + 1, 4, dtype=torch.bfloat16), 0.0)
+    assert not uses_matmul_form(torch.zeros(1, 1, 8, 4, dtype=torch.bfloat16), 0.1)

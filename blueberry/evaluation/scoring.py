@@ -33,16 +33,20 @@ def score(model, pairs: list[tuple[list[int], list[int]]], batch_size: int = 16)
         chunk = order[start:start + batch_size]
         width = max(len(rows[i][0]) for i in chunk) - 1
         inputs = torch.zeros(len(chunk), width, dtype=torch.long)
+        scored = torch.zeros(len(chunk), width, dtype=torch.bool)  # the positions predicting a continuation
         for r, i in enumerate(chunk):
-            ids = rows[i][0]
+            ids, n = rows[i]
             inputs[r, :len(ids) - 1] = torch.tensor(ids[:-1])
-        logits = model(inputs.to(_device(model))).logits.float()
-        logp = torch.log_softmax(logits, dim=-1).cpu()
+            scored[r, len(ids) - 1 - n:len(ids) - 1] = True
+        device = _device(model)
+        logits = model(inputs.to(device), logits_at=scored.to(device)).logits.float()
+        logp = torch.log_softmax(logits, dim=-1).cpu()  # (scored positions, vocab), row by row
+        start_row = 0
         for r, i in enumerate(chunk):
             ids, n = rows[i]
             targets = torch.tensor(ids[-n:])
-            positions = torch.arange(len(ids) - 1 - n, len(ids) - 1)
-            token_logp = logp[r, positions]
+            token_logp = logp[start_row:start_row + n]
+            start_row += n
             total = float(token_logp.gather(1, targets[:, None]).sum())
             greedy = bool((token_logp.argmax(-1) == targets).all())
             results[i] = (total, greedy)

@@ -88,11 +88,12 @@ class TransformerLM(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None, kv_caches: list | None = None,
                 positions: torch.Tensor | None = None, return_logits: bool = False,
-                last_only: bool = False) -> LMOutput:
+                last_only: bool = False, logits_at: torch.Tensor | None = None) -> LMOutput:
         """Logits (batch, seq, vocab) without `targets`; with them the loss, from the fused chunked
         cross-entropy (the full logits are not formed unless `return_logits`). Generation passes
         `kv_caches` (one per block, from `new_kv_caches`) and the tokens' `positions` (batch, seq);
-        `last_only` keeps the last position's logits."""
+        `last_only` keeps the last position's logits; `logits_at`, a boolean (batch, seq) mask, only the
+        logits of those positions, as (selected, vocab) in row-major order (scoring continuations)."""
         x = self.embed(idx)
         aux_total = x.new_zeros((), dtype=torch.float32)
         auxes = []
@@ -106,7 +107,11 @@ class TransformerLM(nn.Module):
                     auxes.append(moe_aux)
         h = self.norm(x)
         want_logits = targets is None or return_logits
-        out = LMOutput(logits=self.lm_head(h[:, -1:] if last_only else h) if want_logits else None,
+        if logits_at is not None:
+            h_out = h[logits_at]
+        else:
+            h_out = h[:, -1:] if last_only else h
+        out = LMOutput(logits=self.lm_head(h_out) if want_logits else None,
                        aux_loss=aux_total, expert_load=[a.expert_load for a in auxes])
         if targets is not None:
             out.lm_loss = linear_cross_entropy(h, self.lm_head.weight, targets)

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.attention import causal_attention
 from .layers import RMSNorm, RotaryEmbedding
 
 
@@ -134,9 +135,10 @@ class MultiHeadAttention(nn.Module):
             mask, causal = kv_cache.mask(positions), False
         elif doc_ids is not None or key_mask is not None:
             mask, causal = training_mask(seq, x.device, doc_ids, key_mask), False
-        y = F.scaled_dot_product_attention(
-            q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )
+        dropout = self.dropout if self.training else 0.0
+        if causal:  # plain causal attention: SDPA, or a faster form where there is one (ops.attention)
+            y = causal_attention(q, k.to(q.dtype), v.to(q.dtype), dropout_p=dropout)
+        else:
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, dropout_p=dropout,
+                                               enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))

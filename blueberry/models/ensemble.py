@@ -36,19 +36,21 @@ class EnsembleLM(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None, kv_caches: list | None = None,
                 positions: torch.Tensor | None = None, return_logits: bool = False,
-                last_only: bool = False) -> LMOutput:
+                last_only: bool = False, logits_at: torch.Tensor | None = None) -> LMOutput:
         """The members' forward (same arguments as `TransformerLM.forward`); logits are the mixture's
         log-probabilities, and with `targets` the loss is the mixture's cross-entropy."""
-        logps, expert_load, start = [], [], 0
+        mixture, expert_load, start = None, [], 0
         for member in self.members:
             caches = None
             if kv_caches:
                 caches = kv_caches[start:start + len(member.blocks)]
                 start += len(member.blocks)
-            out = member(idx, doc_ids=doc_ids, kv_caches=caches, positions=positions, last_only=last_only)
-            logps.append(torch.log_softmax(out.logits.float(), dim=-1))
+            out = member(idx, doc_ids=doc_ids, kv_caches=caches, positions=positions, last_only=last_only,
+                         logits_at=logits_at)
+            logp = torch.log_softmax(out.logits.float(), dim=-1)
+            mixture = logp if mixture is None else torch.logaddexp(mixture, logp)  # one pass per member
             expert_load += out.expert_load
-        mixture = torch.logsumexp(torch.stack(logps), dim=0) - math.log(len(self.members))
+        mixture = mixture - math.log(len(self.members))
         out = LMOutput(logits=mixture, aux_loss=mixture.new_zeros(()), expert_load=expert_load)
         if targets is not None:
             out.lm_loss = F.nll_loss(mixture.flatten(0, -2), targets.reshape(-1), ignore_index=IGNORE_INDEX)
