@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # One-go GPU benchmark for an H100/H200 (or any CUDA GPU): bf16 vs FP8, MFU, tokens/s, memory.
+# (benchmarks/gpu_checks.sh runs the same benchmarks after a real training run, each step under a time limit.)
 #   bash benchmarks/gpu_benchmark.sh [preset]      (default preset: h100)
 set -euo pipefail
 cd "$(dirname "$0")/.."
