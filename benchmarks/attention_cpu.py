@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
 import time
 
-from common import ROOT, table
+from common import table
+from side_by_side import launch
+
+SDPA_ONLY = "import blueberry.ops.attention as a; a.MATMUL_FORM_MAX_SEQ = 0"  # the matmul form never taken
 
 
 def attention_alone(repeats: int = 5) -> list[list]:
@@ -55,16 +56,6 @@ def attention_alone(repeats: int = 5) -> list[list]:
     return rows
 
 
-def launch(form: str, core: int, steps: int) -> subprocess.Popen:
-    code = ("import os, sys; os.sched_setaffinity(0, [int(sys.argv[1])]); sys.path.insert(0, sys.argv[3]); "
-            "import blueberry.ops.attention as a\n"
-            "if sys.argv[4] == 'SDPA': a.MATMUL_FORM_MAX_SEQ = 0\n"
-            "from side_by_side import step_time; print(step_time(int(sys.argv[2])))")
-    return subprocess.Popen([sys.executable, "-c", code, str(core), str(steps), str(ROOT / "benchmarks"), form],
-                            stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=10)
@@ -75,7 +66,8 @@ def main() -> None:
         return
     times: dict[str, list[float]] = {"SDPA": [], "matmul form": []}
     for order in (("SDPA", "matmul form"), ("matmul form", "SDPA")):
-        procs = {form: launch(form, core, args.steps) for form, core in zip(order, cores)}
+        procs = {form: launch([core], args.steps, SDPA_ONLY if form == "SDPA" else "")
+                 for form, core in zip(order, cores)}
         for form, proc in procs.items():
             times[form].append(float(proc.communicate()[0].split()[-1]))
     rows = [[form, " / ".join(f"{t:.3f}" for t in ts), f"{sum(ts) / len(ts):.3f}"] for form, ts in times.items()]

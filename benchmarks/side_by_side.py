@@ -53,9 +53,10 @@ def step_time(steps: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def launch(cores: list[int], steps: int) -> subprocess.Popen:
+def launch(cores: list[int], steps: int, setup: str = "") -> subprocess.Popen:
+    """`step_time(steps)` in a new process pinned to `cores`, after running the Python line `setup`."""
     code = ("import os, sys; os.sched_setaffinity(0, [int(c) for c in sys.argv[1].split(',')]); "
-            "sys.path.insert(0, sys.argv[3]); from side_by_side import step_time; "
+            "sys.path.insert(0, sys.argv[3])\n" + setup + "\nfrom side_by_side import step_time; "
             "print(step_time(int(sys.argv[2])))")
     return subprocess.Popen([sys.executable, "-c", code, ",".join(map(str, cores)), str(steps),
                              str(ROOT / "benchmarks")], stdout=subprocess.PIPE, text=True,
