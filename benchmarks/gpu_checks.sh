@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, most important first, each under its own time limit so that one hang or crash
 # costs only its own step: the GPU-only tests, a short real training run on the device's default recipe
-# (FP8 where the GPU has it, compiled) followed by generate and eval of that run, then the benchmarks of
-# gpu_benchmark.sh. Every step's output goes to LOGDIR/gpu_checks.log, the run's summary and metrics beside it.
+# (FP8 where the GPU has it, compiled) followed by generate and eval of that run, then the speed benchmarks
+# (the MoE layer, the fused cross-entropy, training_speed.py's bf16 vs FP8 vs transformers). gpu_benchmark.sh
+# runs it whole. Every step's output goes to LOGDIR/gpu_checks.log, the run's summary and metrics beside it.
 #   bash benchmarks/gpu_checks.sh [LOGDIR]        (default: gpu_checks/)
 #   bash benchmarks/gpu_checks.sh LOGDIR checks   (only the tests and the training run; `bench`: only the benchmarks;
 #                                                 `optimizer`: benchmarks/muon_step.py and a training run's optimizer share)
 # Environment: PYTHON (default python), STEPS (training steps, default 200), TRAIN_LIMIT (its seconds, 300), PRESET (speed benchmark, h100),
-# VARIANTS (training_speed.py's variants, default those of gpu_benchmark.sh).
+# VARIANTS (training_speed.py's variants, default: pytorch-fp32, both blueberry precisions, blueberry-adamw, hf, hf-compiled).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR=${1:-gpu_checks}
