@@ -7,7 +7,8 @@ per variant; a variant's time is its fastest timed step and the best of its proc
 shared machine neighbours only ever slow a step down):
   pytorch-fp32     our model in fp32 eager with unfused AdamW (foreach=False, fused=False)
   blueberry        our model with the detected settings (bf16 autocast on AMX/bf16 hardware, FP8 where
-                   supported, Muon hybrid optimizer with fused AdamW)
+                   supported — applied with training/float8.py as a run applies it; before #31 this
+                   variant never applied it — Muon hybrid optimizer with fused AdamW)
   blueberry-adamw  as above but fused AdamW for every parameter (same optimizer as the HF variant)
   blueberry-nofp8  as blueberry with --no-fp8 (on FP8 GPUs: the bf16 baseline of the FP8 speed-up)
   hf               transformers LlamaForCausalLM (dense) / MixtralForCausalLM (MoE) at the same shapes, SDPA
@@ -35,7 +36,7 @@ from common import ROOT, table, timed
 VARIANTS = ("pytorch-fp32", "blueberry", "blueberry-adamw", "hf", "hf-compiled", "hf-loop")  # + "blueberry-nofp8" (GPU)
 
 
-def worker(variant: str, model_type: str, preset: str, steps: int) -> dict:
+def worker(variant: str, model_type: str, preset: str, steps: int, n_layers: int | None = None) -> dict:
     import torch
 
     from blueberry.configs import get_config
@@ -43,8 +44,11 @@ def worker(variant: str, model_type: str, preset: str, steps: int) -> dict:
     from blueberry.models import create_model
     from blueberry.optimizers import setup_optimizers
     from blueberry.system import set_cpu_threads
+    from blueberry.training.float8 import apply_float8
 
     overrides = {"use_fp8": False} if variant in ("pytorch-fp32", "blueberry-nofp8") else {}
+    if n_layers:
+        overrides["n_layers"] = n_layers
     cfg = get_config(preset, model_type=model_type, **overrides).validate()
     caps = cfg.capabilities()
     device = torch.device("cuda" if caps.is_cuda else "cpu")
@@ -60,8 +64,8 @@ def worker(variant: str, model_type: str, preset: str, steps: int) -> dict:
         model = AutoModelForCausalLM.from_config(hf_config(cfg), attn_implementation="sdpa", **experts).to(device)
         model.config.output_router_logits = True
         model.config.router_aux_loss_coef = cfg.load_balancing_weight
-    else:
-        model = ours.to(device)
+    else:  # FP8 applied from outside as training applies it (linears and, on Hopper+, the experts)
+        model = apply_float8(ours.to(device), variant == "blueberry" and bool(cfg.use_fp8))
     params = list(model.parameters())
     if variant == "pytorch-fp32":
         optimizers = [torch.optim.AdamW(params, lr=1e-3, foreach=False, fused=False)]
@@ -102,11 +106,13 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--models", default="moe,standard")
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--n-layers", type=int, default=None, help="the preset at this depth (where the full one "
+                                                              "would not finish in the time there is)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--model", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.model, args.config, args.steps)))
+        print(json.dumps(worker(args.worker, args.model, args.config, args.steps, args.n_layers)))
         return
     results: dict = {}
     variants = args.variants.split(",")
@@ -117,7 +123,8 @@ def main():
                 if variant == "hf-loop" and model != "moe":
                     continue
                 out = subprocess.run([sys.executable, __file__, "--worker", variant, "--model", model,
-                                      "--config", args.config, "--steps", str(args.steps)],
+                                      "--config", args.config, "--steps", str(args.steps)]
+                                     + (["--n-layers", str(args.n_layers)] if args.n_layers else []),
                                      capture_output=True, text=True, cwd=ROOT)
                 if out.returncode != 0:
                     print(f"{variant}/{model} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
@@ -138,7 +145,8 @@ def main():
                          f"{r['tokens_per_sec'] / base['tokens_per_sec']:.2f}x" if base else "n/a",
                          f"{r['tokens_per_sec'] / hf['tokens_per_sec']:.2f}x" if hf else "n/a"])
     device = next(iter(results.values()))[0]["device"] if results else "?"
-    print(f"Training step (fwd+bwd+optimizer), preset {args.config}, device {device}, fastest of {args.steps} "
+    depth = f" at {args.n_layers} layers" if args.n_layers else ""
+    print(f"Training step (fwd+bwd+optimizer), preset {args.config}{depth}, device {device}, fastest of {args.steps} "
           f"steps, best of {args.repeats} processes")
     print(table(["model", "variant", "precision", "tokens/s", "MFU", "peak MB", "vs pytorch-fp32", "vs best HF"], rows))
 

@@ -57,6 +57,11 @@ def _add_field_flag(group, field: dataclasses.Field) -> None:
     names = [flag_name(field)] + ["--" + a.replace("_", "-") for a in meta.get("aliases", ())]
     kwargs = dict(dest=field.name, default=argparse.SUPPRESS, help=(meta.get("help") or "").replace("%", "%%"))
     kind = str(field.type)
+    if meta.get("auto_on_off"):
+        group.add_argument(names[0], nargs="?", const="on", choices=("auto", "on", "off"), **kwargs)
+        group.add_argument("--no-" + names[0][2:], action="store_const", const="off", dest=field.name,
+                           default=argparse.SUPPRESS, help=f"the same as {names[0]} off")
+        return
     if "bool" in kind:
         kwargs["action"] = argparse.BooleanOptionalAction
     elif "tuple" in kind:
@@ -78,6 +83,11 @@ RUN_ONLY = {"config", "validate_setup", "resume_from", "debug", "command"}
 def overrides_from(args: argparse.Namespace) -> dict:
     """Config field values for exactly the flags present on the command line."""
     out = {dest: value for dest, value in vars(args).items() if dest not in RUN_ONLY}
+    for name in [n for n, v in out.items() if n in FIELDS and FIELDS[n].metadata.get("auto_on_off")]:
+        if out[name] == "auto":
+            del out[name]  # left to the machine, exactly as when the flag is absent
+        else:
+            out[name] = out[name] == "on"
     if "adamw_betas" in out:
         out["adamw_betas"] = tuple(out["adamw_betas"])
     return out

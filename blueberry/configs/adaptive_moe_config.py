@@ -30,9 +30,9 @@ SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for cls in SECTIONS.values() for f in dataclasses.fields(cls)}
 SECTION_OF: dict[str, str] = {f.name: name for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
 # Fields with a plain default in their dataclass that the device's recipe sets when the user does not.
-DEVICE_CHOSEN = ("model_type", "qk_norm", "weight_decay", "ensemble")
+DEVICE_CHOSEN = ("model_type", "qk_norm", "weight_decay", "ensemble", "grad_accum_steps")
 # Fields a run settles after the config is built, and only through `derive`.
-DERIVED_FIELDS = ("vocab_size", "batch_size", "grad_accum_steps", "out_dir")
+DERIVED_FIELDS = ("vocab_size", "batch_size", "grad_accum_steps", "out_dir", "use_fp8")
 _BOOKKEEPING = ("auto_fields", "derived_fields")
 
 
@@ -152,16 +152,17 @@ def _hardware_defaults(caps: Capabilities, cfg: AdaptiveMoEModelConfig) -> dict:
     if caps.is_cuda:
         big = caps.memory_gb >= 40
         # QK-norm and weight decay (the usual 0.1) carry over from the CPU search, unverified on a GPU (docs/LOG.md)
+        # 4 micro-batches per optimizer step: the optimizer's share of a step ~10% or less (docs/LOG.md, #31)
         size = dict(ensemble=1, model_type="moe", d_model=768 if big else 512, n_layers=12 if big else 8,
-                    n_heads=12 if big else 8, max_seq_len=1024, batch_size=32 if big else 16, max_steps=5000,
-                    vocab_size=8192, qk_norm=True, weight_decay=0.1)
+                    n_heads=12 if big else 8, max_seq_len=1024, batch_size=32 if big else 16, max_steps=1250,
+                    grad_accum_steps=4, vocab_size=8192, qk_norm=True, weight_decay=0.1)
     else:
         # The CPU recipe: the best held-out bits per byte in 10 minutes on 2 cores (docs/LOG.md, #20): an
         # ensemble of CPU_ENSEMBLE runs when the run is the recipe (its model and length left to the device)
         # (a core per member: with fewer, the members would train in turn, at twice the wall time)
         averaged = _is_the_cpu_recipe(cfg) and caps.cpu_cores >= CPU_ENSEMBLE["ensemble"]
         ensemble = cfg.ensemble or (CPU_ENSEMBLE["ensemble"] if averaged else 1)
-        size = dict(CPU_RECIPE, ensemble=ensemble)
+        size = dict(CPU_RECIPE, ensemble=ensemble, grad_accum_steps=1)
         if ensemble > 1 and _is_the_cpu_recipe(cfg):
             size["max_steps"] = CPU_ENSEMBLE["max_steps"]
     d_model = cfg.d_model or size["d_model"]

@@ -20,11 +20,13 @@ MUON_UPDATE_SCALES = ("shape", "adamw")
 
 
 def setting(default=None, help: str = "", *, flag: str | None = None, aliases: tuple[str, ...] = (),
-            choices: tuple | None = None, cli: bool = True, repeatable: bool = False, default_factory=None):
+            choices: tuple | None = None, cli: bool = True, repeatable: bool = False, default_factory=None,
+            auto_on_off: bool = False):
     """A dataclass field with its metadata. `flag`: the flag's name when it is not the field's;
-    `aliases`: older names still accepted; `repeatable`: the flag may be given several times (a sweep)."""
+    `aliases`: older names still accepted; `repeatable`: the flag may be given several times (a sweep);
+    `auto_on_off`: a boolean whose flag takes auto|on|off (auto: left to the machine, as if not given)."""
     metadata = {"help": help, "flag": flag, "aliases": aliases, "choices": choices, "cli": cli,
-                "repeatable": repeatable}
+                "repeatable": repeatable, "auto_on_off": auto_on_off}
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from ..errors import ConfigError
 from .adaptive_moe_config import CPU_RECIPE, AdaptiveMoEModelConfig
 
+# The GPU presets accumulate micro-batches so that the optimizer (Muon's Newton-Schulz) stays about 10% of a
+# step or less, with about the tokens of training they had at one micro-batch per step (docs/LOG.md, #31).
 PRESETS: dict[str, dict] = {
     # Seconds on a laptop CPU: for smoke tests and iterating on code.
     "dev": dict(model_type="moe", d_model=128, n_layers=2, n_heads=4, max_seq_len=128, batch_size=8,
@@ -21,13 +23,13 @@ PRESETS: dict[str, dict] = {
     "cpu": dict({k: v for k, v in CPU_RECIPE.items() if k != "max_steps"}, device="cpu"),
     # 24 GB Ada card: FP8 capable.
     "rtx4090": dict(model_type="moe", d_model=768, n_layers=12, n_heads=12, max_seq_len=1024, batch_size=16,
-                    num_experts=8, vocab_size=32768, max_steps=5000),
+                    grad_accum_steps=6, num_experts=8, vocab_size=32768, max_steps=850),
     # 32 GB Blackwell card.
     "rtx5090": dict(model_type="moe", d_model=768, n_layers=12, n_heads=12, max_seq_len=1024, batch_size=24,
-                    num_experts=8, vocab_size=32768, max_steps=5000),
+                    grad_accum_steps=4, num_experts=8, vocab_size=32768, max_steps=1250),
     # 80 GB Hopper.
     "h100": dict(model_type="moe", d_model=1024, n_layers=16, n_heads=16, n_kv_heads=4, max_seq_len=2048, batch_size=32,
-                 num_experts=8, vocab_size=32768, max_steps=10000),
+                 grad_accum_steps=3, num_experts=8, vocab_size=32768, max_steps=3300),
     # Multi-GPU with torchrun: FSDP2 and a larger model.
     "production": dict(model_type="moe", d_model=1536, n_layers=24, n_heads=16, n_kv_heads=4, max_seq_len=2048,
                        batch_size=16, num_experts=16, vocab_size=32768, max_steps=20000, parallel="fsdp"),

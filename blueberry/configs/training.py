@@ -23,7 +23,9 @@ class TrainingConfig:
     out_dir: str | None = setting(None, "run directory (default runs/<date>-<time>-<model>)")
     use_amp: bool | None = setting(None, "mixed precision where the hardware pays for it (--no-amp: fp32)",
                                    flag="amp")
-    use_fp8: bool | None = setting(None, "FP8 linears via torchao (default: where the GPU supports it)", flag="fp8")
+    use_fp8: bool | None = setting(None, "FP8 linears and expert matmuls via torchao: on, off, or auto (the default: "
+                                         "where the GPU supports it and a timed step at the run's shapes is faster)",
+                                   flag="fp8", auto_on_off=True)
     compile: bool | None = setting(None, "torch.compile the model (default: for runs of 150 steps or more)")
     parallel: str = setting("ddp", "engine under torchrun", choices=PARALLEL)
     init_from: str | None = setting(None, "start from these weights: a transformers model directory or a Blueberry "

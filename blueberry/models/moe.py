@@ -62,6 +62,7 @@ class MixtureOfExperts(nn.Module):
         self.gated = mlp_type == "swiglu"
         self.ungated_act = None if self.gated else UNGATED_ACTIVATIONS[mlp_type]
         self.use_grouped_mm = use_grouped_mm
+        self.expert_matmul = expert_matmul  # the product of the sorted rows and the expert stacks (swappable)
         self.group_align = group_align  # rows per alignment unit of an expert group; None: by device
         self.router = nn.Linear(d_model, num_experts, bias=False)
         # Expert weights stacked (E, out, in); for SwiGLU the gate rows come first, then the up rows.
@@ -149,9 +150,10 @@ class MixtureOfExperts(nn.Module):
         counts, kept_counts, group_sizes, slot_token, slot_choice = self.dispatch(
             flat_expert, num_tokens, self.group_align or group_alignment(x.device, dtype))
         x_padded = torch.cat([x.to(dtype), x.new_zeros(1, d, dtype=dtype)])
-        h = expert_matmul(x_padded[slot_token], self.expert_weight("w_up", dtype), group_sizes, self.use_grouped_mm)
+        h = self.expert_matmul(x_padded[slot_token], self.expert_weight("w_up", dtype), group_sizes,
+                               self.use_grouped_mm)
         h = self._activation(h)
-        h = expert_matmul(h, self.expert_weight("w_down", dtype), group_sizes, self.use_grouped_mm)
+        h = self.expert_matmul(h, self.expert_weight("w_down", dtype), group_sizes, self.use_grouped_mm)
         weights = torch.cat([top_w.reshape(-1), top_w.new_zeros(1)])[slot_choice]
         h = h * weights.unsqueeze(-1).to(h.dtype)
         out = torch.zeros(num_tokens + 1, d, device=x.device, dtype=h.dtype)

@@ -1,5 +1,7 @@
 """Expert matmuls over rows sorted by expert: one `F.grouped_mm` where the device has it, else a loop
-over the contiguous slices. Which one, and how to pad each expert's group, is asked of `system/`."""
+over the contiguous slices; `fp8_expert_matmul` is the same product through torchao's rowwise-scaled FP8
+grouped GEMM (Hopper and later; training swaps it in from outside, `training/float8.py`). Which one, and
+how to pad each expert's group, is asked of `system/`."""
 
 from __future__ import annotations
 
@@ -43,3 +45,20 @@ def expert_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
         return F.grouped_mm(x, weight.transpose(1, 2), offs=offs)
     outs = [xe @ we.t() for xe, we in zip(torch.split(x, counts.tolist()), weight.unbind(0))]
     return torch.cat(outs) if outs else x.new_zeros(0, weight.shape[1])
+
+
+def fp8_expert_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
+                      use_grouped_mm: bool = True) -> torch.Tensor:
+    """`expert_matmul` in FP8: x and the expert weights cast to e4m3 with one scale per row (x) and per
+    output column of each expert (weight), multiplied by `torch._scaled_grouped_mm`, gradients the same way
+    (torchao's `_to_fp8_rowwise_then_scaled_grouped_mm`). The groups must already be padded to multiples
+    of 16 rows (the MoE's dispatch does it: `group_alignment` on a GPU) and x be bf16 and row-major; any
+    other case takes the bf16 product."""
+    if not (x.is_cuda and x.dtype == torch.bfloat16 and x.shape[-1] % 16 == 0 and weight.shape[1] % 16 == 0):
+        return expert_matmul(x, weight, counts, use_grouped_mm)
+    from torchao.prototype.moe_training import _to_fp8_rowwise_then_scaled_grouped_mm
+
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    # weight (E, out, in) transposed is (E, in, out) with strides (out*in, 1, in): column-major per expert
+    return _to_fp8_rowwise_then_scaled_grouped_mm(x.contiguous(), weight.transpose(1, 2), offs,
+                                                  out_dtype=torch.bfloat16, pad_token_groups_for_grouped_mm=False)

@@ -61,6 +61,12 @@ class Capabilities:
         return None
 
     @property
+    def supports_fp8_grouped_mm(self) -> bool:
+        """FP8 grouped expert matmuls (torchao's rowwise-scaled `_scaled_grouped_mm`): Hopper and later."""
+        return (self.is_cuda and self.supports_fp8 and self.supports_grouped_mm
+                and self.compute_capability >= (9, 0) and hasattr(torch, "_scaled_grouped_mm"))
+
+    @property
     def peak_flops(self) -> float:
         """Dense peak FLOP/s of one device (one GPU, or the whole CPU) used for MFU (see `_peak_flops`)."""
         return _peak_flops(self)

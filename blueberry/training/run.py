@@ -131,6 +131,8 @@ def train_in_group(config, ctx, resume_state, resume_checkpoint, log, task_score
     if device.type == "cuda" and "batch_size" in config.auto_fields and resume_state is None:
         train_loader, val_loader = _fit_batch_to_gpu(model, config, device, corpus, ctx, say,
                                                      (train_loader, val_loader))
+    if resume_state is None and config.use_fp8 and "use_fp8" in config.auto_fields:
+        _measure_fp8(model, config, ctx, say)
     config.validate()
     if ctx.is_main:
         save_config(config, run_dir / "config.json")
@@ -192,6 +194,15 @@ def _fit_batch_to_gpu(model, config, device, corpus, ctx, say, loaders):
         f"(keeps {config.batch_size * config.grad_accum_steps} sequences per optimizer step)")
     config.derive(batch_size=micro, grad_accum_steps=accum)
     return create_dataloaders(config, corpus, rank=ctx.rank, world_size=ctx.world_size)
+
+
+def _measure_fp8(model, config, ctx, say) -> None:
+    """FP8 was left to the machine (`--fp8 auto`): keep it only where it measured faster on every rank."""
+    from .fp8_choice import choose_fp8
+
+    faster = choose_fp8(model, config, config.cache_dir, say)
+    if ctx.all_reduce_sum([float(faster)])[0] < ctx.world_size:
+        config.derive(use_fp8=False)
 
 
 def _wrap(model, config, ctx):
