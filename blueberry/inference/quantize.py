@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UsageError
+from ..extras import require
 
 METHODS = ("int8", "int4")
 INT4_GROUP_SIZE = 128
@@ -92,6 +93,7 @@ def _int4(model: nn.Module) -> nn.Module:
     device = next(model.parameters()).device
     if device.type != "cuda":
         raise UsageError("int4 needs a CUDA GPU (torchao's int4 kernels); on this machine use --method int8")
+    require("torchao", "fp8", "int4 quantization")
     from torchao.quantization import Int4WeightOnlyConfig, quantize_
 
     def eligible(module, fqn):

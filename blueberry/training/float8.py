@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from ..extras import require
 from ..models.moe import MixtureOfExperts
 from ..ops.fp8 import fp8_shapes_qualify
 from ..ops.grouped_mm import fp8_expert_matmul
@@ -43,6 +44,7 @@ def apply_float8(model: nn.Module, enabled: bool, fsdp: bool = False) -> nn.Modu
     and its experts' grouped matmuls where the device has FP8 grouped GEMMs."""
     if not enabled:
         return model
+    require("torchao", "fp8", "FP8 training")
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     device = next(model.parameters()).device

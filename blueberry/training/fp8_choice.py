@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from ..extras import available
 from .float8 import apply_float8
 
 CACHE_FILE = "fp8_choices.json"
@@ -61,6 +62,9 @@ def choose_fp8(model: torch.nn.Module, config, cache_dir: str | os.PathLike, say
     """FP8 on or off for `model` (built, on its device, before any wrapping), with the reason said."""
     caps = config.capabilities()
     if not caps.supports_fp8:
+        return False
+    if not available("torchao"):
+        say("FP8 off: torchao is not installed (pip install 'blueberry[fp8]')")
         return False
     device = next(model.parameters()).device
     path = Path(cache_dir) / CACHE_FILE
