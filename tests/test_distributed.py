@@ -72,11 +72,13 @@ def test_ddp_matches_single_process(corpus_dir, tmp_path, model_type):
 
 
 def test_fsdp2_matches_single_process(corpus_dir, tmp_path):
+    """FSDP2 over activation-checkpointed blocks (selective) against one process without checkpointing:
+    the two compose, and neither changes the numbers."""
     one = single(*common(corpus_dir, tmp_path, 8), "--model-type", "standard", "--max-steps", "10",
                  "--out-dir", tmp_path / "one")
     assert one.returncode == 0, one.stderr
     two = torchrun("train.py", *common(corpus_dir, tmp_path, 4), "--model-type", "standard", "--max-steps", "10",
-                   "--out-dir", tmp_path / "two", "--parallel", "fsdp")
+                   "--out-dir", tmp_path / "two", "--parallel", "fsdp", "--activation-checkpointing", "selective")
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-4, (a, b)  # fp32 reductions in another order

@@ -30,9 +30,9 @@ SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for cls in SECTIONS.values() for f in dataclasses.fields(cls)}
 SECTION_OF: dict[str, str] = {f.name: name for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
 # Fields with a plain default in their dataclass that the device's recipe sets when the user does not.
-DEVICE_CHOSEN = ("model_type", "qk_norm", "weight_decay", "ensemble", "grad_accum_steps")
+DEVICE_CHOSEN = ("model_type", "qk_norm", "weight_decay", "ensemble", "grad_accum_steps", "activation_checkpointing")
 # Fields a run settles after the config is built, and only through `derive`.
-DERIVED_FIELDS = ("vocab_size", "batch_size", "grad_accum_steps", "out_dir", "use_fp8")
+DERIVED_FIELDS = ("vocab_size", "batch_size", "grad_accum_steps", "out_dir", "use_fp8", "activation_checkpointing")
 _BOOKKEEPING = ("auto_fields", "derived_fields")
 
 
@@ -178,6 +178,7 @@ def _hardware_defaults(caps: Capabilities, cfg: AdaptiveMoEModelConfig) -> dict:
         checkpoint_every=max(1, min(1000, max_steps // 2)),
         use_amp=caps.autocast_dtype is not None,
         use_fp8=caps.supports_fp8,
+        activation_checkpointing="none",  # raised at build time only where the run would not fit otherwise
         # compiling costs tens of seconds once and saves a share of every step: worth it on longer runs
         compile=max_steps >= 150,
     )

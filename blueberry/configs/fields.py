@@ -17,6 +17,7 @@ OPTIMIZERS = ("muon", "adamw", "lion", "adafactor")
 SCHEDULES = ("cosine_warmup", "linear_warmup", "constant", "wsd")
 PARALLEL = ("ddp", "fsdp")
 MUON_UPDATE_SCALES = ("shape", "adamw")
+ACTIVATION_CHECKPOINTING = ("none", "selective", "full")
 
 
 def setting(default=None, help: str = "", *, flag: str | None = None, aliases: tuple[str, ...] = (),

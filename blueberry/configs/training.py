@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .fields import PARALLEL, check_choices, check_positive, setting
+from ..errors import ConfigError
+from .fields import ACTIVATION_CHECKPOINTING, PARALLEL, check_choices, check_positive, setting
 
 
 @dataclass
@@ -28,11 +29,18 @@ class TrainingConfig:
                                    flag="fp8", auto_on_off=True)
     compile: bool | None = setting(None, "torch.compile the model (default: for runs of 150 steps or more)")
     parallel: str = setting("ddp", "engine under torchrun", choices=PARALLEL)
+    activation_checkpointing: str = setting(
+        "none", "recompute activations in the backward pass instead of keeping them: none, selective (keep the "
+                "matmul outputs, recompute the rest) or full (keep only each block's input) (default: none, or the "
+                "least that makes the run fit the device's memory)", choices=ACTIVATION_CHECKPOINTING)
     init_from: str | None = setting(None, "start from these weights: a transformers model directory or a Blueberry "
                                           "run (its architecture and tokenizer replace the model settings)")
     eval_tasks: str = setting("auto", "multiple-choice tasks scored at the final evaluation: built-in names or "
                                       ".jsonl paths, comma-separated; auto: the built-in tasks of the dataset; none")
     eval_tasks_periodic: bool = setting(False, "score --eval-tasks at every evaluation, not only the last")
+    tracker: str = setting("tensorboard", "experiment trackers beside metrics.jsonl, comma-separated: tensorboard, "
+                                          "wandb, mlflow, trackio; none: metrics.jsonl only (the others need "
+                                          "pip install 'blueberry[trackers]')")
     ensemble: int | None = setting(None, "train this many runs of the recipe (seeds --seed, --seed + 1, ...) and use "
                                          "them as one model, the mean of their next-token distributions (default: 2 "
                                          "for the CPU recipe on 2+ cores, 1 otherwise)")
@@ -42,4 +50,10 @@ class TrainingConfig:
                        "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps")
         check_positive(self, "ensemble", optional=True)  # None in a checkpoint older than the field: one run
         check_choices(self)
+        from ..training.trackers import parse_trackers
+
+        try:
+            parse_trackers(self.tracker)
+        except ValueError as e:
+            raise ConfigError("tracker", str(e)) from None
         return self

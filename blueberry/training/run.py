@@ -17,11 +17,12 @@ from ..data.stores import uses_token_store
 from ..errors import CheckpointError, UsageError
 from ..models import create_model
 from ..system import set_cpu_threads
+from .activation_checkpointing import apply_activation_checkpointing
 from .checkpoint import clean_stale_temporaries, load_weights
 from .distributed import init_distributed, teardown, wrap_model
 from .float8 import apply_float8
 from .init_from import load_initial_weights
-from .memory import check_fits
+from .memory import check_fits, choose_checkpointing
 from .run_dir import default_run_dir, prepare_run_dir
 from .test_split import score_test_split
 from .trainer import train_model
@@ -131,8 +132,8 @@ def train_in_group(config, ctx, resume_state, resume_checkpoint, log, task_score
     if device.type == "cuda" and "batch_size" in config.auto_fields and resume_state is None:
         train_loader, val_loader = _fit_batch_to_gpu(model, config, device, corpus, ctx, say,
                                                      (train_loader, val_loader))
-    if resume_state is None and config.use_fp8 and "use_fp8" in config.auto_fields:
-        _measure_fp8(model, config, ctx, say)
+    if resume_state is None:  # a resumed run keeps the choices it made
+        _settle_machine_choices(model, config, device, ctx, say)
     config.validate()
     if ctx.is_main:
         save_config(config, run_dir / "config.json")
@@ -196,19 +197,27 @@ def _fit_batch_to_gpu(model, config, device, corpus, ctx, say, loaders):
     return create_dataloaders(config, corpus, rank=ctx.rank, world_size=ctx.world_size)
 
 
-def _measure_fp8(model, config, ctx, say) -> None:
-    """FP8 was left to the machine (`--fp8 auto`): keep it only where it measured faster on every rank."""
+def _settle_machine_choices(model, config, device, ctx, say) -> None:
+    """What was left to the machine and needs the built model: FP8 (`--fp8 auto`: kept only where it
+    measured faster on every rank) and activation checkpointing (the least with which the run fits)."""
     from .fp8_choice import choose_fp8
 
-    faster = choose_fp8(model, config, config.cache_dir, say)
-    if ctx.all_reduce_sum([float(faster)])[0] < ctx.world_size:
-        config.derive(use_fp8=False)
+    if config.use_fp8 and "use_fp8" in config.auto_fields:
+        faster = choose_fp8(model, config, config.cache_dir, say)
+        if ctx.all_reduce_sum([float(faster)])[0] < ctx.world_size:
+            config.derive(use_fp8=False)
+    if "activation_checkpointing" in config.auto_fields:
+        mode = choose_checkpointing(model, config, device, ctx.world_size)
+        if mode != config.activation_checkpointing:
+            say(f"Activation checkpointing {mode}: without it the run would not fit in memory")
+            config.derive(activation_checkpointing=mode)
 
 
 def _wrap(model, config, ctx):
-    """Transforms applied from outside, in torchtitan's order: FP8 linears, DDP/FSDP2 under torchrun,
-    then torch.compile when asked."""
+    """Transforms applied from outside, in torchtitan's order: FP8 linears, activation checkpointing,
+    DDP/FSDP2 under torchrun, then torch.compile when asked."""
     model = apply_float8(model, bool(config.use_fp8), fsdp=ctx.enabled and config.parallel == "fsdp")
+    model = apply_activation_checkpointing(model, config.activation_checkpointing)
     precision_dtype = config.capabilities().autocast_dtype if config.use_amp else None
     model = wrap_model(model, ctx, config.parallel, precision_dtype)
     if config.compile:
