@@ -44,6 +44,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="'latest' (the newest checkpoint of --out-dir, else of the newest run in runs/), a run "
                         "directory or a checkpoint")
     g.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    g.add_argument("--dry-run", action="store_true", help="print the plan (model, batch, tokens, optimizer, memory "
+                                                          "per device) and exit without training")
     for section, cls in SECTIONS.items():
         group = p.add_argument_group(_SECTION_TITLES[section])
         for field in dataclasses.fields(cls):
@@ -77,7 +79,7 @@ def _add_field_flag(group, field: dataclasses.Field) -> None:
     group.add_argument(*names, **kwargs)
 
 
-RUN_ONLY = {"config", "validate_setup", "resume_from", "debug", "command"}
+RUN_ONLY = {"config", "validate_setup", "resume_from", "debug", "command", "dry_run"}
 
 
 def overrides_from(args: argparse.Namespace) -> dict:

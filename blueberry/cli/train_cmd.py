@@ -32,6 +32,11 @@ def train_command(args) -> int:
     if args.resume_from:
         return _resume(args)
     config = config_from_args(args)
+    if args.dry_run:
+        from ..training.plan import describe_plan
+
+        print("\n".join(describe_plan(config, preset=args.config)))
+        return 0
     if args.validate_setup:
         from .validate_setup import validate_setup
 

@@ -36,6 +36,12 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# The hardware each GPU preset is named for: (memory per GPU in GB, GPUs). `--dry-run` checks the memory
+# estimate against it, and a test asserts that each preset fits.
+PRESET_HARDWARE: dict[str, tuple[int, int]] = {"rtx4090": (24, 1), "rtx5090": (32, 1), "h100": (80, 1),
+                                               "production": (80, 8)}
+
+
 def get_config(name: str = "default", **overrides) -> AdaptiveMoEModelConfig:
     if name not in PRESETS:
         raise ConfigError("config", f"unknown preset {name!r}; choose one of {', '.join(PRESETS)} "

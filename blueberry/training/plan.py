@@ -1,0 +1,70 @@
+"""What a run will do, said before it does it (`python train.py ... --dry-run` prints only this): the device
+and precision, the model and its parameters, the batch and the training tokens, the optimizer and its
+learning rates, and the memory per device — weights, gradients, optimizer states, activations with the
+activation checkpointing the run would use, and what FSDP shards. The model is built on PyTorch's meta
+device, so a preset too large for this machine is described without allocating it.
+
+Under torchrun the world size is torchrun's; `WORLD_SIZE=N` sets it for a dry run; a named GPU preset is
+described on the hardware it is named for (`configs.presets.PRESET_HARDWARE`: its memory per GPU and its
+GPU count) and checked against it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..configs.presets import PRESET_HARDWARE
+from ..models import create_model
+from .memory import GIB, estimate
+
+MODES = ("none", "selective", "full")
+
+
+def _least_fitting(model, config, world_size: int, memory_bytes: float) -> tuple[str, dict]:
+    given = "activation_checkpointing" not in config.auto_fields
+    for mode in ((config.activation_checkpointing,) if given else MODES):
+        e = estimate(model, config, world_size, mode)
+        if e["total"] <= memory_bytes or mode == MODES[-1] or given:
+            return mode, e
+    raise AssertionError("unreachable")
+
+
+def describe_plan(config, preset: str | None = None, world_size: int | None = None) -> list[str]:
+    """The plan's lines (what `--dry-run` prints)."""
+    hardware = PRESET_HARDWARE.get(preset or "")
+    world_size = world_size or int(os.environ.get("WORLD_SIZE", hardware[1] if hardware else 1))
+    caps = config.capabilities()
+    with torch.device("meta"):
+        model = create_model(config)
+    rep = model.parameter_report()
+    tokens_per_step = config.batch_size * config.grad_accum_steps * config.max_seq_len * world_size
+    memory_gb = hardware[0] if hardware else caps.memory_gb
+    mode, e = _least_fitting(model, config, world_size, memory_gb * GIB)
+    sharded = config.parallel == "fsdp" and world_size > 1
+    lines = [
+        "Plan",
+        f"  device        {caps.device_name} ({caps.device_type}), {world_size} process(es), precision "
+        f"{'bf16/fp16 autocast' if config.use_amp else 'fp32'}, FP8 "
+        f"{'auto (measured at start)' if config.use_fp8 and 'use_fp8' in config.auto_fields else 'on' if config.use_fp8 else 'off'}, "
+        f"compile {'on' if config.compile else 'off'}",
+        f"  model         {config.model_type if config.layers is None else config.layers}, d_model {config.d_model} x "
+        f"{config.n_layers} layers, {config.n_heads} heads; {rep['total']:,} parameters, "
+        f"{rep['active_per_token']:,} active per token",
+        f"  batch         {config.batch_size} sequences x {config.max_seq_len} tokens x {config.grad_accum_steps} "
+        f"accumulation x {world_size} process(es) = {tokens_per_step:,} tokens per step",
+        f"  length        {config.max_steps:,} steps = {tokens_per_step * config.max_steps:,} training tokens"
+        + (f", in each of {config.ensemble} runs averaged into one model (--ensemble)" if config.ensemble > 1 else ""),
+        f"  optimizer     {config.optimizer}, lr {config.lr:g}" + (f", AdamW part {config.adamw_lr:g}"
+                                                                   if config.optimizer == "muon" else "")
+        + f", {config.schedule} with {config.warmup_steps} warm-up steps, weight decay {config.weight_decay:g}",
+        f"  memory/device weights {e['weights'] / GIB:.2f} GiB, gradients {e['gradients'] / GIB:.2f}, optimizer "
+        f"{e['optimizer'] / GIB:.2f}, activations {e['activations'] / GIB:.2f} (checkpointing {mode}) = "
+        f"{e['total'] / GIB:.2f} GiB" + (" (weights, gradients and optimizer states sharded by FSDP2)" if sharded else ""),
+    ]
+    if hardware:
+        fits = e["total"] <= hardware[0] * GIB
+        lines.append(f"  hardware      preset {preset} is for {hardware[1]} x {hardware[0]} GB: "
+                     f"{'fits' if fits else 'does NOT fit'} by the estimate")
+    return lines
