@@ -15,6 +15,9 @@ EXTRAS = {
     "eval": "lm-evaluation-harness and the generation metrics (BLEU, ROUGE)",
     "data": "parquet files and Hugging Face datasets",
     "fp8": "FP8 training and int4 quantization (torchao)",
+    "trackers": "the W&B and MLflow experiment trackers (--tracker)",
+    "bertscore": "BERTScore of generated text (eval --bertscore-model)",
+    "gguf": "GGUF export for llama.cpp and Ollama (llama.cpp's gguf package)",
 }
 
 

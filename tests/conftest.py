@@ -57,3 +57,11 @@ def _seed_and_threads():
     torch.manual_seed(1234)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     yield
+
+
+@pytest.fixture(scope="session")
+def served_run(corpus_dir, tmp_path_factory) -> Path:
+    """One tiny trained run (window 512) shared by the server tests."""
+    from helpers import train_served_run
+
+    return train_served_run(corpus_dir, tmp_path_factory.mktemp("served"))

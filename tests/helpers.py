@@ -53,3 +53,70 @@ def _kill_group(pgid: int, sig) -> None:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_served_run(corpus_dir, root: Path) -> Path:
+    """A tiny run with a window of 512 tokens (room for a generation long enough to hang up during)."""
+    flags = list(TINY_FLAGS)
+    flags[flags.index("--seq-len") + 1] = "512"
+    r = run_cli("--dataset", corpus_dir, "--cache-dir", root / "cache", "--out-dir", root / "run", "--max-steps", "30",
+                "--eval-every", "30", "--no-compile", *flags)
+    assert r.returncode == 0, r.stderr
+    return root / "run"
+
+
+class ServedRun:
+    """`blueberry serve` on a free loopback port, in a process group of its own, killed whole on exit.
+    `base` is its URL; `pid` its process id."""
+
+    def __init__(self, run_dir, slots: int = 8, model_name: str = "tiny", start_timeout: float = 120):
+        self.run_dir, self.slots, self.model_name, self.start_timeout = run_dir, slots, model_name, start_timeout
+
+    def __enter__(self) -> "ServedRun":
+        import signal
+        import time
+
+        import httpx
+
+        import tempfile
+
+        port = free_port()
+        self.log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty server never blocks on it
+        self.proc = subprocess.Popen([sys.executable, "-m", "blueberry", "serve", "--checkpoint", str(self.run_dir),
+                                      "--port", str(port), "--slots", str(self.slots), "--model-name", self.model_name],
+                                     stdout=subprocess.DEVNULL, stderr=self.log, text=True, env=cli_env(),
+                                     cwd=ROOT, start_new_session=True)
+        self.pid, self.base = self.proc.pid, f"http://127.0.0.1:{port}"
+        deadline = time.time() + self.start_timeout
+        try:
+            while True:
+                assert self.proc.poll() is None, self.stderr()
+                try:
+                    if httpx.get(f"{self.base}/health", timeout=1).status_code == 200:
+                        return self
+                except httpx.HTTPError:
+                    pass
+                assert time.time() < deadline, "server did not start"
+                time.sleep(0.2)
+        except BaseException:
+            _kill_group(self.pid, signal.SIGKILL)
+            raise
+
+    def stderr(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        _kill_group(self.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        self.log.close()

@@ -240,3 +240,18 @@ def test_a_stopped_ensemble_resumes_its_unfinished_members(corpus_dir, tmp_path)
     for i in (0, 1):
         records = [json.loads(line) for line in (run / "members" / str(i) / "metrics.jsonl").read_text().splitlines()]
         assert max(r["step"] for r in records if r["kind"] == "train") == 400
+
+
+def test_speculative_decoding_refuses_an_ensemble_with_a_stateful_member_at_any_position():
+    """Member 0 is attention-only, member 1 has retention: the ensemble cannot roll back its state."""
+    from blueberry.errors import UsageError
+    from blueberry.inference.speculative import speculative_generate
+
+    attention, stateful = member(1), member(3, layers="retention:mlp,attn:mlp")
+    params = SamplingParams(max_new_tokens=4, temperature=0, stop_at_eot=False)
+    for ensemble in (EnsembleLM([attention, stateful]), EnsembleLM([stateful, attention])):
+        for target, draft in ((ensemble, attention), (attention, ensemble)):
+            with pytest.raises(UsageError, match="retention"):
+                speculative_generate(target, draft, [1, 2, 3], params, eot_id=0, k=2)
+    ok = speculative_generate(EnsembleLM([attention, member(2)]), attention, [1, 2, 3], params, eot_id=0, k=2)
+    assert len(ok.output_ids) == 4

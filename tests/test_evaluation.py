@@ -57,14 +57,37 @@ def test_batched_scores_equal_float64_one_at_a_time(model):
         assert logp == pytest.approx(reference_loglik(model, context, continuation), abs=1e-4)
 
 
-def test_rolling_loglikelihood_scores_every_token_once(model):
+def test_rolling_windows_are_lm_evals_own():
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    from blueberry.evaluation.scoring import rolling_windows
+
+    for window in (1, 4, 16):
+        for n in range(0, 70):
+            ids = list(range(100, 100 + n))
+            theirs = [make_disjoint_window(w) for w in get_rolling_token_windows(ids, 7, window, 1)]
+            assert rolling_windows(ids, 7, window) == [(list(a), list(b)) for a, b in theirs], (window, n)
+
+
+def test_rolling_loglikelihood_scores_every_token_once_after_its_preceding_context(model):
     ids = torch.randint(1, 300, (100,), generator=torch.Generator().manual_seed(2)).tolist()
-    expected, window = 0.0, model.config.max_seq_len
-    for start in range(0, len(ids), window):
-        piece = ids[start:start + window]
-        expected += reference_loglik(model, [0] + piece[:-1], piece[-1:]) + sum(
-            reference_loglik(model, [0] + piece[:j], [piece[j]]) for j in range(len(piece) - 1))
-    assert rolling_loglikelihood(model, ids, bos=0) == pytest.approx(expected, abs=1e-3)
+    assert model.config.max_seq_len == 48  # windows: tokens 0-47 after the prefix, 48-95 after token 47,
+    expected = sum(reference_loglik(model, [0] + ids[:j], [ids[j]]) for j in range(48))  # 96-99 after 51-95
+    expected += sum(reference_loglik(model, ids[47:j], [ids[j]]) for j in range(48, 96))
+    expected += sum(reference_loglik(model, ids[51:j], [ids[j]]) for j in range(96, 100))
+    assert rolling_loglikelihood(model, ids, prefix=0) == pytest.approx(expected, abs=1e-3)
+
+
+def test_acc_norm_is_per_character_as_lm_evals(model, tok, tmp_path, monkeypatch):
+    """lm-eval's acc_norm divides by len(choice) in characters (api/task.py: completion_len); per byte
+    ("acc_bytes") a non-ASCII choice is shorter and would win here."""
+    import blueberry.evaluation.tasks as tasks
+
+    path = tmp_path / "accents.jsonl"
+    path.write_text(json.dumps({"context": "x", "choices": ["\u00e9\u00e9", "abc"], "answer": 1}) + "\n")
+    monkeypatch.setattr(tasks, "score", lambda model, pairs, batch_size: [(-4.0, False), (-5.0, False)])
+    result = evaluate_task(model, tok, load_task(str(path)))
+    assert result["acc"] == 0.0 and result["acc_norm"] == 1.0  # -4/2 < -5/3 per character; -4/4 > -5/3 per byte
 
 
 def test_task_scores_equal_a_hand_computation(model, tok, tmp_path):
@@ -78,9 +101,9 @@ def test_task_scores_equal_a_hand_computation(model, tok, tmp_path):
     for item in items:
         context = [tok.eot_id] + tok.encode(item["context"])
         logps = [reference_loglik(model, context, tok.encode(c)) for c in item["choices"]]
-        per_byte = [lp / len(c.encode()) for lp, c in zip(logps, item["choices"])]
+        per_char = [lp / len(c) for lp, c in zip(logps, item["choices"])]
         correct += max(range(len(logps)), key=logps.__getitem__) == item["answer"]
-        correct_norm += max(range(len(per_byte)), key=per_byte.__getitem__) == item["answer"]
+        correct_norm += max(range(len(per_char)), key=per_char.__getitem__) == item["answer"]
     chance = (1 / 3 + 1 / 2 + 1 / 4) / 3
     assert result["acc"] == correct / 3 and result["acc_norm"] == correct_norm / 3
     assert result["centered"] == pytest.approx((correct / 3 - chance) / (1 - chance))
@@ -216,3 +239,21 @@ def test_lm_eval_verb_hands_its_arguments_to_lm_eval(run_dir, tmp_path):
                 "--include_path", tmp_path, "--batch_size", "4", "--output_path", tmp_path / "out")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "tiny_speaker" in r.stdout and list((tmp_path / "out").rglob("results*.json"))
+
+
+def test_rolling_loglikelihood_equals_the_hf_backends_past_one_window(run_dir, tmp_path):
+    """Text of several windows (the run's window is 32 tokens): lm-eval's rolling windows keep the
+    preceding tokens as context; so must ours."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from blueberry.evaluation.harness import BlueberryLM
+
+    assert run_cli("export", run_dir, tmp_path / "hf").returncode == 0
+    texts = ["the king and the queen of night speak of fire and stone\n" * 12, "gold", "river wind " * 30]
+    requests = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
+    ours = BlueberryLM(checkpoint=str(run_dir), device="cpu", batch_size=4)
+    assert len(ours.tokenizer.encode(texts[0])) > 4 * ours.config.max_seq_len
+    theirs = HFLM(pretrained=str(tmp_path / "hf"), dtype="float32", device="cpu", batch_size=4, max_length=32)
+    for a, b in zip(ours.loglikelihood_rolling(requests), theirs.loglikelihood_rolling(requests)):
+        assert a == pytest.approx(b, abs=1e-3)

@@ -59,3 +59,16 @@ def test_a_tokenizer_tiktoken_cannot_reproduce_is_left_alone(tokenizer):
     hf.normalizer = normalizers.NFKC()
     assert tiktoken_encoding(hf) is None
     assert fast_encoder(Tokenizer(hf, identity="nfkc"), ["x"]) is None
+
+
+def test_prepare_workers_encode_through_tiktoken_with_the_same_ids(tokenizer, tmp_path):
+    from blueberry.data import prepare
+
+    path = tmp_path / "tokenizer.json"
+    tokenizer.save(path)
+    prepare._init_worker(str(path))
+    texts = [random_text(random.Random(7), 50) for _ in range(20)]
+    ids = prepare._encode(texts)
+    assert getattr(prepare._WORKER_ENCODE, "__name__", "") == "encode_batch"
+    assert getattr(prepare._WORKER_ENCODE, "__self__", None) is None  # tiktoken's closure, not the tokenizer's method
+    assert [list(a) for a in ids] == tokenizer.encode_batch(texts)

@@ -136,3 +136,68 @@ def test_continued_pretraining_starts_from_the_imported_weights(tmp_path, corpus
     assert evals[0]["step"] == 0 and evals[-1]["loss"] < evals[0]["loss"]  # the "before" is logged
     clash = run_cli("--init-from", tmp_path / "hf", "--d-model", "64", "--out-dir", tmp_path / "x", *common)
     assert clash.returncode == 2 and "--init-from" in clash.stderr
+
+
+# ---------------------------------------------------------------- prompts of imported models, drafts
+def tokenizer_dir_with_bos(path):
+    """The tiny tokenizer with a beginning-of-sequence token <s> distinct from its end-of-text (Llama style)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from blueberry.data.tokenizer import train_bpe
+
+    tok = train_bpe(["the king speaks to the queen of night and day\n" * 40], 299)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok.hf, eos_token="<|endoftext|>", bos_token="<s>")
+    assert fast.bos_token_id != fast.eos_token_id and len(fast) <= 300
+    fast.save_pretrained(path)
+    return fast
+
+
+@pytest.fixture(scope="module")
+def imported_with_bos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bos")
+    save_family("llama", root / "hf")
+    tokenizer_dir_with_bos(root / "hf")
+    assert run_cli("import", root / "hf", root / "run").returncode == 0
+    return root
+
+
+def test_prompts_of_an_imported_model_start_with_its_bos_as_transformers_and_lm_eval(imported_with_bos):
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from blueberry.evaluation.harness import BlueberryLM
+
+    hf_dir, run = imported_with_bos / "hf", imported_with_bos / "run"
+    ours = BlueberryLM(checkpoint=str(run), device="cpu", batch_size=4)
+    theirs = HFLM(pretrained=str(hf_dir), dtype="float32", device="cpu", batch_size=4)
+    pairs = [Instance("loglikelihood", {}, ("", "the king speaks"), 0),
+             Instance("loglikelihood", {}, ("the queen", " of night"), 1)]
+    for (a, _), (b, _) in zip(ours.loglikelihood(pairs), theirs.loglikelihood(pairs)):
+        assert a == pytest.approx(b, abs=1e-3)
+    rolling = [Instance("loglikelihood_rolling", {}, ("the king speaks to the queen",), 0)]
+    assert ours.loglikelihood_rolling(rolling)[0] == pytest.approx(theirs.loglikelihood_rolling(rolling)[0], abs=1e-3)
+    tok, model = AutoTokenizer.from_pretrained(hf_dir), AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    ids = torch.tensor([[tok.bos_token_id] + tok.encode("the king", add_special_tokens=False)])  # Llama's way
+    out = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.eos_token_id)
+    expected = "the king" + tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    r = run_cli("generate", "--checkpoint", run, "--prompt", "the king", "--temperature", "0", "--max-new-tokens",
+                "8", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.rstrip("\n") == expected
+    assert ours.tokenizer.prefix_id == theirs.prefix_token_id == theirs.tokenizer.bos_token_id
+
+
+def test_two_imports_sharing_a_tokenizer_can_draft_for_each_other(tmp_path):
+    save_family("llama", tmp_path / "big")
+    save_family("qwen3", tmp_path / "small")
+    for name in ("big", "small"):
+        assert run_cli("import", tmp_path / name, tmp_path / f"run-{name}").returncode == 0
+    r = run_cli("generate", "--checkpoint", tmp_path / "run-big", "--draft", tmp_path / "run-small", "--prompt",
+                "the king", "--temperature", "0", "--max-new-tokens", "6", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert "draft tokens accepted" in r.stderr
+    plain = run_cli("generate", "--checkpoint", tmp_path / "run-big", "--prompt", "the king", "--temperature", "0",
+                    "--max-new-tokens", "6", "--device", "cpu")
+    assert r.stdout == plain.stdout  # greedy: the target's own output

@@ -6,60 +6,26 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import signal
-import socket
-import subprocess
 import sys
 import time
 
 import httpx
 import pytest
 
-from helpers import ROOT, TINY_FLAGS, _kill_group, cli_env, run_cli
+from helpers import ServedRun, run_cli
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="process groups as on Linux")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def trained_run(corpus_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("served")
-    flags = list(TINY_FLAGS)
-    flags[flags.index("--seq-len") + 1] = "512"  # room for a generation long enough to hang up during
-    r = run_cli("--dataset", corpus_dir, "--cache-dir", root / "cache", "--out-dir", root / "run", "--max-steps", "30",
-                "--eval-every", "30", "--no-compile", *flags)
-    assert r.returncode == 0, r.stderr
-    return root / "run"
+def trained_run(served_run):
+    return served_run
 
 
 @pytest.fixture(scope="module")
 def server(trained_run):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "blueberry", "serve", "--checkpoint", str(trained_run),
-                             "--port", str(port), "--slots", "8", "--model-name", "tiny"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=ROOT,
-                            start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None, proc.stderr.read()
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.2)
-        yield base
-    finally:
-        _kill_group(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+    with ServedRun(trained_run) as served:
+        yield served.base
 
 
 @pytest.fixture

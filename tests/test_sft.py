@@ -137,3 +137,74 @@ def test_memory_estimate_matches_real_optimizer_states_and_refuses_what_cannot_f
     monkeypatch.setattr(memory, "available_bytes", lambda device: 1e5)
     with pytest.raises(Exception, match="lower --batch-size"):
         memory.check_fits(model, cfg, torch.device("cpu"), log=lambda *a: None)
+
+
+LLAMA3_TEMPLATE = (  # Llama 3's own: contents trimmed, the header's blank line before them
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+def llama3_tokenizer(path, template=LLAMA3_TEMPLATE):
+    from transformers import PreTrainedTokenizerFast
+
+    from blueberry.data.tokenizer import load_tokenizer
+
+    base = train_bpe(["user\nsay the king then the queen\nassistant\nthe king the queen\n" * 40], 290)
+    fast = PreTrainedTokenizerFast(tokenizer_object=base.hf, eos_token="<|endoftext|>", bos_token="<|begin_of_text|>")
+    fast.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
+    fast.chat_template = template
+    fast.save_pretrained(path)
+    return load_tokenizer(str(path))
+
+
+def test_a_trimming_template_masks_the_trimmed_assistant_contents(tmp_path):
+    tok = llama3_tokenizer(tmp_path / "tok")
+    messages = [{"role": "system", "content": " be brief\n"}, {"role": "user", "content": "say the king  "},
+                {"role": "assistant", "content": "  the king\n"}, {"role": "user", "content": "\tagain"},
+                {"role": "assistant", "content": "the queen "}]
+    ids, mask = encode_conversation(messages, tok)
+    runs, current = [], []
+    for i, m in zip(ids, mask):
+        if m:
+            current.append(i)
+        elif current:
+            runs.append(tok.auto.decode(current)), current.clear()
+    runs.append(tok.auto.decode(current))
+    assert runs == ["the king<|eot_id|>", "the queen<|eot_id|><|endoftext|>"]
+
+
+def test_sft_refusals_name_the_file_and_line(tmp_path, tiny):
+    from blueberry.data.sft import load_sft_data
+    from blueberry.errors import DataError
+
+    strict = LLAMA3_TEMPLATE.replace("{% for message in loop_messages %}", "{% for message in loop_messages %}"
+                                     "{% if message['role'] == 'system' %}{{ raise_exception('no system role') }}"
+                                     "{% endif %}")
+    llama3_tokenizer(tmp_path / "tok", strict)
+    records = [{"prompt": f"say {w}", "completion": f" {w} {w} "} for w in WORDS]  # whitespace: trimmed, fine
+    records[6] = chats(2)[1]  # line 7: a system message, which this template refuses
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = tiny(task="sft", dataset=str(path), tokenizer=str(tmp_path / "tok"), val_fraction=0.5)
+    with pytest.raises(DataError, match=r"chats.jsonl:7: .*no system role"):
+        load_sft_data(config, log=lambda *a: None)
+    del records[6]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    _, corpus = load_sft_data(config, log=lambda *a: None)
+    assert corpus.train_mask.sum() > 0
+
+
+def test_training_prompt_equals_the_servers_prompt_with_a_bos_and_no_template(tmp_path):
+    """A tokenizer with a bos distinct from its end-of-text (an imported base model's): both start with bos."""
+    from test_import import tokenizer_dir_with_bos
+
+    from blueberry.data.tokenizer import load_tokenizer
+
+    tokenizer_dir_with_bos(tmp_path / "tok")
+    tok = load_tokenizer(str(tmp_path / "tok"))
+    messages = chats(2)[1]["messages"]
+    ids, _ = encode_conversation(messages, tok)
+    served = chat_prompt_ids(messages[:-1], tok)
+    assert served[0] == tok.auto.bos_token_id != tok.eot_id and ids[:len(served)] == served

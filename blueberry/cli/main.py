@@ -1,5 +1,5 @@
-"""Entry point: `train` (the default verb), `prepare`, `generate`, `chat`, `eval`, `compare`, `export`, `quantize`,
-`serve`, `lm-eval` (lm-evaluation-harness with the blueberry model registered), `info`.
+"""Entry point: `train` (the default verb), `prepare`, `generate`, `chat`, `eval`, `compare`, `export`, `push`,
+`quantize`, `serve`, `lm-eval` (lm-evaluation-harness with the blueberry model registered), `info`.
 
 Every expected failure is a `BlueberryError`: printed as one line, exit 2 for usage errors and 1 for
 run-time failures; `--debug` shows the traceback instead.
@@ -10,10 +10,11 @@ from __future__ import annotations
 import sys
 import warnings
 
-from ..errors import BlueberryError, ConfigError
+from ..errors import BlueberryError, ConfigError, UsageError
 from .args import OneLineParser, add_train_flags, flag_for
 
-VERBS = ("train", "prepare", "generate", "chat", "eval", "compare", "export", "import", "quantize", "serve", "lm-eval", "info")
+VERBS = ("train", "prepare", "generate", "chat", "eval", "compare", "export", "import", "push", "quantize", "serve",
+         "lm-eval", "info")
 
 
 def build_parser() -> OneLineParser:
@@ -74,6 +75,13 @@ def entry() -> None:
 def lm_eval_command(argv: list[str]) -> int:
     """`blueberry lm-eval ARGS`: lm-evaluation-harness's own command line, with `--model blueberry`
     registered in this process (lm-eval has no plugins); every argument goes to lm-eval unchanged."""
+    from ..extras import require
+
+    try:
+        require("lm_eval", "eval", "blueberry lm-eval")
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     import blueberry.evaluation.harness  # noqa: F401  (registers the "blueberry" model)
     from lm_eval.__main__ import cli_evaluate
 

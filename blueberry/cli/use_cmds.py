@@ -1,4 +1,5 @@
-"""Verbs that use trained runs: `generate`, `chat`, `eval`, `compare`, `export`, `import`, `quantize`, `serve`."""
+"""Verbs that use trained runs: `generate`, `chat`, `eval`, `compare`, `export`, `import`, `push`, `quantize`,
+`serve`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import sys
 import torch
 
 from ..errors import UsageError
+from ..extras import require
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -21,7 +23,7 @@ def _model_flags(p, what="run directory, checkpoint directory, or 'latest'") -> 
 def _sampling_flags(p, max_new_tokens: int) -> None:
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (0: no cut-off)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling")
     p.add_argument("--seed", type=int, default=0)
 
@@ -52,6 +54,11 @@ def add_parsers(sub) -> None:
     e.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
     e.add_argument("--generation", type=int, default=0, metavar="N",
                    help="BLEU / ROUGE / exact match of greedy next lines for N held-out passages")
+    e.add_argument("--bertscore-model", default=None, metavar="DIR",
+                   help="with --generation: BERTScore P/R/F1 too, with this local transformers encoder directory "
+                        "(bert-score package; no idf, no baseline rescaling)")
+    e.add_argument("--bertscore-layers", type=int, default=None, metavar="L",
+                   help="the encoder layer BERTScore compares (default: its last)")
 
     m = sub.add_parser("compare", help="runs side by side: one table and one plot of their curves")
     m.add_argument("runs", nargs="+", help="run directories")
@@ -60,9 +67,22 @@ def add_parsers(sub) -> None:
 
     x = sub.add_parser("export", help="convert a run to another format")
     x.add_argument("run", help="run directory or checkpoint")
-    x.add_argument("out", help="output directory (must not exist or be empty)")
-    x.add_argument("--format", choices=("hf",), default="hf")
+    x.add_argument("out", help="output directory for hf (must not exist or be empty); the .gguf file to write "
+                               "for gguf (a name without .gguf gets it)")
+    x.add_argument("--format", choices=("hf", "gguf"), default="hf",
+                   help="hf: a transformers directory with a model card; gguf: one file for llama.cpp / Ollama")
+    x.add_argument("--gguf-type", choices=("f32", "f16", "bf16", "q8_0"), default="f16",
+                   help="weight type of the GGUF matrices (norms and routers stay f32)")
+    x.add_argument("--license", default="mit", help="license named in the model card (hf) and metadata (gguf)")
     x.add_argument("--debug", action="store_true")
+
+    u = sub.add_parser("push", help="upload an export (or a run, exported first) to the Hugging Face Hub")
+    u.add_argument("source", help="a directory written by export --format hf, or a run directory or checkpoint")
+    u.add_argument("repo_id", help="the Hub repository, e.g. user/my-model (created if missing)")
+    u.add_argument("--private", action="store_true", help="create the repository as private")
+    u.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the saved login)")
+    u.add_argument("--license", default="mit", help="license of the model card when a run is exported first")
+    u.add_argument("--debug", action="store_true")
 
     i = sub.add_parser("import", help="turn a transformers checkpoint directory into a Blueberry run")
     i.add_argument("hf_dir", help="a directory saved with save_pretrained (Llama, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE)")
@@ -92,7 +112,9 @@ def _params(args, stop=()):
 
     if args.max_new_tokens <= 0:
         raise UsageError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+    if args.top_k is not None and args.top_k < 0:
+        raise UsageError(f"--top-k must be 0 (no cut-off) or positive, got {args.top_k}")
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
                           top_p=args.top_p, seed=args.seed, stop=tuple(stop))
 
 
@@ -107,7 +129,7 @@ def generate_command(args) -> int:
 
     params = _params(args, args.stop)
     model, config, tok, ckpt = _load(args)
-    ids = [tok.eot_id] + tok.encode(args.prompt)
+    ids = [tok.prefix_id] + tok.encode(args.prompt)
     if args.draft:
         return _speculative(args, model, tok, ids, params)
     engine = Engine(model, tok, slots=1, compile=args.compile)
@@ -137,7 +159,7 @@ def _speculative(args, model, tok, ids, params) -> int:
         raise UsageError(str(exc)) from None
     seconds = time.perf_counter() - start
     text = tok.decode(result.output_ids)
-    for stop in params.stop:
+    for stop in filter(None, params.stop):  # each cut keeps the text before the earliest stop
         text = text.split(stop, 1)[0]
     print(args.prompt + text)
     print(f"[speculative: {result.accepted}/{result.proposed} draft tokens accepted "
@@ -159,32 +181,40 @@ def _packed_loader(tokens, config, batches):
     return BatchLoader(dataset, min(config.batch_size, len(dataset)), shuffle=False, max_batches=batches)
 
 
+def _check_bertscore_flags(args) -> None:
+    """Refuse --bertscore-model without --generation, or with a directory or layer that cannot work, before
+    anything is generated."""
+    if args.bertscore_model is None:
+        if args.bertscore_layers is not None:
+            raise UsageError("--bertscore-layers needs --bertscore-model DIR")
+        return
+    if not args.generation:
+        raise UsageError("--bertscore-model scores generated continuations: give --generation N too")
+    from ..evaluation.generation_metrics import bertscore_layer
+
+    bertscore_layer(args.bertscore_model, args.bertscore_layers)
+
+
 def eval_command(args) -> int:
     import json
 
-    from ..data import load_and_cache_data, load_documents
-    from ..data.corpus import encode_documents, split_documents
-    from ..data.stores import uses_token_store
+    from ..data import load_documents
+    from ..data.corpus import encode_documents
+    from ..data.held_out import held_out_texts, validation_loader
     from ..evaluation.tasks import evaluate_tasks, markdown_table
     from ..training.checkpoint import run_dir_of
     from ..training.evaluation import evaluate_model
 
+    _check_bertscore_flags(args)
     model, config, tok, ckpt = _load(args)
     if args.dataset:
         docs = load_documents(args.dataset, args.text_field)
         tokens, _ = encode_documents(tok, docs, None)
         source = f"{args.dataset} ({len(docs)} documents, all evaluated)"
         loader = _packed_loader(tokens, config, args.batches)
-    elif uses_token_store(config):  # a run trained on token stores: their validation shards, never re-read
-        from ..data.sharded_loader import EvalConcat
-        from ..data.stores import prepare_stores, validation_loader
-
+    else:  # the run's own validation split (documents, conversations or token stores), as training scored it
         docs, source = None, f"the validation split of {config.dataset}"
-        loader = EvalConcat([validation_loader(store, config, args.batches) for _, store, _ in prepare_stores(config)])
-    else:
-        _, _, corpus = load_and_cache_data(config, log=lambda *a: None)
-        docs, source = None, f"the validation split of {config.dataset}"
-        loader = _packed_loader(corpus.val, config, args.batches)
+        loader = validation_loader(config, tok, args.batches)
     result = evaluate_model(model, loader, config, token_bytes=tok.token_bytes())
     print(f"Checkpoint {ckpt} on {source}: {result['tokens']:,} tokens")
     for key in ("loss", "perplexity", "accuracy", "bits_per_byte"):
@@ -203,26 +233,53 @@ def eval_command(args) -> int:
     if args.generation:
         from ..evaluation.generation_metrics import continuation_pairs, generation_scores
 
-        held_out = docs or split_documents(load_documents(config.dataset, config.text_field), config.val_fraction,
-                                           config.split_seed)[1]
-        pairs = continuation_pairs([d.text for d in held_out], args.generation)
-        report["generation"] = generation_scores(model, tok, pairs)
+        held_out = [d.text for d in docs] if docs else held_out_texts(config, tok)
+        pairs = continuation_pairs(held_out, args.generation)
+        if not pairs:  # conversations are short: a fine-tuning run's held-out texts may hold none
+            raise UsageError(f"--generation: {source} holds no passage of 7 non-empty lines to continue; "
+                             "give --dataset with longer held-out documents")
+        report["generation"] = generation_scores(model, tok, pairs, bertscore_model=args.bertscore_model,
+                                                 bertscore_layers=args.bertscore_layers)
         g = report["generation"]
         summary = (f"greedy next line of {g['pairs']} held-out passages: BLEU {g['bleu']:.2f}, ROUGE-1 "
                    f"{g['rouge1']:.4f}, ROUGE-2 {g['rouge2']:.4f}, ROUGE-L {g['rougeL']:.4f}, exact match "
                    f"{g['exact_match']:.4f}")
+        if args.bertscore_model:
+            report["generation"]["bertscore_model"] = str(args.bertscore_model)
+            summary += (f", BERTScore P {g['bertscore_precision']:.4f} R {g['bertscore_recall']:.4f} F1 "
+                        f"{g['bertscore_f1']:.4f} (layer {g['bertscore_layers']}, no baseline rescaling)")
         print(summary)
         lines += ["", summary]
     out = run_dir_of(ckpt)
-    (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "eval.md").write_text("\n".join(lines) + "\n")
+    _write_eval_reports(out, json.dumps(report, indent=2) + "\n", "\n".join(lines) + "\n")
     print(f"Written: {out / 'eval.json'}, {out / 'eval.md'}")
     return 0
 
 
-def compare_command(args) -> int:
-    from ..evaluation.compare import comparison_table, load_run, plot_curves
+def _write_eval_reports(out, report_json: str, report_md: str) -> None:
+    """RUN/eval.json and RUN/eval.md, each replaced atomically, and only over reports `eval` wrote (a JSON
+    object naming its checkpoint; markdown opening "# Evaluation of"): anything else there is refused."""
+    import json
 
+    from ..atomic import atomic_write_text
+
+    def ours(path, check) -> bool:
+        try:
+            return check(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError):
+            return False
+    checks = {"eval.json": lambda t: "checkpoint" in json.loads(t), "eval.md": lambda t: t.startswith("# Evaluation of")}
+    for name, check in checks.items():
+        if (out / name).exists() and not ours(out / name, check):
+            raise UsageError(f"{out / name} was not written by blueberry eval; move it away (nothing was written)")
+    atomic_write_text(out / "eval.json", report_json)
+    atomic_write_text(out / "eval.md", report_md)
+
+
+def compare_command(args) -> int:
+    from ..evaluation.compare import check_plot_target, comparison_table, load_run, plot_curves
+
+    check_plot_target(args.out)
     runs = [load_run(r) for r in args.runs]
     print(comparison_table(runs))
     print(f"Curves: {plot_curves(runs, args.out)}")
@@ -232,13 +289,48 @@ def compare_command(args) -> int:
 def export_command(args) -> int:
     from ..export import export_hf
     from ..inference.loading import load_model, quantization_of
-    from ..training.checkpoint import resolve_checkpoint
+    from ..training.checkpoint import resolve_checkpoint, run_dir_of
 
     if quantization_of(resolve_checkpoint(args.run)):
         raise UsageError(f"{args.run} is a quantized run; export the run it was made from")
     model, config, tok, ckpt = load_model(args.run, "cpu")
-    out = export_hf(model, tok, args.out)
+    if args.format == "gguf":
+        from ..export.gguf import export_gguf, gguf_architecture
+
+        path = args.out if str(args.out).endswith(".gguf") else f"{args.out}.gguf"
+        out = export_gguf(model, tok, path, args.gguf_type, name=run_dir_of(ckpt).name, license=args.license)
+        print(f"Exported {ckpt} as llama.cpp architecture {gguf_architecture(config)} ({args.gguf_type}) -> {out}")
+        return 0
+    out = export_hf(model, tok, args.out, run_dir=run_dir_of(ckpt), license=args.license)
     print(f"Exported {ckpt} as {type(model).__name__} -> Hugging Face format in {out}")
+    return 0
+
+
+def push_command(args) -> int:
+    """Upload an export, or export the run first (into a temporary directory, its card naming the repo)."""
+    import tempfile
+    from pathlib import Path
+
+    from ..export import export_hf
+    from ..export.push import check_repo_id, is_export, upload
+    from ..inference.loading import load_model, quantization_of
+    from ..training.checkpoint import resolve_checkpoint, run_dir_of
+
+    check_repo_id(args.repo_id)
+    source = Path(args.source)
+    if is_export(source):
+        url = upload(source, args.repo_id, args.private, args.token)
+    elif not source.exists() and args.source != "latest":
+        raise UsageError(f"{args.source}: no such export or run directory")
+    else:
+        if quantization_of(resolve_checkpoint(args.source)):
+            raise UsageError(f"{args.source} is a quantized run; push the run it was made from")
+        model, _, tok, ckpt = load_model(args.source, "cpu")
+        with tempfile.TemporaryDirectory(prefix="blueberry-push-") as tmp:
+            folder = export_hf(model, tok, Path(tmp) / "export", run_dir=run_dir_of(ckpt), license=args.license,
+                               repo=args.repo_id)
+            url = upload(folder, args.repo_id, args.private, args.token)
+    print(f"Pushed {args.source} -> {url}")
     return 0
 
 
@@ -253,8 +345,8 @@ def quantize_command(args) -> int:
 
 
 def serve_command(args) -> int:
-    import uvicorn
-
+    uvicorn = require("uvicorn", "serve", "blueberry serve")
+    require("fastapi", "serve", "blueberry serve")
     from ..inference import Engine
     from ..inference.server import create_app
     from ..training.checkpoint import run_dir_of
@@ -279,4 +371,4 @@ def import_command(args) -> int:
 
 COMMANDS = {"generate": generate_command, "chat": chat_command, "eval": eval_command, "export": export_command,
             "quantize": quantize_command, "serve": serve_command, "compare": compare_command,
-            "import": import_command}
+            "import": import_command, "push": push_command}

@@ -41,4 +41,6 @@ def load_config_file(path: str | Path) -> dict:
 
 
 def save_config(config: AdaptiveMoEModelConfig, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+    from ..atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(config.to_dict(), indent=2) + "\n")

@@ -5,19 +5,26 @@
     2. each document goes to train or val by a hash of its text and --split-seed: deterministic, no
        global shuffle, stable as the corpus grows, and duplicates of a text land in the same split;
     3. the tokenizer: --tokenizer, or a byte-level BPE trained on the first --bpe-sample-mb of training
-       documents (saved as STORE/tokenizer.json);
+       documents of the whole source (saved as STORE/tokenizer.json): every machine of a --num-shards job
+       trains the same one (deterministic), so their parts merge;
     4. documents are tokenized in batches by --workers processes, at most 2 batches per worker in flight,
        and appended in source order to the current shard's files: memory stays flat whatever the size;
     5. a shard is sealed past --shard-tokens training tokens, and the manifest records how many source
        documents are done. An interrupted prepare resumes after the last sealed shard; a finished one is
        a cache hit decided from the manifest alone (file sizes and modification times; a file whose
        time changed but whose content hash did not is still a hit).
+
+What it may remove: `--out` must be absent, empty, or a store an earlier prepare wrote (its manifest.json,
+or the marker .blueberry-prepare written into the empty directory it started from); anything else is
+refused (exit 2). A rebuild removes only what that store's manifest and marker prove prepare wrote there
+(the shards it lists, its tokenizer.json by checksum, its own temporaries): files beside them survive.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import time
 from collections import deque
@@ -28,11 +35,14 @@ import numpy as np
 
 from ..errors import DataError
 from .cache import file_sha256, token_dtype
+from .fast_encode import fast_encoder
 from .sources import is_local, iter_documents, local_files, source_identity
-from .token_store import ShardWriter, read_manifest, write_manifest
+from .token_store import (ShardWriter, claim_store, read_manifest, write_manifest, write_marker,
+                          wrote_tokenizer)
 from .tokenizer import Tokenizer, load_tokenizer, train_bpe
 
 BATCH_DOCUMENTS = 256
+SHARD_NAME = re.compile(r"shard-\d{5}")
 
 
 @dataclass
@@ -98,6 +108,7 @@ def prepare(settings: PrepareSettings, store: Path, log=print) -> dict:
     """Build (or resume, or find complete) the store of `settings`; returns its manifest."""
     store = Path(store)
     _check(settings)
+    claim_store(store, "--out")
     files = my_files(settings)
     current = file_records(files, with_hash=False) if files is not None else []
     manifest = read_manifest(store)
@@ -109,11 +120,10 @@ def prepare(settings: PrepareSettings, store: Path, log=print) -> dict:
     else:
         if manifest is not None:
             log(f"{store} was made from other data or settings: rebuilding it")
-        _clear(store)
+        _clear(store, manifest)
         manifest = None
-    store.mkdir(parents=True, exist_ok=True)
     _clear_partial(store)
-    tokenizer, tokenizer_spec = _tokenizer(settings, store, files, log)
+    tokenizer, tokenizer_spec = _tokenizer(settings, store, manifest, log)
     if manifest is None:
         manifest = {"format": 1, "source": settings.source, "inputs": settings.inputs(),
                     "files": file_records(files, with_hash=True) if files is not None else [],
@@ -135,11 +145,17 @@ def _check(settings: PrepareSettings) -> None:
         raise DataError(f"--shard-tokens must be positive, got {settings.shard_tokens}")
 
 
-def _clear(store: Path) -> None:
-    if store.exists():
-        for p in store.iterdir():
-            if p.name.startswith(("shard-", ".shard-", "manifest", ".manifest", "tokenizer.json")):
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
+def _clear(store: Path, manifest: dict | None) -> None:
+    """Remove what an earlier prepare provably wrote in `store`, nothing else."""
+    for entry in (manifest or {}).get("shards", []):
+        if SHARD_NAME.fullmatch(entry["name"]) and (store / entry["name"]).is_dir():
+            shutil.rmtree(store / entry["name"])  # a merged store's entries point into parts: never matched
+    if wrote_tokenizer(store, manifest):
+        (store / "tokenizer.json").unlink()
+    if manifest is not None:
+        (store / "manifest.json").unlink()
+    for p in store.glob(".manifest.*"):  # write_manifest's temporaries
+        p.unlink(missing_ok=True)
 
 
 def _clear_partial(store: Path) -> None:
@@ -147,15 +163,19 @@ def _clear_partial(store: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def _tokenizer(settings: PrepareSettings, store: Path, files, log) -> tuple[Tokenizer, str]:
+def _tokenizer(settings: PrepareSettings, store: Path, manifest: dict | None, log) -> tuple[Tokenizer, str]:
     if settings.tokenizer:
         return load_tokenizer(settings.tokenizer), settings.tokenizer
     path = store / "tokenizer.json"
     if path.exists():
-        tok = load_tokenizer(str(path))
-        return tok, str(path)
+        if not wrote_tokenizer(store, manifest):
+            raise DataError(f"{path} was not written by blueberry prepare; move it away, or pass it as "
+                            "--tokenizer (nothing was removed)")
+        return load_tokenizer(str(path)), str(path)
+    # the sample comes from the whole source, not this machine's share: every part trains the same BPE
+    sample_files = local_files(settings.source) if is_local(settings.source) else None
     budget, texts = settings.bpe_sample_mb * 1e6, []
-    for doc in iter_documents(settings.source, settings.text_field, files):
+    for doc in iter_documents(settings.source, settings.text_field, sample_files):
         if not is_validation(doc.text, settings.val_fraction, settings.split_seed):
             texts.append(doc.text)
             budget -= len(doc.text)
@@ -165,8 +185,9 @@ def _tokenizer(settings: PrepareSettings, store: Path, files, log) -> tuple[Toke
         raise DataError(f"{settings.source}: no training documents to train a tokenizer on")
     log(f"Training a byte-level BPE tokenizer (vocab {settings.vocab_size}) on {len(texts):,} training documents")
     tok = train_bpe(texts, settings.vocab_size)
-    tmp = path.with_suffix(".tmp")
+    tmp = store / ".tokenizer.json.tmp"
     tok.save(tmp)
+    write_marker(store, {"tokenizer_sha256": file_sha256(tmp)})  # recorded before it takes its name
     tmp.replace(path)
     return load_tokenizer(str(path)), str(path)
 
@@ -175,14 +196,20 @@ def _tokenizer(settings: PrepareSettings, store: Path, files, log) -> tuple[Toke
 _WORKER_TOKENIZER = None
 
 
+_WORKER_ENCODE = None  # the worker's batch encoder: tiktoken where it gives the same ids (data/fast_encode.py)
+
+
 def _init_worker(spec: str) -> None:
-    global _WORKER_TOKENIZER
+    global _WORKER_TOKENIZER, _WORKER_ENCODE
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: --workers says how many cores
-    _WORKER_TOKENIZER = load_tokenizer(spec)
+    _WORKER_TOKENIZER, _WORKER_ENCODE = load_tokenizer(spec), None
 
 
 def _encode(texts: list[str]) -> list[np.ndarray]:
-    return [np.asarray(ids, dtype=np.int64) for ids in _WORKER_TOKENIZER.encode_batch(texts)]
+    global _WORKER_ENCODE
+    if _WORKER_ENCODE is None:  # decided on the worker's first texts: tiktoken only if its ids are the same
+        _WORKER_ENCODE = fast_encoder(_WORKER_TOKENIZER, texts[:16]) or _WORKER_TOKENIZER.encode_batch
+    return [np.asarray(ids, dtype=np.int64) for ids in _WORKER_ENCODE(texts)]
 
 
 def _encoded_batches(batches, workers: int, tokenizer_spec: str):

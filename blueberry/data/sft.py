@@ -4,12 +4,14 @@ windows, with the loss on the assistant's tokens only.
 Records, one JSON object per line of a .jsonl file:
     {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
     {"prompt": "...", "completion": "..."}          (one user turn, one assistant turn)
-A record that is neither is refused with its line number. Each conversation is rendered as in
-`chat_template` (the tokenizer's own template when it has one, else the plain `User:`/`Assistant:`
-one), preceded by end-of-text and followed by it (so that the model learns to stop). The mask marks
-what the model is trained to produce: each assistant message's content with its closing newline (or
-the template's end-of-turn token) and the final end-of-text. Conversations are packed one after the
-other; the windows carry document ids, so no token attends across conversations.
+A record that is neither, or one the chat template refuses, is refused with its file and line number.
+Each conversation is rendered as in `chat_template` (the tokenizer's own template when it has one, else
+the plain `User:`/`Assistant:` one, preceded by the tokenizer's `prefix_id`: bos, else end-of-text) and
+followed by end-of-text (so that the model learns to stop). The mask marks what the model is trained to
+produce: each assistant message's content with its closing newline (or the template's end-of-turn token)
+and the final end-of-text; with a template that trims contents (Llama 3's `| trim`) each assistant content
+is found, trimmed, where its turn opens. Conversations are packed one after the other; the windows carry
+document ids, so no token attends across conversations.
 Conversations are split into train/val by a seeded shuffle (val_fraction, split_seed), like documents.
 """
 
@@ -31,6 +33,11 @@ IGNORE = -100
 
 
 def read_conversations(path: str | Path) -> list[list[dict]]:
+    return [messages for _, messages in read_numbered_conversations(path)]
+
+
+def read_numbered_conversations(path: str | Path) -> list[tuple[int, list[dict]]]:
+    """[(line number, messages)] of a .jsonl file of conversations; a bad record is refused with its line."""
     path = Path(path)
     if path.suffix != ".jsonl" or not path.is_file():
         raise DataError(f"--task sft needs a .jsonl file of conversations, got {path}")
@@ -49,7 +56,7 @@ def read_conversations(path: str | Path) -> list[list[dict]]:
                 raise ChatFormatError("the conversation has no assistant message to learn from")
         except ChatFormatError as exc:
             raise DataError(f"{path}:{n}: {exc}") from None
-        conversations.append(messages)
+        conversations.append((n, messages))
     if len(conversations) < 2:
         raise DataError(f"{path} holds {len(conversations)} conversation(s); need at least 2 (train and val)")
     return conversations
@@ -59,7 +66,7 @@ def encode_conversation(messages: list[dict], tokenizer: Tokenizer) -> tuple[lis
     """(ids, mask): mask 1 on the tokens the model learns to produce."""
     if has_own_template(tokenizer):
         return _encode_with_own_template(messages, tokenizer)
-    ids, mask = [tokenizer.eot_id], [0]
+    ids, mask = [tokenizer.prefix_id], [0]  # as chat_prompt_ids starts the server's prompt
     for m in messages:
         head = tokenizer.encode(f"{ROLES[m['role']]}:")
         body = tokenizer.encode(f" {m['content'].strip()}\n")
@@ -74,14 +81,7 @@ def _encode_with_own_template(messages, tokenizer):
     and the one token right after it (the template's end-of-turn marker)."""
     auto = tokenizer.auto
     text = auto.apply_chat_template(messages, tokenize=False)
-    spans, at = [], 0
-    for m in messages:
-        start = text.find(m["content"], at)
-        if start < 0:
-            raise DataError("the tokenizer's chat template changes message contents; cannot mask them")
-        at = start + len(m["content"])
-        if m["role"] == "assistant":
-            spans.append((start, at))
+    spans = _assistant_spans(messages, auto, text)
     enc = auto(text, add_special_tokens=False, return_offsets_mapping=True)
     offsets = enc["offset_mapping"]
     mask = [int(any(a < end and b > start for start, end in spans)) for a, b in offsets]
@@ -90,6 +90,43 @@ def _encode_with_own_template(messages, tokenizer):
         if following is not None:
             mask[following] = 1
     return list(enc["input_ids"]) + [tokenizer.eot_id], mask + [1]
+
+
+def _assistant_spans(messages, auto, text: str) -> list[tuple[int, int]]:
+    """(start, end) in `text` of each assistant message's content. The search starts where the template's
+    rendering of the conversation so far, with the generation prompt, ends (the assistant's turn opens
+    there), and finds the content as it is or, for templates that trim it (Llama 3's `| trim`), stripped."""
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        at = spans[-1][1] if spans else 0
+        if i:
+            prompt = auto.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            at = len(prompt) if text.startswith(prompt) else at
+        candidates = [c for c in (m["content"], m["content"].strip()) if c]
+        found = [(text.find(c, at), c) for c in candidates if text.find(c, at) >= 0]
+        if candidates and not found:
+            raise ChatFormatError(f"the tokenizer's chat template changes the content of message {i} beyond "
+                                  "trimming it; cannot find it to mask it")
+        start, content = found[0] if found else (at, "")
+        spans.append((start, start + len(content)))
+    return spans
+
+
+def _encode_all(numbered: list[tuple[int, list[dict]]], tokenizer, path) -> list[tuple[list[int], list[int]]]:
+    """encode_conversation of each; a conversation the template refuses is named by file and line."""
+    out = []
+    for n, messages in numbered:
+        try:
+            out.append(encode_conversation(messages, tokenizer))
+        except (ChatFormatError, DataError) as exc:
+            raise DataError(f"{path}:{n}: {exc}") from None
+        except Exception as exc:  # the template's own raise_exception (jinja2), or a template that fails
+            if type(exc).__module__.split(".")[0] != "jinja2":
+                raise
+            raise DataError(f"{path}:{n}: the chat template refused the conversation: {exc}") from None
+    return out
 
 
 @dataclass
@@ -107,19 +144,25 @@ def _pack(encoded: list[tuple[list[int], list[int]]]):
     return np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.int8), np.asarray(starts, dtype=np.int64)
 
 
-def load_sft_data(config, log=print) -> tuple[Tokenizer, SFTCorpus]:
-    conversations = read_conversations(config.dataset)
+def split_conversations(config) -> tuple[list[tuple[int, list[dict]]], list[tuple[int, list[dict]]]]:
+    """(train, val) numbered conversations of config.dataset, split by a seeded shuffle (split_seed)."""
+    conversations = read_numbered_conversations(config.dataset)
     order = list(range(len(conversations)))
     random.Random(config.split_seed).shuffle(order)
     n_val = min(len(order) - 1, max(1, round(config.val_fraction * len(order))))
-    val = [conversations[i] for i in sorted(order[:n_val])]
-    train = [conversations[i] for i in sorted(order[n_val:])]
-    if config.tokenizer:
+    return ([conversations[i] for i in sorted(order[n_val:])], [conversations[i] for i in sorted(order[:n_val])])
+
+
+def load_sft_data(config, log=print, tokenizer: Tokenizer | None = None) -> tuple[Tokenizer, SFTCorpus]:
+    """Tokenizer and packed conversations of config.dataset; `tokenizer` (a trained run's) is used as it is,
+    else --tokenizer, else a BPE trained on the training conversations."""
+    train, val = split_conversations(config)
+    if tokenizer is None and config.tokenizer:
         tokenizer = load_tokenizer(config.tokenizer)
-    else:
-        tokenizer = train_bpe([render_plain(c, add_generation_prompt=False) for c in train], config.vocab_size)
-    train_ids, train_mask, train_starts = _pack([encode_conversation(c, tokenizer) for c in train])
-    val_ids, val_mask, val_starts = _pack([encode_conversation(c, tokenizer) for c in val])
+    elif tokenizer is None:
+        tokenizer = train_bpe([render_plain(c, add_generation_prompt=False) for _, c in train], config.vocab_size)
+    train_ids, train_mask, train_starts = _pack(_encode_all(train, tokenizer, config.dataset))
+    val_ids, val_mask, val_starts = _pack(_encode_all(val, tokenizer, config.dataset))
     log(f"SFT data: {len(train)} train / {len(val)} val conversations, {len(train_ids):,} / {len(val_ids):,} "
         f"tokens, {int(train_mask.sum()):,} train tokens learned")
     corpus = SFTCorpus(train_ids, val_ids, train_starts, val_starts, tokenizer.eot_id, tokenizer.token_bytes(),

@@ -25,10 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_write_text
+from ..errors import DataError
 from .cache import file_sha256
 
 STORE_FORMAT = 1
 SPLITS = ("train", "val")
+MARKER = ".blueberry-prepare"  # written into the empty directory a prepare starts from: the store is ours
 
 
 def read_manifest(store: Path) -> dict | None:
@@ -55,6 +58,42 @@ def write_manifest(store: Path, manifest: dict) -> None:
 
 def is_store(path) -> bool:
     return read_manifest(Path(path)) is not None
+
+
+def claim_store(store: Path, flag: str) -> None:
+    """Make `store` ours (absent or empty: created, marked) or prove it is (a manifest or our marker);
+    anything else is refused with exit 2, nothing written or removed."""
+    if store.exists() and not store.is_dir():
+        raise DataError(f"{flag} {store} is a file, not a directory; choose a new directory")
+    if store.exists() and any(store.iterdir()):
+        if read_manifest(store) is None and not (store / MARKER).is_file():
+            raise DataError(f"{flag} {store} is not empty and is not a token store written by blueberry prepare; "
+                            "choose a new or empty directory (nothing was removed)")
+        return
+    store.mkdir(parents=True, exist_ok=True)
+    write_marker(store, {})
+
+
+def _read_marker(store: Path) -> dict:
+    try:
+        return json.loads((store / MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_marker(store: Path, record: dict) -> None:
+    atomic_write_text(store / MARKER, json.dumps({"written_by": "blueberry prepare", **record}) + "\n")
+
+
+def wrote_tokenizer(store: Path, manifest: dict | None) -> bool:
+    """Whether STORE/tokenizer.json is the one prepare wrote there: its checksum is the manifest's tokenizer
+    identity, or the one the marker recorded when it was trained."""
+    path = store / "tokenizer.json"
+    if not path.is_file():
+        return False
+    digest = file_sha256(path)
+    return ((manifest or {}).get("tokenizer") == f"file:{digest[:16]}"
+            or _read_marker(store).get("tokenizer_sha256") == digest)
 
 
 class ShardWriter:
@@ -130,6 +169,17 @@ def open_split(store: Path, split: str, verify: bool = False) -> list[Shard]:
     return shards
 
 
+def _merge_target(out: Path, first_part: Path) -> None:
+    """`out` is absent, empty or a store (prepare.claim_store); a tokenizer.json in it that prepare did not
+    write, and that is not the parts' own, is refused rather than replaced."""
+    claim_store(out, "--merge")
+    tok = out / "tokenizer.json"
+    theirs = first_part / "tokenizer.json"
+    if tok.is_file() and not wrote_tokenizer(out, read_manifest(out)) and not (
+            theirs.is_file() and file_sha256(tok) == file_sha256(theirs)):
+        raise DataError(f"{tok} was not written by blueberry prepare; move it away (nothing was removed)")
+
+
 def merge_stores(out: Path, parts: list[Path]) -> dict:
     """One store listing the shards of `parts` (each machine's `prepare --shard-index i --num-shards n`),
     in part order; nothing is copied. The parts must be complete, of one source, tokenizer and split."""
@@ -152,13 +202,15 @@ def merge_stores(out: Path, parts: list[Path]) -> dict:
     n = first["part"]["count"]
     if indices != list(range(n)) or any(m["part"]["count"] != n for _, m in manifests):
         raise DataError(f"the parts cover shard indices {indices} of {n}: give each of 0..{n - 1} exactly once")
-    out.mkdir(parents=True, exist_ok=True)
+    _merge_target(out, Path(parts[0]))
     shards = []
     for part, m in sorted(manifests, key=lambda pm: pm[1]["part"]["index"]):
         for entry in m["shards"]:
             shards.append({**entry, "name": os.path.relpath(part.resolve() / entry["name"], out.resolve())})
-    if (Path(parts[0]) / "tokenizer.json").exists() and not (out / "tokenizer.json").exists():
-        shutil.copy(Path(parts[0]) / "tokenizer.json", out / "tokenizer.json")
+    if (Path(parts[0]) / "tokenizer.json").exists():
+        from ..atomic import atomic_write_bytes
+
+        atomic_write_bytes(out / "tokenizer.json", (Path(parts[0]) / "tokenizer.json").read_bytes())
     merged = {**{k: first[k] for k in ("format", "source", "tokenizer", "dtype", "split", "vocab_size")},
               "part": {"index": 0, "count": 1}, "merged_from": [str(Path(p).resolve()) for p in parts],
               "shards": shards, "complete": True, "files": [f for _, m in manifests for f in m.get("files", [])],

@@ -2,7 +2,9 @@
 
 `Tokenizer` wraps a Hugging Face `tokenizers.Tokenizer` (trained here, or loaded from a tokenizer.json);
 `TransformersTokenizer` wraps `transformers.AutoTokenizer` for a local directory. Both give batch
-encoding, decoding, the end-of-text id and, for bits per byte, how many UTF-8 bytes each id stands for.
+encoding, decoding, the end-of-text id, the id a prompt starts with (`prefix_id`: bos when the tokenizer
+has one), a hash of the tokenizer's content (`content_id`: equal for the same tokenizer read from two
+places) and, for bits per byte, how many UTF-8 bytes each id stands for.
 """
 
 from __future__ import annotations
@@ -29,6 +31,25 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.hf.get_vocab_size()
+
+    @property
+    def prefix_id(self) -> int:
+        """The token every prompt starts with: the beginning-of-sequence token when the tokenizer has one
+        (an imported model's), else end-of-text, which opens every document in training. It is lm-eval's
+        `prefix_token_id` (bos, else eos)."""
+        return self.eot_id
+
+    @property
+    def content_id(self) -> str:
+        """A hash of what the tokenizer does (vocabulary, merges, normalisation, special tokens), whatever
+        file or directory it was read from: two runs share a tokenizer when their content_id are equal."""
+        return hashlib.sha256(self._content().encode("utf-8")).hexdigest()[:16]
+
+    def _content(self) -> str:
+        spec = json.loads(self.hf.to_str())
+        for setting in ("truncation", "padding"):  # settings of a call, not the tokenizer's content
+            spec.pop(setting, None)
+        return json.dumps({"tokenizer": spec, "eot": self.eot_id, "prefix": self.prefix_id}, sort_keys=True)
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids
@@ -62,6 +83,19 @@ class TransformersTokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return len(self.auto)
+
+    @property
+    def prefix_id(self) -> int:
+        bos = self.auto.bos_token_id
+        return bos if bos is not None else self.eot_id
+
+    def _content(self) -> str:
+        if self.hf is not None:
+            spec = json.loads(super()._content())
+        else:  # a slow tokenizer: its vocabulary
+            spec = {"vocab": sorted(self.auto.get_vocab().items()), "eot": self.eot_id, "prefix": self.prefix_id}
+        spec["special"] = {k: str(v) for k, v in sorted(self.auto.special_tokens_map.items())}
+        return json.dumps(spec, sort_keys=True)
 
     def encode(self, text: str) -> list[int]:
         return self.auto.encode(text, add_special_tokens=False)

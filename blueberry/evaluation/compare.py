@@ -6,6 +6,7 @@ ensemble run is one row: its summary's figures, its members' parameters together
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -15,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from ..atomic import atomic_write_bytes  # noqa: E402
 from ..configs import AdaptiveMoEModelConfig  # noqa: E402
 from ..errors import UsageError  # noqa: E402
 from ..models import create_model  # noqa: E402
@@ -71,7 +73,17 @@ def _f(value) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
 
 
+def check_plot_target(path: str | Path) -> Path:
+    """Refuse (exit 2) an --out that exists and is not a plot `compare` wrote."""
+    path = Path(path)
+    if path.exists() and not is_our_plot(path):
+        raise UsageError(f"--out {path} exists and was not written by blueberry compare; choose another --out "
+                         "(nothing was overwritten)")
+    return path
+
+
 def plot_curves(runs: list[dict], path: str | Path) -> Path:
+    path = check_plot_target(path)
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for r in runs:
         steps = [e["step"] for e in r["evals"]]
@@ -85,6 +97,21 @@ def plot_curves(runs: list[dict], path: str | Path) -> Path:
         ax.set(xlabel=label, ylabel="validation loss (nats)")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=80, format="png", metadata={"Software": PLOT_SOFTWARE})
     plt.close(fig)
-    return Path(path)
+    atomic_write_bytes(path, buffer.getvalue())  # a kill leaves the old plot or the new one
+    return path
+
+
+PLOT_SOFTWARE = "blueberry compare"
+
+
+def is_our_plot(path: Path) -> bool:
+    """A PNG whose Software text chunk says `blueberry compare` wrote it."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return head.startswith(b"\x89PNG") and b"tEXtSoftware\x00" + PLOT_SOFTWARE.encode() in head

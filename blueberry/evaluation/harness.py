@@ -6,10 +6,11 @@ line unchanged. From Python: `import blueberry.evaluation.harness` and then `lm_
 model="blueberry", model_args="checkpoint=RUN", tasks=[...])`.
 
 Requests are encoded the way lm-eval's own `hf` backend does (context and continuation encoded
-together and split, no beginning-of-sequence token except for an empty context, which gets
-end-of-text), so that scores equal those of the `hf` backend on the exported model; log-likelihoods
-come from `scoring.score` (batched), rolling ones from `scoring.rolling_loglikelihood`, generations
-from the engine (greedy unless the task asks otherwise, stopping at the task's `until` strings).
+together and split, no beginning-of-sequence token except for an empty context, which gets the
+tokenizer's `prefix_id`: bos when it has one, else end-of-text, lm-eval's `prefix_token_id`), so that
+scores equal those of the `hf` backend on the exported model; log-likelihoods come from `scoring.score`
+(batched), rolling ones from lm-eval's own rolling windows (`scoring.rolling_windows`, all windows of all
+requests scored in one batched pass), generations from the engine (greedy unless the task asks otherwise, stopping at the task's `until` strings).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from ..inference import Engine, SamplingParams
-from .scoring import rolling_loglikelihood, score
+from .scoring import rolling_windows, score
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -32,7 +33,7 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     context_ids = tokenizer.encode(context)
     continuation_ids = whole[len(context_ids):]
     if not context_ids:
-        context_ids = [tokenizer.eot_id]
+        context_ids = [tokenizer.prefix_id]
     return context_ids, continuation_ids
 
 
@@ -63,8 +64,11 @@ class BlueberryLM(LM):
         return score(self.model, pairs, self.batch_size)
 
     def loglikelihood_rolling(self, requests) -> list[float]:
-        return [rolling_loglikelihood(self.model, self.tokenizer.encode(r.args[0]), self.tokenizer.eot_id)
-                for r in requests]
+        window = self.config.max_seq_len
+        per_request = [rolling_windows(self.tokenizer.encode(r.args[0]), self.tokenizer.prefix_id, window)
+                       for r in requests]
+        scores = iter(score(self.model, [w for windows in per_request for w in windows], self.batch_size))
+        return [sum(next(scores)[0] for _ in windows) for windows in per_request]
 
     def generate_until(self, requests) -> list[str]:
         engine = Engine(self.model, self.tokenizer, slots=min(self.batch_size, 16))
@@ -75,7 +79,7 @@ class BlueberryLM(LM):
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(kwargs.get("max_gen_toks", self.max_gen_toks))
-            ids = self.tokenizer.encode(context) or [self.tokenizer.eot_id]
+            ids = self.tokenizer.encode(context) or [self.tokenizer.prefix_id]
             max_new = max(1, min(max_new, self.config.max_seq_len - 1))
             ids = ids[-(self.config.max_seq_len - max_new):]
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0

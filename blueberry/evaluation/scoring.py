@@ -6,7 +6,8 @@ log-probability of the continuation given the context and whether it is the gree
 of its tokens the argmax). Pairs are sorted by length and right-padded into batches; one forward per
 batch; the context is cut from the left when context + continuation exceed the model's window (a continuation
 longer than the window is scored on its last window - 1 tokens, as lm-eval's hf backend does).
-`rolling_loglikelihood` scores a whole text in non-overlapping windows (perplexity tasks).
+`rolling_loglikelihood` scores a whole text in lm-eval's rolling windows (perplexity tasks): each token
+once, every window after the first keeping the preceding tokens as its context.
 """
 
 from __future__ import annotations
@@ -53,15 +54,24 @@ def score(model, pairs: list[tuple[list[int], list[int]]], batch_size: int = 16)
     return results
 
 
-@torch.no_grad()
-def rolling_loglikelihood(model, ids: list[int], bos: int) -> float:
-    """Sum of log p(token | preceding tokens) over all of `ids`, in windows of the model's context; each
-    window after the first is predicted from a fresh start (bos), so every token is scored once."""
-    window = model.config.max_seq_len
-    total = 0.0
-    for start in range(0, len(ids), window):
-        piece = ids[start:start + window]
-        inputs = torch.tensor([[bos] + piece[:-1]], device=_device(model))
-        logp = torch.log_softmax(model(inputs).logits.float()[0], -1)
-        total += float(logp.gather(1, torch.tensor(piece, device=logp.device)[:, None]).sum())
-    return total
+def rolling_windows(ids: list[int], prefix: int, window: int) -> list[tuple[list[int], list[int]]]:
+    """lm-eval's rolling windows (`get_rolling_token_windows` with context_len=1, then
+    `make_disjoint_window`), as (context, continuation) pairs: the first window predicts its tokens after
+    `prefix`; each later one predicts the next `window` tokens (the last one: what is left) after as many
+    preceding tokens as the window still holds. Every token is predicted once."""
+    if not ids:
+        return []
+    first = min(window, len(ids))
+    pairs = [([prefix], list(ids[:first]))]
+    predicted = first
+    while predicted < len(ids):
+        n = min(len(ids) - predicted, window)
+        end = predicted + n
+        pairs.append((list(ids[end - window - 1:end - n]), list(ids[end - n:end])))
+        predicted += n
+    return pairs
+
+
+def rolling_loglikelihood(model, ids: list[int], prefix: int, batch_size: int = 16) -> float:
+    """Sum of log p(token | preceding tokens) over all of `ids`, in lm-eval's rolling windows."""
+    return sum(logp for logp, _ in score(model, rolling_windows(ids, prefix, model.config.max_seq_len), batch_size))

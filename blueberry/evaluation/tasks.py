@@ -4,9 +4,10 @@ A task is a JSONL file, one item per line: {"context": str, "choices": [str, ...
 (optionally "fewshot": [{"context", "choices", "answer"}, ...] at the top of the file as a first line
 {"fewshot": [...]}, used with num_fewshot > 0). Each choice is scored as a continuation of the context
 (`scoring.score`, all choices of all items in one batched pass) by its summed log-likelihood and by
-its log-likelihood per UTF-8 byte. Reported:
+its log-likelihood per character. Reported:
   acc        the highest summed log-likelihood is the answer
-  acc_norm   the highest log-likelihood per byte is the answer (lm-eval's acc_norm)
+  acc_norm   the highest log-likelihood per character of the choice is the answer (lm-eval's acc_norm:
+             len(choice) in characters, not bytes; lm-eval calls the per-byte one acc_bytes)
   centered   (acc - chance) / (1 - chance), chance = mean of 1 / number of choices: 0 is guessing, 1 perfect
 Built-in tasks (`blueberry/evaluation/tasks/*.jsonl`) are built by `python -m blueberry.evaluation.build_tasks`
 from the validation split only; a task may also be given by path.
@@ -71,11 +72,11 @@ def _prefix(task: Task, num_fewshot: int) -> str:
 def evaluate_task(model, tokenizer, task: Task, num_fewshot: int = 0, batch_size: int = 16,
                   limit: int | None = None, encode=None) -> dict:
     """Scores of `task`. `encode(tokenizer, context, choice)` -> (context ids, choice ids); by default the
-    context follows an end-of-text token, as every document does in training (`harness.encode_pair`
-    gives lm-eval's encoding instead)."""
+    context follows the tokenizer's `prefix_id` (end-of-text, as every document does in training; an
+    imported model's bos) (`harness.encode_pair` gives lm-eval's encoding instead)."""
     items = task.items[:limit] if limit else task.items
     prefix = _prefix(task, num_fewshot)
-    encode = encode or _encode_after_eot
+    encode = encode or _encode_after_prefix
     pairs, owners = [], []
     for k, item in enumerate(items):
         for choice in item["choices"]:
@@ -85,7 +86,7 @@ def evaluate_task(model, tokenizer, task: Task, num_fewshot: int = 0, batch_size
     per_item: list[list[tuple[float, float]]] = [[] for _ in items]
     flat_choices = [c for item in items for c in item["choices"]]
     for (logp, _), k, choice in zip(scores, owners, flat_choices):
-        per_item[k].append((logp, logp / max(1, len(choice.encode("utf-8")))))
+        per_item[k].append((logp, logp / max(1, len(choice))))  # per character, as lm-eval's acc_norm
     correct = sum(max(range(len(s)), key=lambda j: s[j][0]) == it["answer"] for s, it in zip(per_item, items))
     correct_norm = sum(max(range(len(s)), key=lambda j: s[j][1]) == it["answer"] for s, it in zip(per_item, items))
     chance = sum(1 / len(it["choices"]) for it in items) / len(items)
@@ -94,8 +95,8 @@ def evaluate_task(model, tokenizer, task: Task, num_fewshot: int = 0, batch_size
             "items": len(items)}
 
 
-def _encode_after_eot(tokenizer, context: str, choice: str) -> tuple[list[int], list[int]]:
-    return [tokenizer.eot_id] + tokenizer.encode(context), tokenizer.encode(choice)
+def _encode_after_prefix(tokenizer, context: str, choice: str) -> tuple[list[int], list[int]]:
+    return [tokenizer.prefix_id] + tokenizer.encode(context), tokenizer.encode(choice)
 
 
 def evaluate_tasks(model, tokenizer, specs: list[str], **kwargs) -> dict[str, dict]:

@@ -8,7 +8,8 @@ Which architecture maps exactly:
   MoE + QK-norm              -> Qwen3MoeForCausalLM
 (Qwen MoE routers renormalise the top-k weights only for k >= 2, as ours do.) Anything else (the
 non-gated SiLU MLP, QK-norm with a shared expert, a top-1 MoE with neither, whose router weight Mixtral
-would renormalise to 1) has no exact equivalent and is refused. Weights are copied by name into a freshly built HF model whose key set and shapes must match
+would renormalise to 1) has no exact equivalent and is refused. Stacks with Mamba-2 blocks (Mamba2, Bamba,
+GraniteMoeHybrid) are mapped in hf_hybrid.py. Weights are copied by name into a freshly built HF model whose key set and shapes must match
 ours one to one; the model is then saved with save_pretrained, the tokenizer alongside it.
 """
 
@@ -19,6 +20,8 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
+from .hf_hybrid import (SSM_ARCHITECTURES, has_mamba, split_granite_mlp, ssm_architecture, ssm_hf_config,
+                        ssm_hf_name, ssm_model_fields, ssm_theirs_to_ours)
 
 
 class ExportError(UsageError):
@@ -34,10 +37,13 @@ def _stack_kind(config) -> str:
     if blocks == {"attn:moe"}:
         return "moe"
     raise ExportError(f"the layer pattern {config.layers!r} has no Hugging Face transformers equivalent: export "
-                      "supports attention blocks with an MLP (or an MoE) in every layer")
+                      "supports attention blocks with an MLP (or an MoE) in every layer, Mamba-2 stacks and "
+                      "attention/Mamba-2 hybrids")
 
 
 def hf_architecture(config) -> str:
+    if has_mamba(config):
+        return ssm_architecture(config)
     kind = _stack_kind(config)
     if config.mlp_type != "swiglu":
         raise ExportError(f"mlp_type={config.mlp_type!r} (an ungated feed-forward) has no exact Hugging Face "
@@ -68,6 +74,8 @@ def hf_config(config, eot_id: int | None = None):
 
     arch = hf_architecture(config)
     special = {} if eot_id is None else dict(bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id)
+    if arch in SSM_ARCHITECTURES:
+        return ssm_hf_config(config, arch, special)
     common = dict(**special,
         vocab_size=config.vocab_size, hidden_size=config.d_model, num_hidden_layers=config.n_layers,
         num_attention_heads=config.n_heads, num_key_value_heads=config.n_kv_heads,
@@ -150,7 +158,10 @@ def to_hf_model(model, eot_id: int | None = None):
     if eot_id is not None:
         hf.generation_config = GenerationConfig(bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id)
     theirs = hf.state_dict()
-    ours = {hf_name(k): v.detach().float().cpu() for k, v in model.state_dict().items()}
+    arch = cfg.architectures[0]
+    rename = (lambda k: ssm_hf_name(k, arch)) if arch in SSM_ARCHITECTURES else hf_name
+    ours = {rename(k): v.detach().float().cpu() for k, v in model.state_dict().items()}
+    ours.update({k: v for k, v in theirs.items() if v.numel() == 0})  # GraniteMoeHybrid's empty shared MLP
     if model.config.tie_embeddings:
         ours.pop("lm_head.weight", None)
         theirs = {k: v for k, v in theirs.items() if k != "lm_head.weight"}
@@ -166,29 +177,46 @@ def to_hf_model(model, eot_id: int | None = None):
     return hf.eval()
 
 
-def export_hf(model, tokenizer, out_dir: str | Path) -> Path:
-    """Write `model` and its tokenizer (a blueberry Tokenizer) as a transformers directory."""
+def export_hf(model, tokenizer, out_dir: str | Path, run_dir: str | Path | None = None, license: str = "mit",
+              repo: str | None = None) -> Path:
+    """Write `model` and its tokenizer (a blueberry Tokenizer) as a transformers directory: with the chat
+    template `chat_prompt_ids` renders (in the tokenizer's config) and a model card README.md drawn from
+    `run_dir` (export/model_card.py)."""
     from transformers import PreTrainedTokenizerFast
+
+    from ..atomic import atomic_write_text
+    from ..data.chat_template import jinja_chat_template
+    from .model_card import model_card
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out} exists and is not empty; choose a new output directory")
     hf = to_hf_model(model, tokenizer.eot_id)
-    out.mkdir(parents=True, exist_ok=True)
-    hf.save_pretrained(out)
-    if hasattr(tokenizer, "auto"):  # a transformers tokenizer: saved as it is
-        tokenizer.auto.save_pretrained(out)
-        return out
-    eot = tokenizer.hf.id_to_token(tokenizer.eot_id)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer.hf, eos_token=eot, bos_token=eot, pad_token=eot,
-                                   unk_token=None)
-    fast.save_pretrained(out)
+    from ..atomic import building_dir
+
+    with building_dir(out) as tmp:  # built under a temporary name, renamed when complete: a kill leaves no half
+        hf.save_pretrained(tmp)
+        if hasattr(tokenizer, "auto"):  # a transformers tokenizer: saved as it is, with a template if it had none
+            original = tokenizer.auto.chat_template
+            tokenizer.auto.chat_template = jinja_chat_template(tokenizer)
+            try:
+                tokenizer.auto.save_pretrained(tmp, save_jinja_files=False)
+            finally:
+                tokenizer.auto.chat_template = original
+        else:
+            eot = tokenizer.hf.id_to_token(tokenizer.eot_id)
+            fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer.hf, eos_token=eot, bos_token=eot,
+                                           pad_token=eot, unk_token=None)
+            fast.chat_template = jinja_chat_template(tokenizer)
+            fast.save_pretrained(tmp, save_jinja_files=False)  # the template inside tokenizer_config.json
+        card = model_card(run_dir, type(hf).__name__, model.parameter_report(), license, repo=repo)
+        atomic_write_text(Path(tmp) / "README.md", card)
     return out
 
 
 # ---------------------------------------------------------------- import: Hugging Face -> Blueberry
 IMPORTABLE = ("LlamaForCausalLM", "Qwen3ForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM",
-              "Qwen3MoeForCausalLM")
+              "Qwen3MoeForCausalLM", *SSM_ARCHITECTURES)
 DEFAULT_IMPORT_CONTEXT = 4096  # the window an import starts with unless --seq-len says otherwise
 
 
@@ -210,6 +238,8 @@ def model_fields_from_hf(hf_dir) -> dict:
     arch = (cfg.get("architectures") or ["?"])[0]
     if arch not in IMPORTABLE:
         raise ImportRefused(f"{hf_dir}: architecture {arch} is not importable; supported: {', '.join(IMPORTABLE)}")
+    if arch in SSM_ARCHITECTURES:
+        return ssm_model_fields(cfg, hf_dir, DEFAULT_IMPORT_CONTEXT)
 
     def refuse(field, why):
         raise ImportRefused(f"{hf_dir}: config field {field}={cfg.get(field)!r}: {why}")
@@ -288,11 +318,16 @@ def read_hf_weights(hf_dir, model_config, dtype=torch.float32) -> dict[str, torc
 
     from safetensors import safe_open
 
+    import json
+
+    arch = (json.loads((Path(hf_dir) / "config.json").read_text(encoding="utf-8")).get("architectures") or ["?"])[0]
     theirs_to_ours = {}
     for i in range(model_config.n_layers):
         for ours, theirs in _BLOCK_RENAMES:
             theirs_to_ours[f"model.layers.{i}.{theirs}"] = f"blocks.{i}.{ours}"
     theirs_to_ours.update({theirs: ours for ours, theirs in _RENAMES})
+    if arch in SSM_ARCHITECTURES:
+        theirs_to_ours = ssm_theirs_to_ours(model_config, arch)
     expert = re.compile(r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)\.weight$")
     router = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.gate\.weight$")
     out, pieces, handles = {}, {}, {}
@@ -306,6 +341,8 @@ def read_hf_weights(hf_dir, model_config, dtype=torch.float32) -> dict[str, torc
             out[f"blocks.{m[1]}.ffn.router.weight"] = tensor
         elif name in theirs_to_ours:
             out[theirs_to_ours[name]] = tensor
+        elif arch == "GraniteMoeHybridForCausalLM" and (split := split_granite_mlp(name, tensor)) is not None:
+            out.update(split)
         elif name.endswith("rotary_emb.inv_freq"):
             continue
         else:

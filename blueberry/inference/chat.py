@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from ..data.chat_template import chat_prompt_ids, chat_stop_strings
+from ..data.chat_template import ChatFormatError, chat_prompt_ids, chat_stop_strings
 from .engine import Engine, SamplingParams
 
 
@@ -33,7 +33,12 @@ def chat_loop(model, tokenizer, params: SamplingParams, system: str | None = Non
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        ids, messages = _fit(messages, tokenizer, params.max_new_tokens, engine.context, write)
+        try:
+            ids, messages = _fit(messages, tokenizer, params.max_new_tokens, engine.context, write)
+        except ChatFormatError as exc:
+            write(f"({exc}; that message was not sent)\n")
+            messages.pop()
+            continue
         if ids is None:
             messages = list(opening)
             continue
@@ -42,7 +47,7 @@ def chat_loop(model, tokenizer, params: SamplingParams, system: str | None = Non
         try:
             engine.run_until_done()
         except KeyboardInterrupt:
-            seq.cancelled = True
+            engine.cancel(seq)
             engine.step()  # releases the slot
             write(" [stopped]")
         if not seq.text.endswith("\n"):
@@ -51,7 +56,9 @@ def chat_loop(model, tokenizer, params: SamplingParams, system: str | None = Non
 
 
 def _fit(messages, tokenizer, max_new_tokens, context, write):
-    """The prompt ids, dropping the oldest turns (after any system message) until the answer fits."""
+    """The prompt ids, dropping the oldest exchanges (after any system message) until the answer fits. A
+    user message goes with the assistant's answer to it, so the roles still alternate (as strict
+    templates demand)."""
     dropped = False
     while True:
         ids = chat_prompt_ids(messages, tokenizer)
@@ -64,5 +71,6 @@ def _fit(messages, tokenizer, max_new_tokens, context, write):
             write(f"(that message does not fit the model's context of {context} tokens with "
                   f"{max_new_tokens} to answer; say less, or lower --max-new-tokens)\n")
             return None, messages
-        del messages[first]
+        drop = 2 if messages[first]["role"] == "user" and messages[first + 1]["role"] == "assistant" else 1
+        del messages[first:first + drop]
         dropped = True

@@ -10,6 +10,10 @@ top-p and seeded generator, and stops at end-of-text, at a stop string or after 
 
 The context is the model's window (max_seq_len): a prompt plus max_new_tokens beyond it is refused
 (`ContextLengthError`), never silently cut.
+
+A failure while sampling or appending one request's token (or in its own prefill) ends that request
+alone (finish reason "error"; `error_kind` "request" when its sampling parameters failed); only a failure
+of the shared decode forward fails the batch (`fail_active`), and the engine then serves on.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from ..models.generation import sample_next
+from ..models.generation import clean_logits, is_greedy, sample_next
 
 
 class ContextLengthError(ValueError):
@@ -52,6 +56,8 @@ class Sequence:
     text: str = ""  # text released so far (never a partial character or a partial stop string)
     finish_reason: str | None = None  # "stop" (end-of-text or a stop string), "length", "cancelled", "error"
     error: str | None = None
+    error_kind: str | None = None  # "request": its own sampling parameters failed; "internal": anything else
+    on_done: Callable[["Sequence"], None] | None = None  # called once, on the engine thread, after the last text
     cancelled: bool = False
     slot: int | None = None
     generator: torch.Generator | None = None
@@ -93,10 +99,11 @@ class Engine:
             raise ContextLengthError(f"the prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) "
                                      f"exceeds the model's context of {self.context} tokens; shorten one of them")
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, on_text=None) -> Sequence:
-        """Queue a request (it joins the batch at the next step); thread-safe."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams, on_text=None, on_done=None) -> Sequence:
+        """Queue a request (it joins the batch at the next step); thread-safe. `on_done(seq)` is called once
+        when it ends, however it ends (after its last `on_text`)."""
         self.check(len(prompt_ids), params.max_new_tokens)
-        seq = Sequence(list(prompt_ids), params, on_text, id=next(self._ids))
+        seq = Sequence(list(prompt_ids), params, on_text, id=next(self._ids), on_done=on_done)
         seq.generator = torch.Generator(device=self.device)
         seq.generator.manual_seed(params.seed if params.seed is not None else random.SystemRandom().randrange(2**62))
         with self._lock:
@@ -105,6 +112,35 @@ class Engine:
 
     def has_work(self) -> bool:
         return bool(self.queue) or any(s is not None for s in self.slots)
+
+    @staticmethod
+    def cancel(seq: Sequence) -> None:
+        """Ask for `seq` to end (finish reason "cancelled") at the next step; thread-safe."""
+        seq.cancelled = True
+
+    def fail(self, seq: Sequence, error: str, kind: str = "internal") -> None:
+        """End `seq` now with finish reason "error", freeing its slot (on the thread that runs `step`)."""
+        if seq.finished and seq.done.is_set():
+            return
+        seq.finish_reason, seq.error, seq.error_kind = "error", error, kind
+        if seq.slot is not None and self.slots[seq.slot] is seq:
+            self._release(seq.slot)
+        else:
+            self._finish(seq)
+
+    def fail_active(self, error: str) -> list[Sequence]:
+        """End every request in a slot with `error` (after a failure of the shared forward); the
+        queued ones keep waiting and the engine goes on."""
+        failed = [s for s in self.slots if s is not None]
+        for seq in failed:
+            self.fail(seq, error)
+        return failed
+
+    def stats(self) -> dict:
+        """A consistent snapshot: requests in slots, queued, and finished by reason; thread-safe."""
+        with self._lock:
+            return {"active": sum(s is not None for s in self.slots), "queued": len(self.queue),
+                    "finished": dict(self.finished_counts)}
 
     # ---- the loop ----
     @torch.no_grad()
@@ -125,10 +161,26 @@ class Engine:
         tokens = torch.tensor(last, device=self.device)[:, None]
         positions = torch.tensor(where, device=self.device)[:, None]
         logits = self._decode(tokens, positions)
-        for i, token in zip(active, self._sample([self.slots[i] for i in active], logits[active])):
-            if self._append(self.slots[i], token):
-                finished.append(self._release(i))
+        seqs = [self.slots[i] for i in active]
+        for seq, token in zip(seqs, self._sample(seqs, logits[active])):
+            if self._advance(seq, token):
+                finished.append(seq)
         return finished
+
+    def _advance(self, seq: Sequence, token) -> bool:
+        """Append a sampled token (or fail `seq` alone if its sampling or appending raised); True when
+        `seq` has finished."""
+        if isinstance(token, Exception):
+            self.fail(seq, f"sampling failed: {type(token).__name__}: {token}", kind="request")
+            return True
+        try:
+            if self._append(seq, token):
+                self._release(seq.slot)
+                return True
+        except Exception as exc:
+            self.fail(seq, f"{type(exc).__name__}: {exc}")
+            return True
+        return False
 
     def run_until_done(self) -> None:
         while self.has_work():
@@ -157,9 +209,14 @@ class Engine:
                 finished.append(seq)
                 continue
             seq.slot, self.slots[i] = i, seq
-            logits = self._prefill(seq.prompt_ids, i)
-            if self._append(seq, self._sample([seq], logits)[0]):
-                finished.append(self._release(i))
+            try:
+                logits = self._prefill(seq.prompt_ids, i)
+            except Exception as exc:  # this request's own forward: it alone fails
+                self.fail(seq, f"{type(exc).__name__}: {exc}")
+                finished.append(seq)
+                continue
+            if self._advance(seq, self._sample([seq], logits)[0]):
+                finished.append(seq)
         return finished
 
     def _prefill(self, prompt_ids: list[int], slot: int) -> torch.Tensor:
@@ -188,18 +245,22 @@ class Engine:
         return call
 
     @staticmethod
-    def _sample(seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+    def _sample(seqs: list[Sequence], logits: torch.Tensor) -> list:
         """Next token of each sequence (a row of `logits`): greedy rows in one argmax, the others each
-        with its own parameters and generator (so a row's draw does not depend on its neighbours)."""
-        greedy = [r for r, s in enumerate(seqs) if s.params.temperature <= 0]
-        out = [0] * len(seqs)
+        with its own parameters and generator (so a row's draw does not depend on its neighbours). A row
+        whose sampling raises gets the exception instead of a token: it fails alone."""
+        greedy = [r for r, s in enumerate(seqs) if is_greedy(s.params.temperature)]
+        out: list = [0] * len(seqs)
         if greedy:
-            for r, token in zip(greedy, logits[greedy].argmax(-1).tolist()):
+            for r, token in zip(greedy, clean_logits(logits[greedy]).argmax(-1).tolist()):
                 out[r] = token
         for r, seq in enumerate(seqs):
-            if seq.params.temperature > 0:
+            if not is_greedy(seq.params.temperature):
                 p = seq.params
-                out[r] = int(sample_next(logits[r:r + 1], p.temperature, p.top_k, p.top_p, seq.generator)[0, 0])
+                try:
+                    out[r] = int(sample_next(logits[r:r + 1], p.temperature, p.top_k, p.top_p, seq.generator)[0, 0])
+                except Exception as exc:
+                    out[r] = exc
         return out
 
     def _append(self, seq: Sequence, token: int) -> bool:
@@ -233,11 +294,10 @@ class Engine:
         full = seq.decoded
         if final and seq._read_offset < len(seq.output_ids):  # an incomplete character at the very end
             full += self.tokenizer.decode(seq.output_ids[seq._read_offset:])
-        for stop in seq.params.stop:
-            at = full.find(stop)
-            if at >= 0:
-                self._emit(seq, full[:at])
-                return True
+        found = [at for at in (full.find(stop) for stop in seq.params.stop if stop) if at >= 0]
+        if found:  # the earliest stop string, whichever comes first in the list
+            self._emit(seq, full[:min(found)])
+            return True
         if not final:
             hold = _stop_prefix_length(full, seq.params.stop)  # may be the start of a stop string
             full = full[:len(full) - hold] if hold else full
@@ -257,8 +317,14 @@ class Engine:
         return seq
 
     def _finish(self, seq: Sequence) -> None:
-        self.finished_counts[seq.finish_reason] += 1
+        with self._lock:
+            self.finished_counts[seq.finish_reason] += 1
         seq.done.set()
+        if seq.on_done is not None:
+            try:
+                seq.on_done(seq)
+            except Exception:  # a listener gone (its event loop closed) must not stop the engine
+                pass
 
     def _drop_cancelled(self) -> list[Sequence]:
         finished = []
@@ -272,7 +338,7 @@ class Engine:
 def _stop_prefix_length(text: str, stops: tuple[str, ...]) -> int:
     """Length of the longest end of `text` that begins some stop string (held back until it resolves)."""
     best = 0
-    for stop in stops:
+    for stop in (s for s in stops if s):
         for n in range(min(len(stop) - 1, len(text)), best, -1):
             if text.endswith(stop[:n]):
                 best = n

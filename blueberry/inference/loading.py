@@ -43,7 +43,7 @@ def _load_ensemble(run_dir: Path, device, dtype):
     loaded = [load_model(member, device, dtype) for member in members]
     tokenizer = loaded[0][2]
     for member, (_, _, other, _) in zip(members[1:], loaded[1:]):
-        if other.identity.rsplit(":", 1)[-1] != tokenizer.identity.rsplit(":", 1)[-1]:  # the content's hash
+        if other.content_id != tokenizer.content_id:
             raise CheckpointError(f"{member} has another tokenizer than the ensemble's first member: their "
                                   "distributions cannot be averaged")
     try:

@@ -10,19 +10,19 @@ from pathlib import Path
 
 import torch
 
-from ..data import BatchLoader, create_dataset, load_and_cache_data
+from ..atomic import building_dir, refuse_non_empty
+from ..data.held_out import validation_loader
 from ..errors import UsageError
 from ..training.checkpoint import read_state, resolve_run
 from ..training.ensemble_dir import ensemble_members, is_ensemble, member_dir, write_ensemble_file
 from ..training.evaluation import evaluate_model
-from .loading import load_model
+from .loading import load_model, quantization_of
 from .quantize import quantize_model, save_quantized_run, weight_bytes
 
 
 def validation_bits_per_byte(model, config, tokenizer, batches: int) -> float:
-    _, _, corpus = load_and_cache_data(config, log=lambda *a: None)
-    dataset = create_dataset(corpus.val, "packed", config.max_seq_len)
-    loader = BatchLoader(dataset, min(config.batch_size, len(dataset)), shuffle=False, max_batches=batches)
+    """Bits per byte on the run's own validation split (its documents, conversations or token stores)."""
+    loader = validation_loader(config, tokenizer, batches)
     with torch.no_grad():
         return evaluate_model(model, loader, config, token_bytes=tokenizer.token_bytes())["bits_per_byte"]
 
@@ -30,8 +30,12 @@ def validation_bits_per_byte(model, config, tokenizer, batches: int) -> float:
 def quantize_run(run: str, out: str, method: str, device: str | None, eval_batches: int) -> dict:
     """Quantize `run` into `out`; returns the report (bits per byte before/after, weight bytes)."""
     resolved = resolve_run(run)
+    refuse_non_empty(out)  # before the work: nothing is ever written over
     if is_ensemble(resolved):
         return _quantize_ensemble(resolved, Path(out), method, device, eval_batches)
+    if quantization_of(resolved):
+        raise UsageError(f"{run} is already quantized ({quantization_of(resolved)}); quantize the run it was "
+                         "made from")
     model, config, tokenizer, ckpt = load_model(run, device)
     report = {"weight_bytes_before": weight_bytes(model)}
     report["bits_per_byte_before"] = validation_bits_per_byte(model, config, tokenizer, eval_batches)
@@ -39,26 +43,26 @@ def quantize_run(run: str, out: str, method: str, device: str | None, eval_batch
     report["weight_bytes_after"] = weight_bytes(quantized)
     report["bits_per_byte_after"] = validation_bits_per_byte(quantized, config, tokenizer, eval_batches)
     report["bits_per_byte_change_percent"] = 100 * (report["bits_per_byte_after"] / report["bits_per_byte_before"] - 1)
-    save_quantized_run(quantized, read_state(ckpt), tokenizer, out, method, report)
+    with building_dir(out) as tmp:  # renamed to `out` when complete: a kill leaves no half-written run
+        save_quantized_run(quantized, read_state(ckpt), tokenizer, tmp, method, report)
     return report
 
 
 def _quantize_ensemble(run: Path, out: Path, method: str, device: str | None, eval_batches: int) -> dict:
     """Every member quantized into OUT/members/<i>; the report is the ensemble's, before and after."""
-    if out.exists() and any(out.iterdir()):
-        raise UsageError(f"{out} exists and is not empty; choose a new output directory")
     members = ensemble_members(run)
-    for i, member in enumerate(members):
-        quantize_run(str(member), str(member_dir(out, i)), method, device, eval_batches)
-    write_ensemble_file(out, len(members))
-    for name in ("config.json", "tokenizer.json"):
-        if (run / name).exists():
-            shutil.copy2(run / name, out / name)
-    report = {}
-    for when, path in (("before", run), ("after", out)):
-        model, config, tokenizer, _ = load_model(path, device)
-        report[f"weight_bytes_{when}"] = weight_bytes(model)
-        report[f"bits_per_byte_{when}"] = validation_bits_per_byte(model, config, tokenizer, eval_batches)
-    report["bits_per_byte_change_percent"] = 100 * (report["bits_per_byte_after"] / report["bits_per_byte_before"] - 1)
-    (out / "quantization.json").write_text(json.dumps({"method": method, **report}, indent=2) + "\n")
+    with building_dir(out) as tmp:  # the whole ensemble under a temporary name, renamed when complete
+        for i, member in enumerate(members):
+            quantize_run(str(member), str(member_dir(tmp, i)), method, device, eval_batches)
+        write_ensemble_file(tmp, len(members))
+        for name in ("config.json", "tokenizer.json"):
+            if (run / name).exists():
+                shutil.copy2(run / name, tmp / name)
+        report = {}
+        for when, path in (("before", run), ("after", tmp)):
+            model, config, tokenizer, _ = load_model(path, device)
+            report[f"weight_bytes_{when}"] = weight_bytes(model)
+            report[f"bits_per_byte_{when}"] = validation_bits_per_byte(model, config, tokenizer, eval_batches)
+        report["bits_per_byte_change_percent"] = 100 * (report["bits_per_byte_after"] / report["bits_per_byte_before"] - 1)
+        (tmp / "quantization.json").write_text(json.dumps({"method": method, **report}, indent=2) + "\n")
     return report

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UsageError
+from ..models.generation import sampling_log_probs
 from .engine import ContextLengthError, SamplingParams
 
 
@@ -32,27 +33,16 @@ class SpeculativeResult:
 
 
 def check_same_tokenizer(target_tokenizer, draft_tokenizer) -> None:
-    if target_tokenizer.identity != draft_tokenizer.identity:
+    if target_tokenizer.content_id != draft_tokenizer.content_id:  # the content, wherever it was read from
         raise UsageError("--draft was trained with a different tokenizer than the target "
                          f"({draft_tokenizer.identity} vs {target_tokenizer.identity}); a draft must share the "
                          "target's tokenizer (train it on the same --dataset, or with --tokenizer)")
 
 
 def distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """The distribution `sample_next` draws from: (rows, vocab) probabilities in float32."""
-    logits = logits.float()
-    if params.temperature <= 0:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    logits = logits / params.temperature
-    if params.top_k is not None and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p is not None and params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(-1)
-        remove = probs.cumsum(-1) - probs > params.top_p
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits.masked_fill(remove, float("-inf")))
-    return logits.softmax(-1)
+    """The distribution `sample_next` draws from: (rows, vocab) probabilities in float32 (one-hot when
+    greedy); the same filtering, so top_k 0 is no cut-off and any accepted temperature is safe."""
+    return sampling_log_probs(logits, params.temperature, params.top_k, params.top_p).exp()
 
 
 def accept_or_correct(p: torch.Tensor, q: torch.Tensor, proposals: list[int], generator) -> tuple[list[int], int]:
@@ -77,14 +67,15 @@ def accept_or_correct(p: torch.Tensor, q: torch.Tensor, proposals: list[int], ge
 def speculative_generate(target, draft, prompt_ids: list[int], params: SamplingParams, eot_id: int,
                          k: int = 4) -> SpeculativeResult:
     for role, model in (("target", target), ("draft", draft)):
-        if model.config.stateful:
+        if any(m.config.stateful for m in getattr(model, "members", [model])):  # an ensemble: every member
             raise UsageError(f"the {role} has Mamba-2 or retention layers: their recurrent state cannot roll back "
                              "the draft tokens the target rejects; speculative decoding needs attention-only models")
     device = next(target.parameters()).device
     context = min(target.config.max_seq_len, draft.config.max_seq_len)
-    if len(prompt_ids) + params.max_new_tokens + k > context:
+    # the last round proposes at most max_new_tokens - 1 - len(out) tokens: no position passes the window
+    if len(prompt_ids) + params.max_new_tokens > context:
         raise ContextLengthError(f"the prompt ({len(prompt_ids)} tokens) plus max_new_tokens "
-                                 f"({params.max_new_tokens}) and {k} draft tokens exceeds the context of {context}")
+                                 f"({params.max_new_tokens}) exceeds the context of {context}")
     generator = torch.Generator(device=device).manual_seed(params.seed if params.seed is not None else 0)
     t_caches, d_caches = target.new_kv_caches(1), draft.new_kv_caches(1)
 

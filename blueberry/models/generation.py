@@ -5,23 +5,53 @@ from __future__ import annotations
 import torch
 
 
+_MAX_INVERSE_TEMPERATURE = torch.finfo(torch.float32).max
+
+
+def is_greedy(temperature: float) -> bool:
+    """True for temperature 0, and for one so small that scaling the logits by it would overflow float32
+    (its limit is the argmax anyway)."""
+    return not temperature > 1.0 / _MAX_INVERSE_TEMPERATURE
+
+
+def clean_logits(logits: torch.Tensor) -> torch.Tensor:
+    """float32 logits with nan as -inf and +inf as the largest float (argmax and softmax stay defined)."""
+    logits = logits.float()
+    return torch.nan_to_num(logits, nan=float("-inf"), posinf=_MAX_INVERSE_TEMPERATURE, neginf=float("-inf"))
+
+
+def sampling_log_probs(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+                       top_p: float | None = None) -> torch.Tensor:
+    """The log-probabilities `sample_next` draws from (rows, vocab), in float32, finite at one token at least
+    in every row: temperature, then top-k (None, 0 or >= vocab: no cut-off), then nucleus top-p."""
+    logits = clean_logits(logits)
+    empty = ~torch.isfinite(logits).any(-1, keepdim=True)  # nothing usable in the row: uniform
+    logits = torch.where(empty, torch.zeros_like(logits), logits)
+    if is_greedy(temperature):
+        best = logits.argmax(-1, keepdim=True)
+        return torch.full_like(logits, float("-inf")).scatter(-1, best, 0.0)
+    shifted = logits - logits.amax(-1, keepdim=True)  # <= 0: scaling cannot overflow upwards
+    scaled = torch.where(torch.isfinite(shifted), shifted * (1.0 / temperature), float("-inf"))
+    scaled = torch.where(torch.isnan(scaled), float("-inf"), scaled)
+    if top_k is not None and 0 < top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(scaled, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        remove = probs.cumsum(-1) - probs > top_p  # keep the smallest set reaching top_p (the first always)
+        remove[:, 0] = False
+        scaled = torch.full_like(scaled, float("-inf")).scatter(-1, order, sorted_logits.masked_fill(remove, float("-inf")))
+    return torch.log_softmax(scaled, dim=-1)
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (batch, vocab) -> next token ids (batch, 1)."""
-    logits = logits.float()
-    if temperature <= 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        remove = cum - sorted_logits.softmax(dim=-1) > top_p  # keep the smallest set reaching top_p
-        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
-    probs = logits.softmax(dim=-1)
+    """logits (batch, vocab) -> next token ids (batch, 1). Safe for any temperature >= 0, top_k and top_p in
+    (0, 1], and for rows holding nan or inf."""
+    if is_greedy(temperature):
+        return clean_logits(logits).argmax(dim=-1, keepdim=True)
+    probs = sampling_log_probs(logits, temperature, top_k, top_p).exp()
     return torch.multinomial(probs, 1, generator=generator)
 
 

@@ -125,7 +125,7 @@ def resolve_checkpoint(path: str | Path, runs_root: str | Path = "runs", run_dir
 def resolve_run(path: str | Path, runs_root: str | Path = "runs", run_dir: str | Path | None = None) -> Path:
     """Like `resolve_checkpoint`, but an ensemble run directory (`--ensemble`) is returned as it is."""
     if str(path) == "latest" and run_dir is not None:
-        if not (Path(run_dir) / "checkpoints" / POINTER).exists():
+        if not is_ensemble(run_dir) and not (Path(run_dir) / "checkpoints" / POINTER).exists():
             raise CheckpointError(f"--resume-from latest: {run_dir} (--out-dir) has no checkpoint yet; give "
                                   "the run directory that holds one")
         path = run_dir

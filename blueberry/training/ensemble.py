@@ -21,15 +21,16 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_write_text
 from ..configs import AdaptiveMoEModelConfig, save_config
-from ..errors import BlueberryError, RunError, UsageError
+from ..errors import BlueberryError, RunError
 from ..models.ensemble import EnsembleLM
 from .checkpoint import POINTER, read_state, resolve_checkpoint
 from .distributed import init_distributed, teardown
-from .ensemble_dir import is_ensemble, member_dir, write_ensemble_file
+from .ensemble_dir import member_dir, write_ensemble_file
 from .evaluation import evaluate_model
 from .precision import choose_precision
-from .run_dir import default_run_dir, prepare_run_dir
+from .run_dir import check_new_run_dir, default_run_dir, prepare_run_dir
 from .test_split import score_test_split
 from .trained_run import load_trained
 
@@ -49,9 +50,8 @@ def run_ensemble(config, resuming: bool = False, log=print, task_scorer_factory=
     ensemble, its metrics), or (None, the stopped member's metrics) when a signal stopped a member."""
     run_dir = Path(config.out_dir) if config.out_dir else default_run_dir(config)
     config.derive(out_dir=str(run_dir))
-    if not resuming and is_ensemble(run_dir):
-        raise UsageError(f"--out-dir {run_dir} already holds an ensemble run; continue it with --resume-from "
-                         f"{run_dir}, or choose another --out-dir (nothing was overwritten)")
+    if not resuming:
+        check_new_run_dir(run_dir)  # an ensemble, a single run or foreign files: exit 2, nothing written
     start = time.perf_counter()
     if _side_by_side(config):
         prepare_run_dir(run_dir, resuming=True)
@@ -231,7 +231,7 @@ def _score(config, members, ctx, start: float, log, task_scorer_factory) -> tupl
         if scorer is not None:
             metrics.update(scorer(ensemble))
         tokenizer.save(run_dir / "tokenizer.json")
-        (run_dir / "summary.json").write_text(json.dumps(metrics, indent=2, default=str))
+        atomic_write_text(run_dir / "summary.json", json.dumps(metrics, indent=2, default=str))
         _print_summary(metrics, run_dir, log)
     if config.test_fraction > 0:
         score_test_split(ensemble, config, tokenizer, ctx, run_dir, metrics, log=log)

@@ -72,10 +72,14 @@ def import_hf_run(hf_dir: str, run_dir: str, seq_len: int | None = None) -> Path
     tokenizer_dir = (out / "hf_tokenizer").resolve()
     config = AdaptiveMoEModelConfig(**fields, tokenizer=str(tokenizer_dir), use_fp8=False)
     weights = read_hf_weights(hf_dir, config.model)
-    out.mkdir(parents=True, exist_ok=True)
-    AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True).save_pretrained(str(tokenizer_dir))
-    tokenizer = load_tokenizer(str(tokenizer_dir))
-    save_config(config, out / "config.json")
-    save_checkpoint(out, 0, weights, {"config": config.to_dict(), "tokenizer": tokenizer.identity, "world_size": 1,
-                                      "imported_from": str(hf_dir)}, keep=1)
+    from ..atomic import building_dir
+
+    with building_dir(out, "run directory") as tmp:  # renamed to `out` when complete: a kill leaves no half
+        AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True).save_pretrained(str(tmp / "hf_tokenizer"))
+        # its identity names the directory it is loaded from: the final one, as a later load will see it
+        identity = load_tokenizer(str(tmp / "hf_tokenizer")).identity.replace(str(tmp / "hf_tokenizer"),
+                                                                               str(tokenizer_dir), 1)
+        save_config(config, tmp / "config.json")
+        save_checkpoint(tmp, 0, weights, {"config": config.to_dict(), "tokenizer": identity,
+                                          "world_size": 1, "imported_from": str(hf_dir)}, keep=1)
     return out

@@ -1,28 +1,38 @@
-"""Run logs: one JSON object per line in metrics.jsonl, the same scalars in TensorBoard event files.
+"""Run logs: one JSON object per line in metrics.jsonl, the same scalars in the experiment trackers
+(TensorBoard event files by default; `--tracker`, trackers/).
 
-Only the main process writes (the others get a logger with `enabled=False`).
+Only the main process writes (the others get a logger with `enabled=False`, which creates no tracker).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True,
+                 trackers: list[str] | None = None):
+        """`trackers`: names from trackers.TRACKERS (default: TensorBoard, unless `tensorboard=False`)."""
+        from .trackers import create_tracker
+
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.records: list[dict] = []
-        self._tb = None
+        self.trackers = []
         if enabled:
+            names = (["tensorboard"] if tensorboard else []) if trackers is None else trackers
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.trackers = [create_tracker(name, self.run_dir, self.run_dir.name) for name in names]
             self._file = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
-            if tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+    def log_config(self, config: dict) -> None:
+        for tracker in self.trackers:
+            tracker.log_config(config)
+
+    def log_summary(self, summary: dict) -> None:
+        for tracker in self.trackers:
+            tracker.log_summary(summary)
 
     def log(self, kind: str, step: int, values: dict) -> None:
         record = {"kind": kind, "step": step, **values}
@@ -31,16 +41,19 @@ class MetricsLogger:
             return
         self._file.write(json.dumps(record, default=_jsonable) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                    self._tb.add_scalar(f"{kind}/{key}", value, step)
+        if self.trackers:
+            from .trackers import scalars_of
+
+            scalars = scalars_of(kind, values)
+            for tracker in self.trackers:
+                tracker.log_scalars(step, scalars)
 
     def close(self) -> None:
         if self.enabled:
             self._file.close()
-            if self._tb is not None:
-                self._tb.close()
+            for tracker in self.trackers:
+                tracker.close()
+            self.trackers = []
 
 
 def _jsonable(x):

@@ -118,7 +118,9 @@ def train_in_group(config, ctx, resume_state, resume_checkpoint, log, task_score
     run_dir = Path(config.out_dir) if config.out_dir else default_run_dir(config)
     config.derive(out_dir=str(run_dir))
     if ctx.is_main:
-        prepare_run_dir(run_dir, resuming=resume_state is not None)
+        # a resume continues the run directory its checkpoint is in; any other --out-dir is checked as new
+        here = resume_checkpoint is not None and Path(resume_checkpoint).resolve().is_relative_to(run_dir.resolve())
+        prepare_run_dir(run_dir, resuming=resume_state is not None and here)
         clean_stale_temporaries(run_dir)
     torch.manual_seed(config.seed)
     tokenizer, corpus, model, train_loader, val_loader = _build_on_every_rank(config, ctx, say)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..atomic import atomic_write_text
 from ..data import BatchLoader, create_dataset
 from ..data.corpus import encode_documents, run_documents, test_documents
 from ..errors import DataError
@@ -38,5 +39,5 @@ def score_test_split(model, config, tokenizer, ctx, run_dir: Path, metrics: dict
     log(f"  test split     bits per byte {result['bits_per_byte']:.4f} ({len(docs)} documents never trained or "
         "validated on)")
     if ctx.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(metrics, indent=2, default=str))
+        atomic_write_text(run_dir / "summary.json", json.dumps(metrics, indent=2, default=str))
     return metrics

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_write_text
 from ..errors import RunError
 from ..models.adaptive_llm import MOE_STATS
 from ..models.generation import generate_text
@@ -30,6 +31,7 @@ from .distributed import (DistContext, gathered_states, is_sharded, load_sharded
                           scalar, unwrap)
 from .evaluation import evaluate_model
 from .metrics import MetricsLogger
+from .trackers import parse_trackers
 from .plots import plot_run
 from .precision import Precision, choose_precision
 
@@ -110,7 +112,7 @@ def train_step(model, train_loader, optimizers, params, precision: Precision, co
     """One optimizer step's micro-batches, backward passes and update. Returns the step's record and
     `outcome`: "stepped", "overflow" (fp16 scale too high: nothing applied) or "nonfinite" (skipped)."""
     device = next(model.parameters()).device
-    loss_sum, lm_sum, data_time = 0.0, 0.0, 0.0
+    losses, lm_losses, moe_stats, data_time = [], [], None, 0.0
     for micro in range(config.grad_accum_steps):
         t0 = time.perf_counter()
         batch = train_loader.next_batch()
@@ -126,14 +128,16 @@ def train_step(model, train_loader, optimizers, params, precision: Precision, co
                 precision.scaler.scale(loss).backward()
             else:
                 loss.backward()
-        # one host sync per micro-step for the losses (and the MoE figures of the last micro-batch)
-        numbers = [loss.detach().float().reshape(1), out.lm_loss.detach().float().reshape(1)]
+        # the figures stay on the device: no host sync between micro-steps
+        losses.append(loss.detach().float().reshape(1))
+        lm_losses.append(out.lm_loss.detach().float().reshape(1) / config.grad_accum_steps)
         if last and out.moe_stats is not None:
-            numbers.append(out.moe_stats.detach())
-        numbers = torch.cat(numbers).tolist()
-        loss_sum += numbers[0]
-        lm_sum += numbers[1] / config.grad_accum_steps
-        moe_stats = dict(zip(MOE_STATS, numbers[2:]))
+            moe_stats = out.moe_stats.detach().float()
+    # one host sync per step for the losses (and the MoE figures of the last micro-batch)
+    numbers = [torch.cat(losses).sum().reshape(1), torch.cat(lm_losses).sum().reshape(1)]
+    numbers = torch.cat(numbers + ([moe_stats] if moe_stats is not None else [])).tolist()
+    loss_sum, lm_sum = numbers[0], numbers[1]
+    moe_stats = dict(zip(MOE_STATS, numbers[2:]))
     # one collective: the global mean losses (one rank's NaN makes every rank skip together) and any
     # rank's stop request (every rank stops after this same step)
     summed = ctx.all_reduce_sum([loss_sum, lm_sum, *stop.flags()])
@@ -272,7 +276,8 @@ def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokeni
 
         config.derive(out_dir=str(default_run_dir(config)))
     run_dir = Path(run_dir or config.out_dir)
-    logger = MetricsLogger(run_dir, enabled=ctx.is_main)
+    logger = MetricsLogger(run_dir, enabled=ctx.is_main, trackers=parse_trackers(config.tracker))
+    logger.log_config(config.to_dict())
     core = unwrap(model)
     optimizers = setup_optimizers(core, config, log=log if ctx.is_main else (lambda *_: None),
                                   distributed=ctx.enabled)
@@ -375,7 +380,8 @@ def _finish(loop: LoopState, run: _Run, tok_rate, log) -> dict:
     if run.ctx.is_main:
         if run.logger.records:
             plot_run(run.logger.records, run_dir)
-        (run_dir / "summary.json").write_text(json.dumps(metrics, indent=2, default=str))
+        atomic_write_text(run_dir / "summary.json", json.dumps(metrics, indent=2, default=str))
+    run.logger.log_summary(metrics)
     run.logger.close()
     return metrics
 

@@ -1,0 +1,60 @@
+"""The held-out data of a trained run, made again from its config and read with the run's own tokenizer:
+what `eval` and `quantize` score, whatever kind of run it is.
+
+  a pretraining run on an in-memory corpus   its validation documents (the data cache), packed windows
+  a fine-tuning run (--task sft)             its validation conversations, the loss on the assistant's tokens
+  a run on token stores or a mixture         every store's validation shards, as training scored them
+The held-out texts (`held_out_texts`, for greedy-continuation metrics) are those documents, those
+conversations rendered with the chat template, or the first store's validation documents decoded.
+"""
+
+from __future__ import annotations
+
+from . import BatchLoader, create_dataset, load_and_cache_data
+from .stores import uses_token_store
+
+
+def _quiet(*_args, **_kwargs) -> None:
+    pass
+
+
+def validation_loader(config, tokenizer, max_batches: int | None):
+    """The run's validation batches in order (the first `max_batches`; all when None)."""
+    if config.task == "sft":
+        from .sft import SFTDataset, load_sft_data
+
+        _, corpus = load_sft_data(config, log=_quiet, tokenizer=tokenizer)
+        dataset = SFTDataset(corpus.val, corpus.val_mask, corpus.val_doc_starts, config.max_seq_len)
+    elif uses_token_store(config):  # their validation shards, never the sources again
+        from .sharded_loader import EvalConcat
+        from .stores import prepare_stores
+        from .stores import validation_loader as store_loader
+
+        loaders = [store_loader(store, config, max_batches) for _, store, _ in prepare_stores(config, log=_quiet)]
+        return loaders[0] if len(loaders) == 1 else EvalConcat(loaders)
+    else:
+        _, _, corpus = load_and_cache_data(config, log=_quiet)
+        dataset = create_dataset(corpus.val, "packed", config.max_seq_len)
+    return BatchLoader(dataset, min(config.batch_size, len(dataset)), shuffle=False, max_batches=max_batches)
+
+
+def held_out_texts(config, tokenizer, limit: int = 500) -> list[str]:
+    """Texts the run never trained on (at most `limit`)."""
+    if config.task == "sft":
+        from .chat_template import render_plain
+        from .sft import split_conversations
+
+        _, val = split_conversations(config)
+        return [render_plain(messages, add_generation_prompt=False) for _, messages in val[:limit]]
+    if uses_token_store(config):
+        from .stores import prepare_stores
+        from .token_store import open_split
+
+        shard = open_split(prepare_stores(config, log=_quiet)[0][1], "val")[0]
+        starts = [int(s) for s in shard.doc_starts[:limit + 1]] + [len(shard.tokens)]
+        return [tokenizer.decode(shard.tokens[a:b]) for a, b in zip(starts, starts[1:])][:limit]
+    from .corpus import split_documents
+    from .sources import load_documents
+
+    _, val = split_documents(load_documents(config.dataset, config.text_field), config.val_fraction, config.split_seed)
+    return [d.text for d in val[:limit]]
