@@ -72,3 +72,18 @@ def test_prepare_workers_encode_through_tiktoken_with_the_same_ids(tokenizer, tm
     assert getattr(prepare._WORKER_ENCODE, "__name__", "") == "encode_batch"
     assert getattr(prepare._WORKER_ENCODE, "__self__", None) is None  # tiktoken's closure, not the tokenizer's method
     assert [list(a) for a in ids] == tokenizer.encode_batch(texts)
+
+
+def test_a_vocabulary_missing_a_byte_is_left_to_tokenizers():
+    """tiktoken panics (a BaseException) on a byte with no token, where the sample texts had none of it."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+    from blueberry.data.tokenizer import Tokenizer
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator(["hello world " * 50], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False))  # no initial_alphabet
+    assert tiktoken_encoding(hf) is None
+    assert fast_encoder(Tokenizer(hf, identity="partial"), ["hello world"]) is None

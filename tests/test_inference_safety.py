@@ -251,3 +251,17 @@ def test_the_server_answers_a_strict_templates_refusal_with_400(strict_tok):
             assert r.status_code == 200, r.text
     finally:
         app.state.engine_loop.stopping = True
+
+
+def test_failing_a_queued_request_ends_it_once_and_it_never_runs(tok):
+    model = tiny_model("standard")
+    params = SamplingParams(max_new_tokens=4, temperature=0, stop_at_eot=False)
+    engine = Engine(model, tok, slots=1)
+    ends = []
+    running = engine.submit(prompts(1)[0], params)
+    queued = engine.submit(prompts(1)[0], params, on_done=ends.append)
+    engine.fail(queued, "refused")
+    engine.run_until_done()
+    assert running.finish_reason == "length"
+    assert queued.finish_reason == "error" and queued.output_ids == [] and ends == [queued]
+    assert engine.stats()["finished"] == {"length": 1, "error": 1}

@@ -175,6 +175,15 @@ def test_a_trimming_template_masks_the_trimmed_assistant_contents(tmp_path):
     assert runs == ["the king<|eot_id|>", "the queen<|eot_id|><|endoftext|>"]
 
 
+def test_a_trimming_template_masks_the_assistants_turn_not_a_later_copy_of_its_content(tmp_path):
+    tok = llama3_tokenizer(tmp_path / "tok")
+    messages = [{"role": "user", "content": "say yes"}, {"role": "assistant", "content": "yes "},
+                {"role": "user", "content": "yes you said"}, {"role": "assistant", "content": "ok"}]
+    ids, mask = encode_conversation(messages, tok)
+    learned = tok.auto.decode([i for i, m in zip(ids, mask) if m])
+    assert learned == "yes<|eot_id|>ok<|eot_id|><|endoftext|>"
+
+
 def test_sft_refusals_name_the_file_and_line(tmp_path, tiny):
     from blueberry.data.sft import load_sft_data
     from blueberry.errors import DataError

@@ -207,6 +207,7 @@ def eval_command(args) -> int:
 
     _check_bertscore_flags(args)
     model, config, tok, ckpt = _load(args)
+    _check_eval_reports(run_dir_of(ckpt))  # before the work: a report eval did not write is refused up front
     if args.dataset:
         docs = load_documents(args.dataset, args.text_field)
         tokens, _ = encode_documents(tok, docs, None)
@@ -256,22 +257,32 @@ def eval_command(args) -> int:
     return 0
 
 
-def _write_eval_reports(out, report_json: str, report_md: str) -> None:
-    """RUN/eval.json and RUN/eval.md, each replaced atomically, and only over reports `eval` wrote (a JSON
-    object naming its checkpoint; markdown opening "# Evaluation of"): anything else there is refused."""
+def _check_eval_reports(out) -> None:
+    """Refuse (exit 2) an RUN/eval.json or RUN/eval.md that `eval` did not write (a JSON object naming its
+    checkpoint; markdown opening "# Evaluation of")."""
     import json
-
-    from ..atomic import atomic_write_text
 
     def ours(path, check) -> bool:
         try:
             return check(path.read_text(encoding="utf-8"))
         except (OSError, ValueError, UnicodeDecodeError):
             return False
-    checks = {"eval.json": lambda t: "checkpoint" in json.loads(t), "eval.md": lambda t: t.startswith("# Evaluation of")}
+
+    def our_json(text) -> bool:
+        report = json.loads(text)
+        return isinstance(report, dict) and "checkpoint" in report
+    checks = {"eval.json": our_json, "eval.md": lambda t: t.startswith("# Evaluation of")}
     for name, check in checks.items():
         if (out / name).exists() and not ours(out / name, check):
             raise UsageError(f"{out / name} was not written by blueberry eval; move it away (nothing was written)")
+
+
+def _write_eval_reports(out, report_json: str, report_md: str) -> None:
+    """RUN/eval.json and RUN/eval.md, each replaced atomically, and only over reports `eval` wrote:
+    anything else there is refused (`_check_eval_reports`, again: something may have appeared meanwhile)."""
+    from ..atomic import atomic_write_text
+
+    _check_eval_reports(out)
     atomic_write_text(out / "eval.json", report_json)
     atomic_write_text(out / "eval.md", report_md)
 

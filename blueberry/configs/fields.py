@@ -18,6 +18,18 @@ SCHEDULES = ("cosine_warmup", "linear_warmup", "constant", "wsd")
 PARALLEL = ("ddp", "fsdp")
 MUON_UPDATE_SCALES = ("shape", "adamw")
 ACTIVATION_CHECKPOINTING = ("none", "selective", "full")
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
+
+
+def parse_trackers(text: str | None) -> list[str]:
+    """The tracker names of a --tracker value (ValueError naming an unknown one); "none": no tracker."""
+    names = [n.strip() for n in (text or "").split(",") if n.strip()]
+    if names == ["none"]:
+        return []
+    unknown = [n for n in names if n not in TRACKERS]
+    if unknown:
+        raise ValueError(f"unknown tracker {unknown[0]!r}; choose from {', '.join(TRACKERS)} (comma-separated) or none")
+    return list(dict.fromkeys(names))
 
 
 def setting(default=None, help: str = "", *, flag: str | None = None, aliases: tuple[str, ...] = (),

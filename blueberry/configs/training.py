@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from .fields import ACTIVATION_CHECKPOINTING, PARALLEL, check_choices, check_positive, setting
+from .fields import ACTIVATION_CHECKPOINTING, PARALLEL, check_choices, check_positive, parse_trackers, setting
 
 
 @dataclass
@@ -50,8 +50,6 @@ class TrainingConfig:
                        "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps")
         check_positive(self, "ensemble", optional=True)  # None in a checkpoint older than the field: one run
         check_choices(self)
-        from ..training.trackers import parse_trackers
-
         try:
             parse_trackers(self.tracker)
         except ValueError as e:

@@ -59,6 +59,8 @@ def tiktoken_encoding(hf_tokenizer):
             ranks[bytes(decode[ch] for ch in token)] = rank
         except KeyError:
             return None  # a vocabulary string outside the byte alphabet: not plain byte-level
+    if any(bytes([b]) not in ranks for b in range(256)):
+        return None  # tiktoken panics (a BaseException) on a byte with no token; tokenizers drops it
     return tiktoken.Encoding(name="blueberry-bpe", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                              special_tokens=special)
 

@@ -105,11 +105,12 @@ def _assistant_spans(messages, auto, text: str) -> list[tuple[int, int]]:
             prompt = auto.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
             at = len(prompt) if text.startswith(prompt) else at
         candidates = [c for c in (m["content"], m["content"].strip()) if c]
-        found = [(text.find(c, at), c) for c in candidates if text.find(c, at) >= 0]
+        # the earliest match (the longer one at a tie): the content as is may also occur in a later message
+        found = sorted((text.find(c, at), -len(c), c) for c in candidates if text.find(c, at) >= 0)
         if candidates and not found:
             raise ChatFormatError(f"the tokenizer's chat template changes the content of message {i} beyond "
                                   "trimming it; cannot find it to mask it")
-        start, content = found[0] if found else (at, "")
+        start, content = (found[0][0], found[0][2]) if found else (at, "")
         spans.append((start, start + len(content)))
     return spans
 

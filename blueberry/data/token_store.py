@@ -47,13 +47,7 @@ def read_manifest(store: Path) -> dict | None:
 
 def write_manifest(store: Path, manifest: dict) -> None:
     """Atomically: a reader sees the old manifest or the new one, never a partial file."""
-    store = Path(store)
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=store)
-    with os.fdopen(fd, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, store / "manifest.json")
+    atomic_write_text(Path(store) / "manifest.json", json.dumps(manifest, indent=1))  # temporary .manifest.json.*
 
 
 def is_store(path) -> bool:

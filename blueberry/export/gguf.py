@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .huggingface import ExportError
+from .refusals import ExportError
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 

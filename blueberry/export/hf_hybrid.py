@@ -32,7 +32,7 @@ def has_mamba(config) -> bool:
 
 
 def _refuse(field: str, why: str):
-    from .huggingface import ExportError
+    from .refusals import ExportError
 
     raise ExportError(f"{field}: {why}")
 
@@ -129,7 +129,7 @@ _TOP_NAMES = {
 
 def ssm_hf_name(name: str, arch: str) -> str:
     """The transformers name of our parameter `name` in `arch`."""
-    from .huggingface import ExportError
+    from .refusals import ExportError
 
     if name == "lm_head.weight":
         return name
@@ -154,7 +154,7 @@ def ssm_hf_name(name: str, arch: str) -> str:
 # ---------------------------------------------------------------- import: transformers -> Blueberry
 def _check(cfg: dict, hf_dir, field: str, ok: bool, why: str) -> None:
     if not ok:
-        from .huggingface import ImportRefused
+        from .refusals import ImportRefused
 
         raise ImportRefused(f"{hf_dir}: config field {field}={cfg.get(field)!r}: {why}")
 

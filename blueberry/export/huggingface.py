@@ -19,13 +19,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UsageError
+from .refusals import ExportError, ImportRefused
 from .hf_hybrid import (SSM_ARCHITECTURES, has_mamba, split_granite_mlp, ssm_architecture, ssm_hf_config,
                         ssm_hf_name, ssm_model_fields, ssm_theirs_to_ours)
-
-
-class ExportError(UsageError):
-    pass
 
 
 def _stack_kind(config) -> str:
@@ -218,10 +214,6 @@ def export_hf(model, tokenizer, out_dir: str | Path, run_dir: str | Path | None 
 IMPORTABLE = ("LlamaForCausalLM", "Qwen3ForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM",
               "Qwen3MoeForCausalLM", *SSM_ARCHITECTURES)
 DEFAULT_IMPORT_CONTEXT = 4096  # the window an import starts with unless --seq-len says otherwise
-
-
-class ImportRefused(UsageError):
-    pass
 
 
 def is_hf_dir(path) -> bool:

@@ -126,6 +126,8 @@ class Engine:
         if seq.slot is not None and self.slots[seq.slot] is seq:
             self._release(seq.slot)
         else:
+            with self._lock:  # still queued: it must not be admitted (and finished) a second time
+                self.queue = deque(s for s in self.queue if s is not seq)
             self._finish(seq)
 
     def fail_active(self, error: str) -> list[Sequence]:

@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from ..atomic import atomic_write_text
 from ..extras import available
 from .float8 import apply_float8
 
@@ -132,6 +133,4 @@ def _read(path: Path) -> dict:
 def _write(path: Path, cache: dict) -> None:
     """Atomically: a killed run leaves the old cache or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(cache, indent=1, sort_keys=True))

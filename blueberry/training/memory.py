@@ -85,9 +85,10 @@ def describe(e: dict, available: float) -> str:
             + (f" of {available / GIB:.1f} GiB available" if available != float("inf") else ""))
 
 
-def choose_checkpointing(model, config, device, world_size: int = 1) -> str:
-    """The least activation checkpointing with which the run's estimate fits the device."""
-    available = available_bytes(device)
+def choose_checkpointing(model, config, device, world_size: int = 1, available: float | None = None) -> str:
+    """The least activation checkpointing with which the run's estimate fits the device (or `available`
+    bytes, for a device described rather than present: `--dry-run` of a GPU preset)."""
+    available = available_bytes(device) if available is None else available
     for mode in ACTIVATION_CHECKPOINTING:
         if estimate(model, config, world_size, mode)["total"] <= available:
             return mode

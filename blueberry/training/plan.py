@@ -17,18 +17,15 @@ import torch
 
 from ..configs.presets import PRESET_HARDWARE
 from ..models import create_model
-from .memory import GIB, estimate
-
-MODES = ("none", "selective", "full")
+from .memory import GIB, choose_checkpointing, estimate
 
 
 def _least_fitting(model, config, world_size: int, memory_bytes: float) -> tuple[str, dict]:
-    given = "activation_checkpointing" not in config.auto_fields
-    for mode in ((config.activation_checkpointing,) if given else MODES):
-        e = estimate(model, config, world_size, mode)
-        if e["total"] <= memory_bytes or mode == MODES[-1] or given:
-            return mode, e
-    raise AssertionError("unreachable")
+    """The checkpointing the run would use (the given one, else the least that fits) and its estimate."""
+    mode = config.activation_checkpointing
+    if "activation_checkpointing" in config.auto_fields:
+        mode = choose_checkpointing(model, config, None, world_size, available=memory_bytes)
+    return mode, estimate(model, config, world_size, mode)
 
 
 def describe_plan(config, preset: str | None = None, world_size: int | None = None) -> list[str]:

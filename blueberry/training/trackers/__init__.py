@@ -22,9 +22,9 @@ import importlib
 import math
 from pathlib import Path
 
+from ...configs.fields import TRACKERS, parse_trackers  # noqa: F401  (the names live with the config)
 from ...errors import UsageError
 
-TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 _MODULES = {"tensorboard": "tensorboard_tracker", "wandb": "wandb_tracker", "mlflow": "mlflow_tracker",
             "trackio": "trackio_tracker"}
 _INSTALL = {"tensorboard": "pip install tensorboard", "wandb": "pip install 'blueberry[trackers]'",
@@ -45,17 +45,6 @@ class Tracker:
 
     def close(self) -> None:
         pass
-
-
-def parse_trackers(text: str | None) -> list[str]:
-    """The tracker names of a --tracker value (ValueError naming an unknown one)."""
-    names = [n.strip() for n in (text or "").split(",") if n.strip()]
-    if names == ["none"]:
-        return []
-    unknown = [n for n in names if n not in TRACKERS]
-    if unknown:
-        raise ValueError(f"unknown tracker {unknown[0]!r}; choose from {', '.join(TRACKERS)} (comma-separated) or none")
-    return list(dict.fromkeys(names))
 
 
 def scalars_of(kind: str, values: dict) -> dict[str, float]:
