@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test bench clean
+.PHONY: setup train test test-fast bench clean
 
 # pyproject.toml says what the code needs (ranges, extras); constraints.txt the exact versions installed.
 $(STAMP): pyproject.toml constraints.txt
@@ -21,6 +21,10 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests $(ARGS)
+
+# the unit tests only (no process started, no end-to-end run): under 2 minutes, for every edit
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -m "not slow" $(ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/matmul_throughput.py

@@ -21,7 +21,8 @@ from pathlib import Path
 from .errors import UsageError
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable (best effort: not every file system lets a directory be fsynced)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -34,11 +35,32 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """This process's umask, read without changing it (os.umask would, for every thread, for a moment)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def _plain_mode(path: Path, base: int) -> int:
+    """The mode a plain open() or mkdir() would leave: the existing entry's, else `base` less the umask
+    (mkstemp's 0o600 and mkdtemp's 0o700 would hide the output from every other user)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return base & ~_umask()
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write `data` to `path` atomically (temporary file in the same directory, fsync, rename)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _plain_mode(path, 0o666))
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -47,7 +69,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
@@ -72,8 +94,9 @@ def building_dir(out: str | Path, what: str = "output directory"):
     try:
         yield tmp
         refuse_non_empty(out, what)  # someone wrote there meanwhile: keep theirs
+        os.chmod(tmp, _plain_mode(out, 0o777))
         os.replace(tmp, out)  # onto an empty directory or no entry: atomic
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -9,17 +9,6 @@ import importlib.util
 
 from .errors import UsageError
 
-# extra -> what it is for (pyproject.toml's [project.optional-dependencies] lists the packages)
-EXTRAS = {
-    "serve": "the OpenAI-compatible server (FastAPI, uvicorn)",
-    "eval": "lm-evaluation-harness and the generation metrics (BLEU, ROUGE)",
-    "data": "parquet files and Hugging Face datasets",
-    "fp8": "FP8 training and int4 quantization (torchao)",
-    "trackers": "the W&B and MLflow experiment trackers (--tracker)",
-    "bertscore": "BERTScore of generated text (eval --bertscore-model)",
-    "gguf": "GGUF export for llama.cpp and Ollama (llama.cpp's gguf package)",
-}
-
 
 def available(module: str) -> bool:
     """Whether `module` can be imported here (without importing it)."""

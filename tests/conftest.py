@@ -65,3 +65,16 @@ def served_run(corpus_dir, tmp_path_factory) -> Path:
     from helpers import train_served_run
 
     return train_served_run(corpus_dir, tmp_path_factory.mktemp("served"))
+
+
+# The fast tier (`make test-fast`): modules of unit tests that start no process and train no run beyond a
+# few in-process steps. Every other module is end-to-end and marked slow; `make test` runs both.
+FAST_MODULES = {"test_configs", "test_cross_entropy", "test_data", "test_fast_encode", "test_inference_safety",
+                "test_models", "test_ops", "test_optimizers", "test_plan", "test_step_efficiency",
+                "test_structure", "test_system", "test_activation_checkpointing"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rpartition(".")[2] not in FAST_MODULES:
+            item.add_marker(pytest.mark.slow)

@@ -107,3 +107,16 @@ def test_flag_trains_and_is_recorded(corpus_dir, tmp_path):
     assert "checkpointing selective" in r.stdout
     bad = run_cli("--activation-checkpointing", "some", "--config", "dev")
     assert bad.returncode == 2 and "--activation-checkpointing" in bad.stderr
+
+
+def test_selective_keeps_the_matmul_outputs_and_recomputes_the_rest():
+    """The policy sees overloads (aten.mm.default): each matmul is saved, the cheap ops between are not."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from blueberry.training.activation_checkpointing import _keep_matmuls
+
+    aten = torch.ops.aten
+    for op in (aten.mm.default, aten.addmm.default, aten.bmm.default):
+        assert _keep_matmuls(None, op) == CheckpointPolicy.MUST_SAVE, op
+    for op in (aten.relu.default, aten.mul.Tensor, aten.native_layer_norm.default):
+        assert _keep_matmuls(None, op) == CheckpointPolicy.PREFER_RECOMPUTE, op

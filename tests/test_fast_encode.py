@@ -87,3 +87,12 @@ def test_a_vocabulary_missing_a_byte_is_left_to_tokenizers():
         vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False))  # no initial_alphabet
     assert tiktoken_encoding(hf) is None
     assert fast_encoder(Tokenizer(hf, identity="partial"), ["hello world"]) is None
+
+
+def test_added_tokens_tiktoken_would_not_match_like_tokenizers_are_left_alone(tokenizer):
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer
+
+    for token in (AddedToken("<|user|>", special=False), AddedToken("<|sep|>", special=True, lstrip=True)):
+        hf = HFTokenizer.from_str(tokenizer.hf.to_str())
+        hf.add_tokens([token])
+        assert tiktoken_encoding(hf) is None, token

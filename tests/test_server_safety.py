@@ -91,7 +91,8 @@ def test_a_chunked_body_over_the_limit_is_refused(server):
 
 
 @pytest.mark.parametrize("body,status", [
-    ({"stop": [""]}, 400), ({"stop": ""}, 400), ({"stop": ["x"] * 17}, 400), ({"top_k": -1}, 400),
+    ({"stop": [""]}, 400), ({"stop": ""}, 400), ({"stop": ["x"] * 17}, 400), ({"stop": ["y" * 257]}, 400),
+    ({"stop": ["y" * 256]}, 200), ({"top_k": -1}, 400),
     ({"seed": 1 << 64}, 400), ({"seed": -(1 << 70)}, 400), ({"seed": -1}, 200), ({"seed": (1 << 64) - 1}, 200),
     ({"top_k": 0}, 200), ({"top_k": 0, "temperature": 1.0, "seed": 1}, 200), ({"top_p": 1e-9}, 200),
 ])

@@ -327,3 +327,18 @@ def test_kill_9_during_training_leaves_a_loadable_latest_checkpoint(corpus_dir, 
     if (run / "checkpoints" / "latest").exists():
         r = run_cli("eval", "--checkpoint", run, "--batches", "1")
         assert r.returncode == 0, r.stderr
+
+
+def test_atomic_outputs_get_the_modes_a_plain_write_would(tmp_path):
+    """Not mkstemp's 0o600 / mkdtemp's 0o700: another user (a server, a second machine) must read them."""
+    from blueberry.atomic import _umask, atomic_write_text, building_dir
+
+    umask = _umask()
+    path = atomic_write_text(tmp_path / "report.json", "{}")
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    path.chmod(0o640)
+    atomic_write_text(path, "{}")  # a replaced file keeps its mode
+    assert path.stat().st_mode & 0o777 == 0o640
+    with building_dir(tmp_path / "out") as tmp:
+        (tmp / "x").write_text("x")
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask

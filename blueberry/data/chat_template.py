@@ -47,7 +47,7 @@ def chat_prompt_ids(messages: list[dict], tokenizer) -> list[int]:
         try:
             text = tokenizer.auto.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as exc:
-            if not _is_template_error(exc):
+            if not is_template_error(exc):
                 raise
             message = " ".join(str(exc).split()) or type(exc).__name__
             raise ChatFormatError(f"the model's chat template refused the conversation: {message}") from None
@@ -55,7 +55,7 @@ def chat_prompt_ids(messages: list[dict], tokenizer) -> list[int]:
     return [tokenizer.prefix_id] + tokenizer.encode(render_plain(messages))
 
 
-def _is_template_error(exc: Exception) -> bool:
+def is_template_error(exc: Exception) -> bool:
     """A jinja2 TemplateError: what a strict template's raise_exception (or a broken template) raises."""
     try:
         from jinja2 import TemplateError

@@ -34,7 +34,10 @@ def _byte_decoder() -> dict[str, int]:
 def _convertible(spec: dict) -> bool:
     """A plain byte-level BPE with GPT-2's regex: what tiktoken computes identically."""
     model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
-    return (model.get("type") == "BPE" and not model.get("dropout") and not model.get("byte_fallback")
+    # added tokens: tiktoken knows special ones only, matched exactly (no stripping of the spaces around)
+    plain_added = all(t.get("special") and not (t.get("lstrip") or t.get("rstrip") or t.get("single_word"))
+                      for t in spec.get("added_tokens", []))
+    return (plain_added and model.get("type") == "BPE" and not model.get("dropout") and not model.get("byte_fallback")
             and not model.get("continuing_subword_prefix") and not model.get("end_of_word_suffix")
             and not model.get("ignore_merges") and spec.get("normalizer") is None
             and pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"))

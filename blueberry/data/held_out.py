@@ -5,7 +5,8 @@ what `eval` and `quantize` score, whatever kind of run it is.
   a fine-tuning run (--task sft)             its validation conversations, the loss on the assistant's tokens
   a run on token stores or a mixture         every store's validation shards, as training scored them
 The held-out texts (`held_out_texts`, for greedy-continuation metrics) are those documents, those
-conversations rendered with the chat template, or the first store's validation documents decoded.
+conversations rendered with the plain `User:`/`Assistant:` template (`render_plain`, whatever template the
+tokenizer has), or the first store's validation documents decoded.
 """
 
 from __future__ import annotations

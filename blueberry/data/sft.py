@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from .chat_template import ROLES, ChatFormatError, check_messages, has_own_template, render_plain
+from .chat_template import ROLES, ChatFormatError, check_messages, has_own_template, is_template_error, render_plain
 from .corpus import TokenizedCorpus
 from .sources import jsonl_records
 from .tokenizer import Tokenizer, load_tokenizer, train_bpe
@@ -124,7 +124,7 @@ def _encode_all(numbered: list[tuple[int, list[dict]]], tokenizer, path) -> list
         except (ChatFormatError, DataError) as exc:
             raise DataError(f"{path}:{n}: {exc}") from None
         except Exception as exc:  # the template's own raise_exception (jinja2), or a template that fails
-            if type(exc).__module__.split(".")[0] != "jinja2":
+            if not is_template_error(exc):
                 raise
             raise DataError(f"{path}:{n}: the chat template refused the conversation: {exc}") from None
     return out

@@ -36,6 +36,7 @@ from .engine import ContextLengthError, Engine, SamplingParams
 
 MAX_BODY_BYTES = 1 << 20
 MAX_STOPS = 16
+MAX_STOP_CHARS = 256  # each stop string is searched for at every token: a bounded cost per request
 _DRAIN_BYTES = 16 * MAX_BODY_BYTES  # an oversized body is read (and dropped) up to this, so the client sees the 413
 _END = object()  # the end of a stream's text, posted by the engine thread after its last piece
 
@@ -219,8 +220,9 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
             raise ApiError(400, "top_k must be 0 (no cut-off) or positive", param="top_k", code="invalid_value")
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         _check_text(stops, "stop")
-        if len(stops) > MAX_STOPS or not all(stops):
-            raise ApiError(400, f"stop must be at most {MAX_STOPS} non-empty strings", param="stop",
+        if len(stops) > MAX_STOPS or not all(stops) or any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ApiError(400, f"stop must be at most {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} "
+                           "characters", param="stop",
                            code="invalid_value")
         try:
             engine.check(prompt_len, max_tokens)

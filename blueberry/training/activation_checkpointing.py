@@ -33,7 +33,9 @@ _KEEP = {getattr(_aten, name) for name in (
 
 
 def _keep_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in _KEEP else CheckpointPolicy.PREFER_RECOMPUTE
+    # `op` is an overload (aten.mm.default); _KEEP holds the packets (aten.mm), every overload of each
+    kept = getattr(op, "overloadpacket", op) in _KEEP
+    return CheckpointPolicy.MUST_SAVE if kept else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def apply_activation_checkpointing(model: torch.nn.Module, mode: str) -> torch.nn.Module:

@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_file, save_model
 
+from ..atomic import atomic_write_text, fsync_dir
 from ..errors import CheckpointError, UsageError
 from .ensemble_dir import ENSEMBLE_FILE, ensemble_members, is_ensemble
 
@@ -28,24 +29,8 @@ FORMAT = 1
 WEIGHTS, STATE, POINTER = "model.safetensors", "state.pt", "latest"
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_pointer(ckpt_root: Path, name: str) -> None:
-    tmp = ckpt_root / f".{POINTER}.{os.getpid()}.tmp"
-    tmp.write_text(name + "\n")
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, ckpt_root / POINTER)
-    _fsync_dir(ckpt_root)
+    atomic_write_text(ckpt_root / POINTER, name + "\n")
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module | dict, state: dict, keep: int = 2,
@@ -70,7 +55,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module | dic
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

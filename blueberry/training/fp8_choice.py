@@ -125,9 +125,10 @@ def _block_kinds(model_config) -> set[str]:
 
 def _read(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        cache = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    return cache if isinstance(cache, dict) else {}  # not ours, or damaged: measured again
 
 
 def _write(path: Path, cache: dict) -> None:

@@ -18,7 +18,8 @@ def default_run_dir(config) -> Path:
 # What a run writes into its directory; a directory holding anything else is not a run's, and a new run
 # refuses it rather than write over (or beside) what it did not create.
 RUN_ENTRIES = frozenset({"config.json", "tokenizer.json", "hf_tokenizer", "metrics.jsonl", "samples.txt",
-                         "tensorboard", "checkpoints", "loss_curve.png", "expert_load.png", "launch.json"})
+                         "tensorboard", "checkpoints", "loss_curve.png", "expert_load.png", "launch.json",
+                         "mlruns", "wandb"})  # the last two: the MLflow and W&B trackers' default places
 
 
 def check_new_run_dir(run_dir: Path) -> None:
