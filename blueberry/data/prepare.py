@@ -112,6 +112,7 @@ def prepare(settings: PrepareSettings, store: Path, log=print) -> dict:
     files = my_files(settings)
     current = file_records(files, with_hash=False) if files is not None else []
     manifest = read_manifest(store)
+    _refuse_foreign_tokenizer(settings, store, manifest)  # before anything is cleared
     if manifest is not None and manifest.get("inputs") == settings.inputs() and same_files(manifest["files"], current):
         if manifest["complete"]:
             log(f"Token store up to date: {store} ({_counts(manifest)})")
@@ -163,14 +164,18 @@ def _clear_partial(store: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+def _refuse_foreign_tokenizer(settings: PrepareSettings, store: Path, manifest: dict | None) -> None:
+    path = store / "tokenizer.json"
+    if not settings.tokenizer and path.exists() and not wrote_tokenizer(store, manifest):
+        raise DataError(f"{path} was not written by blueberry prepare; move it away, or pass it as "
+                        "--tokenizer (nothing was removed)")
+
+
 def _tokenizer(settings: PrepareSettings, store: Path, manifest: dict | None, log) -> tuple[Tokenizer, str]:
     if settings.tokenizer:
         return load_tokenizer(settings.tokenizer), settings.tokenizer
     path = store / "tokenizer.json"
-    if path.exists():
-        if not wrote_tokenizer(store, manifest):
-            raise DataError(f"{path} was not written by blueberry prepare; move it away, or pass it as "
-                            "--tokenizer (nothing was removed)")
+    if path.exists():  # ours (a foreign one was refused before anything was cleared)
         return load_tokenizer(str(path)), str(path)
     # the sample comes from the whole source, not this machine's share: every part trains the same BPE
     sample_files = local_files(settings.source) if is_local(settings.source) else None
