@@ -92,23 +92,23 @@ def test_members_must_share_vocabulary_and_context():
         EnsembleLM([member(1)])
 
 
-def test_the_cpu_recipe_is_an_ensemble_and_other_runs_are_not():
+def test_every_default_is_one_model_planned_by_a_budget_and_an_ensemble_only_when_asked():
     from types import SimpleNamespace
 
     def unset(**given):  # a config before the device fills in what the user left out
         names = ("model_type", "d_model", "n_layers", "n_heads", "max_steps", "batch_size", "max_seq_len", "layers",
-                 "ensemble", "mlp_type")
+                 "ensemble", "mlp_type", "time_budget")
         return SimpleNamespace(**{**dict.fromkeys(names), "mlp_type": "swiglu", **given})
 
     two, one = (capabilities_for_device("cpu", cpu_cores=n, cpu_flags=set()) for n in (2, 1))
     gpu = capabilities_for_device("cuda", compute_capability=(9, 0), memory_gb=80.0, cpu_cores=2, cpu_flags=set())
-    chosen = _hardware_defaults(two, unset())
-    assert (chosen["ensemble"], chosen["max_steps"]) == (2, 800)  # members a little shorter than one run
-    assert (_hardware_defaults(two, unset(ensemble=1))["max_steps"]) == 900
-    assert _hardware_defaults(one, unset())["ensemble"] == 1  # no core per member: one run
-    assert _hardware_defaults(gpu, unset())["ensemble"] == 1
-    assert _hardware_defaults(two, unset(d_model=128))["ensemble"] == 1
-    assert _hardware_defaults(two, unset(max_steps=50))["ensemble"] == 1
+    for caps in (two, one, gpu):
+        chosen = _hardware_defaults(caps, unset())
+        assert (chosen["ensemble"], chosen["time_budget"]) == (1, "10m")  # one model, planned by the budget
+    asked = _hardware_defaults(two, unset(ensemble=2))
+    assert asked["max_steps"] == 800 and "time_budget" not in asked  # members a little shorter than one run
+    assert "time_budget" not in _hardware_defaults(two, unset(max_steps=50))  # given steps are steps
+    assert _hardware_defaults(two, unset(time_budget="2m"))["time_budget"] == "2m"
     assert AdaptiveMoEModelConfig(device="cpu", d_model=128, ensemble=3).ensemble == 3
 
 
@@ -125,20 +125,14 @@ def ensemble_run(corpus_dir, tmp_path_factory):
     return root / "run", r.stdout
 
 
-def test_an_ensemble_run_scores_the_mixture_of_its_members(ensemble_run):
+def mixture_bits_per_byte(runs) -> float:
+    """The reference: each run loaded alone, their probabilities averaged in float64 on the first run's
+    validation windows."""
     from blueberry.cli.use_cmds import _packed_loader
     from blueberry.data import load_and_cache_data
     from blueberry.inference.loading import load_model
 
-    run, stdout = ensemble_run
-    assert json.loads((run / "ensemble.json").read_text())["members"] == ["members/0", "members/1"]
-    seeds = [json.loads((run / "members" / str(i) / "config.json").read_text())["seed"] for i in (0, 1)]
-    assert seeds == [5, 6]
-    if len(os.sched_getaffinity(0)) >= 2:
-        assert "side by side" in stdout
-    summary = json.loads((run / "summary.json").read_text())
-    # the reference: each member loaded alone, their probabilities averaged in float64 on the validation windows
-    loaded = [load_model(run / "members" / str(i), "cpu") for i in (0, 1)]
+    loaded = [load_model(r, "cpu") for r in runs]
     config, tok = loaded[0][1], loaded[0][2]
     _, _, corpus = load_and_cache_data(config, log=lambda *a: None)
     tb = torch.as_tensor(tok.token_bytes(), dtype=torch.float64)
@@ -150,7 +144,19 @@ def test_an_ensemble_run_scores_the_mixture_of_its_members(ensemble_run):
             b = tb[y]
             nats -= lp[b > 0].sum().item()
             nbytes += b.sum().item()
-    assert abs(summary["bits_per_byte"] - nats / math.log(2) / nbytes) < 1e-4
+    return nats / math.log(2) / nbytes
+
+
+def test_an_ensemble_run_scores_the_mixture_of_its_members(ensemble_run):
+    run, stdout = ensemble_run
+    assert json.loads((run / "ensemble.json").read_text())["members"] == ["members/0", "members/1"]
+    seeds = [json.loads((run / "members" / str(i) / "config.json").read_text())["seed"] for i in (0, 1)]
+    assert seeds == [5, 6]
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert "side by side" in stdout
+    summary = json.loads((run / "summary.json").read_text())
+    reference = mixture_bits_per_byte([run / "members" / str(i) for i in (0, 1)])
+    assert abs(summary["bits_per_byte"] - reference) < 1e-4
     assert [m["seed"] for m in summary["members"]] == [5, 6]
     # Jensen: on the same windows the mixture's log-loss is at most the members' mean, token by token
     assert summary["bits_per_byte"] <= sum(m["bits_per_byte"] for m in summary["members"]) / 2 + 1e-6
@@ -193,6 +199,72 @@ def test_what_an_ensemble_cannot_do_is_refused_in_one_line(ensemble_run, corpus_
         assert main([str(a) for a in args]) == 2, args
         err = capsys.readouterr().err
         assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_finished_runs_combine_into_an_ensemble_that_every_command_takes(ensemble_run, tmp_path, capsys):
+    """`blueberry ensemble RUN RUN --out DIR`: members named (not copied), the mixture scored as the float64
+    reference and as `--ensemble` scored the same members; eval and generate take DIR; it does not resume."""
+    from blueberry.cli.main import main
+    from blueberry.training.ensemble_dir import ensemble_members
+
+    run, _ = ensemble_run
+    runs, out = [run / "members" / "0", run / "members" / "1"], tmp_path / "combined"
+    assert main(["ensemble", *map(str, runs), "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "mixture" in table and "(seed 6)" in table
+    assert json.loads((out / "ensemble.json").read_text())["members"] == [str(r.resolve()) for r in runs]
+    assert ensemble_members(out) == [r.resolve() for r in runs]
+    assert json.loads((out / "config.json").read_text())["ensemble"] == 2 and (out / "tokenizer.json").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert abs(summary["bits_per_byte"] - mixture_bits_per_byte(runs)) < 1e-4
+    assert abs(summary["bits_per_byte"] - json.loads((run / "summary.json").read_text())["bits_per_byte"]) < 1e-6
+    for row in summary["members"]:  # each member on the same windows: its own final figure
+        assert abs(row["bits_per_byte"] - row["own_bits_per_byte"]) < 1e-4
+    assert f"{summary['bits_per_byte']:.4f}" in table
+    assert main(["eval", "--checkpoint", str(out), "--batches", "2"]) == 0
+    assert abs(json.loads((out / "eval.json").read_text())["bits_per_byte"] - summary["bits_per_byte"]) < 1e-4
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(out), "--prompt", "the king", "--max-new-tokens", "8",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("the king")
+    assert main(["--resume-from", str(out)]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    # a member named relative to the ensemble directory is found as well
+    (tmp_path / "relative").mkdir()
+    (tmp_path / "relative" / "ensemble.json").write_text(json.dumps(
+        {"format": 1, "members": [os.path.relpath(runs[0], tmp_path / "relative"), str(runs[1])]}))
+    assert [m.resolve() for m in ensemble_members(tmp_path / "relative")] == [r.resolve() for r in runs]
+
+
+def test_combining_refuses_in_one_line_and_writes_nothing(ensemble_run, tmp_path, capsys):
+    import shutil
+
+    from blueberry.cli.main import main
+
+    run, _ = ensemble_run
+    m0, m1 = run / "members" / "0", run / "members" / "1"
+    other_tok, unfinished, foreign = tmp_path / "other_tok", tmp_path / "unfinished", tmp_path / "foreign"
+    shutil.copytree(m1, other_tok)
+    train_bpe(TEXT * 20, 280).save(str(other_tok / "tokenizer.json"))
+    shutil.copytree(m1, unfinished)
+    summary = json.loads((unfinished / "summary.json").read_text())
+    (unfinished / "summary.json").write_text(json.dumps({**summary, "step": 3}))
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert main(["quantize", str(m0), str(tmp_path / "q"), "--eval-batches", "1"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "out"
+    for runs, target, says in [([m0], out, "at least two runs"), ([m0, tmp_path / "nope"], out, "no such run"),
+                               ([m0, unfinished], out, "not a finished run (step 3 of 8)"),
+                               ([m0, other_tok], out, "another tokenizer"), ([m0, run], out, "itself an ensemble"),
+                               ([m0, tmp_path / "q"], out, "quantized (int8)"), ([m0, m0], out, "given twice"),
+                               ([m0, m1], foreign, "already holds files"), ([m0, m1], run, "already holds an ensemble"),
+                               ([m0, m1], m0 / "combined", "inside the run")]:
+        assert main(["ensemble", *map(str, runs), "--out", str(target)]) == 2, (runs, target)
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and not (m0 / "combined").exists() and not list(tmp_path.glob(".*partial*"))
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
 
 
 def test_more_members_than_cores_train_one_after_another(tiny):

@@ -1,5 +1,5 @@
-"""Entry point: `train` (the default verb), `prepare`, `generate`, `chat`, `eval`, `compare`, `export`, `push`,
-`quantize`, `serve`, `lm-eval` (lm-evaluation-harness with the blueberry model registered), `info`.
+"""Entry point: `train` (the default verb), `prepare`, `generate`, `chat`, `eval`, `compare`, `ensemble`, `export`,
+`push`, `quantize`, `serve`, `lm-eval` (lm-evaluation-harness with the blueberry model registered), `info`.
 
 Every expected failure is a `BlueberryError`: printed as one line, exit 2 for usage errors and 1 for
 run-time failures; `--debug` shows the traceback instead.
@@ -13,8 +13,8 @@ import warnings
 from ..errors import BlueberryError, ConfigError, UsageError
 from .args import OneLineParser, add_train_flags, flag_for
 
-VERBS = ("train", "prepare", "generate", "chat", "eval", "compare", "export", "import", "push", "quantize", "serve",
-         "lm-eval", "info")
+VERBS = ("train", "prepare", "generate", "chat", "eval", "compare", "ensemble", "export", "import", "push", "quantize",
+         "serve", "lm-eval", "info")
 
 
 def build_parser() -> OneLineParser:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..configs import AdaptiveMoEModelConfig, get_config, load_config_file
+from ..configs.fields import parse_duration
 from ..errors import ConfigError
 
 
@@ -29,6 +30,9 @@ def config_from_args(args) -> AdaptiveMoEModelConfig:
 
 
 def train_command(args) -> int:
+    from ..training.budget import start_command_clock
+
+    start_command_clock()
     if args.resume_from:
         return _resume(args)
     config = config_from_args(args)
@@ -45,6 +49,9 @@ def train_command(args) -> int:
     if config.ensemble > 1:
         if len(lrs) > 1:
             raise ConfigError("ensemble", "an LR sweep trains one run per learning rate: sweep with --ensemble 1")
+        if config.time_budget and "max_steps" in config.auto_fields:
+            raise ConfigError("time_budget", "an ensemble's members are planned by steps, not a time budget: give "
+                              "--max-steps, or train the runs one by one and combine them with blueberry ensemble")
         from ..evaluation.run_tasks import task_scorer_factory
         from ..training.ensemble import run_ensemble
 
@@ -52,6 +59,9 @@ def train_command(args) -> int:
         return exit_code(metrics)
     if len(lrs) > 1:
         from ..training.sweep import run_lr_sweep
+
+        if config.time_budget and "max_steps" in config.auto_fields:  # the runs share the command's budget
+            config = config.replace(time_budget=f"{parse_duration(config.time_budget) / len(lrs):.0f}s")
 
         from ..evaluation.run_tasks import task_scorer_factory
 

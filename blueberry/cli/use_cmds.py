@@ -1,5 +1,5 @@
-"""Verbs that use trained runs: `generate`, `chat`, `eval`, `compare`, `export`, `import`, `push`, `quantize`,
-`serve`."""
+"""Verbs that use trained runs: `generate`, `chat`, `eval`, `compare`, `ensemble`, `export`, `import`, `push`,
+`quantize`, `serve`."""
 
 from __future__ import annotations
 
@@ -65,6 +65,8 @@ def add_parsers(sub) -> None:
     m.add_argument("--out", default="comparison.png", help="where to write the plot")
     m.add_argument("--debug", action="store_true")
 
+    _ensemble_parser(sub)
+
     x = sub.add_parser("export", help="convert a run to another format")
     x.add_argument("run", help="run directory or checkpoint")
     x.add_argument("out", help="output directory for hf (must not exist or be empty); the .gguf file to write "
@@ -105,6 +107,16 @@ def add_parsers(sub) -> None:
     s.add_argument("--slots", type=int, default=8, help="requests decoded together (continuous batching)")
     s.add_argument("--model-name", default=None, help="the model id clients ask for (default: the run's name)")
     s.add_argument("--compile", action="store_true", help="compile the decode step")
+
+
+def _ensemble_parser(sub) -> None:
+    n = sub.add_parser("ensemble", help="combine finished runs of one tokenizer into one ensemble directory "
+                       "(the mean of their distributions), scored on the first run's validation split")
+    n.add_argument("runs", nargs="+", help="two or more finished run directories (not copied: DIR names them)")
+    n.add_argument("--out", required=True, metavar="DIR", help="the ensemble directory to write (must not exist or "
+                   "be empty); use it with eval, generate, chat, serve")
+    n.add_argument("--device", default=None, help="where to score it (default: the first run's device)")
+    n.add_argument("--debug", action="store_true")
 
 
 def _params(args, stop=()):
@@ -297,6 +309,13 @@ def compare_command(args) -> int:
     return 0
 
 
+def ensemble_command(args) -> int:
+    from ..training.combine_runs import combine_runs
+
+    combine_runs(args.runs, args.out, args.device)
+    return 0
+
+
 def export_command(args) -> int:
     from ..export import export_hf
     from ..inference.loading import load_model, quantization_of
@@ -382,4 +401,4 @@ def import_command(args) -> int:
 
 COMMANDS = {"generate": generate_command, "chat": chat_command, "eval": eval_command, "export": export_command,
             "quantize": quantize_command, "serve": serve_command, "compare": compare_command,
-            "import": import_command, "push": push_command}
+            "import": import_command, "push": push_command, "ensemble": ensemble_command}

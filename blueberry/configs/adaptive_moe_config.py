@@ -20,6 +20,7 @@ import dataclasses
 
 from ..errors import ConfigError
 from ..system import Capabilities, detect_capabilities
+from .fields import parse_duration
 from .data import DataConfig
 from .model import ModelConfig
 from .optim import OptimizerConfig
@@ -32,7 +33,10 @@ SECTION_OF: dict[str, str] = {f.name: name for name, cls in SECTIONS.items() for
 # Fields with a plain default in their dataclass that the device's recipe sets when the user does not.
 DEVICE_CHOSEN = ("model_type", "qk_norm", "weight_decay", "ensemble", "grad_accum_steps", "activation_checkpointing")
 # Fields a run settles after the config is built, and only through `derive`.
-DERIVED_FIELDS = ("vocab_size", "batch_size", "grad_accum_steps", "out_dir", "use_fp8", "activation_checkpointing")
+DERIVED_FIELDS = ("vocab_size", "batch_size", "grad_accum_steps", "out_dir", "use_fp8", "activation_checkpointing",
+                  # the plan of a run with a time budget (training.budget): its length and, when left to it, its size
+                  "max_steps", "warmup_steps", "eval_every", "checkpoint_every",
+                  "model_type", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff")
 _BOOKKEEPING = ("auto_fields", "derived_fields")
 
 
@@ -141,10 +145,11 @@ class AdaptiveMoEModelConfig:
 # the MoE at equal wall time at this size; docs/LOG.md has every candidate). Also the `cpu` preset.
 CPU_RECIPE = dict(model_type="standard", d_model=256, n_layers=4, n_heads=4, max_seq_len=256, batch_size=16,
                   max_steps=900, vocab_size=4096, qk_norm=True, weight_decay=0.2)
-# The CPU default: runs of the recipe averaged into one model (`--ensemble`), each a little shorter so that two
-# fit the budget side by side. The training plays, not the minutes, limit one model: the second half of the
-# budget buys more as a second member than as a longer or larger run (docs/LOG.md, #20).
-CPU_ENSEMBLE = dict(ensemble=2, max_steps=800)
+# `--ensemble N` of the CPU recipe: each member a little shorter, so that two fit 10 minutes side by side
+# (docs/LOG.md, #20). Not the default: the default trains one model (#28).
+CPU_ENSEMBLE = dict(max_steps=800)
+# The wall budget of a run that is given no --max-steps (README, "The default run").
+DEFAULT_TIME_BUDGET = "10m"
 
 
 def _hardware_defaults(caps: Capabilities, cfg: AdaptiveMoEModelConfig) -> dict:
@@ -157,31 +162,47 @@ def _hardware_defaults(caps: Capabilities, cfg: AdaptiveMoEModelConfig) -> dict:
                     n_heads=12 if big else 8, max_seq_len=1024, batch_size=32 if big else 16, max_steps=1250,
                     grad_accum_steps=4, vocab_size=8192, qk_norm=True, weight_decay=0.1)
     else:
-        # The CPU recipe: the best held-out bits per byte in 10 minutes on 2 cores (docs/LOG.md, #20): an
-        # ensemble of CPU_ENSEMBLE runs when the run is the recipe (its model and length left to the device)
-        # (a core per member: with fewer, the members would train in turn, at twice the wall time)
-        averaged = _is_the_cpu_recipe(cfg) and caps.cpu_cores >= CPU_ENSEMBLE["ensemble"]
-        ensemble = cfg.ensemble or (CPU_ENSEMBLE["ensemble"] if averaged else 1)
-        size = dict(CPU_RECIPE, ensemble=ensemble, grad_accum_steps=1)
-        if ensemble > 1 and _is_the_cpu_recipe(cfg):
+        # The CPU recipe: the best held-out bits per byte of one model in 10 minutes on 2 cores (docs/LOG.md, #20)
+        size = dict(CPU_RECIPE, ensemble=cfg.ensemble or 1, grad_accum_steps=1)
+        if size["ensemble"] > 1 and _is_the_cpu_recipe(cfg):
             size["max_steps"] = CPU_ENSEMBLE["max_steps"]
+    # no --max-steps (and one model): the length is planned from the time budget (training.budget)
+    budgeted = cfg.max_steps is None and size["ensemble"] == 1
+    time_budget = cfg.time_budget or (DEFAULT_TIME_BUDGET if budgeted else None)
     d_model = cfg.d_model or size["d_model"]
     max_steps = cfg.max_steps or size["max_steps"]
     return dict(
         **size,
         n_kv_heads=cfg.n_heads or size["n_heads"],
-        # a dense SwiGLU gets the usual 8/3 d_model (an ungated MLP 4 d_model: the same parameters); an
-        # expert (or an MLP beside experts) 2 d_model
-        d_ff=(2 * d_model if _has_experts(cfg, size["model_type"]) else 4 * d_model if cfg.mlp_type != "swiglu"
-              else (8 * d_model // 3 + 63) // 64 * 64),
-        eval_every=max(1, min(250, max_steps // 4)),
-        checkpoint_every=max(1, min(1000, max_steps // 2)),
+        d_ff=default_d_ff(d_model, cfg, size["model_type"]),
+        **periodic_defaults(max_steps),
         use_amp=caps.autocast_dtype is not None,
         use_fp8=caps.supports_fp8,
         activation_checkpointing="none",  # raised at build time only where the run would not fit otherwise
         # compiling costs tens of seconds once and saves a share of every step: worth it on longer runs
-        compile=max_steps >= 150,
+        compile=max_steps >= 150 if not budgeted else _seconds(time_budget) >= 300,
+        **({"time_budget": time_budget} if budgeted else {}),
     )
+
+
+def _seconds(duration: str) -> float:
+    try:
+        return parse_duration(duration)
+    except ValueError:  # validate() names the field
+        return 0.0
+
+
+def default_d_ff(d_model: int, cfg: AdaptiveMoEModelConfig, model_type: str | None = None) -> int:
+    """A dense SwiGLU gets the usual 8/3 d_model (an ungated MLP 4 d_model: the same parameters); an expert
+    (or an MLP beside experts) 2 d_model."""
+    if _has_experts(cfg, model_type or cfg.model_type):
+        return 2 * d_model
+    return 4 * d_model if cfg.mlp_type != "swiglu" else (8 * d_model // 3 + 63) // 64 * 64
+
+
+def periodic_defaults(max_steps: int) -> dict:
+    """Evaluate about four times a run (at most every 250 steps), checkpoint about twice (at most every 1000)."""
+    return dict(eval_every=max(1, min(250, max_steps // 4)), checkpoint_every=max(1, min(1000, max_steps // 2)))
 
 
 def _is_the_cpu_recipe(cfg: AdaptiveMoEModelConfig) -> bool:

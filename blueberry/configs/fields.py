@@ -9,6 +9,7 @@ choice imports them from here).
 from __future__ import annotations
 
 import dataclasses
+import re
 
 MODEL_TYPES = ("moe", "standard")
 MLP_TYPES = ("swiglu", "silu", "relu2")
@@ -30,6 +31,21 @@ def parse_trackers(text: str | None) -> list[str]:
     if unknown:
         raise ValueError(f"unknown tracker {unknown[0]!r}; choose from {', '.join(TRACKERS)} (comma-separated) or none")
     return list(dict.fromkeys(names))
+
+
+def parse_duration(text) -> float:
+    """Seconds of a duration: `45s`, `10m`, `2h`, `1h30m` or a bare number of seconds (ValueError otherwise)."""
+    spec = str(text).strip().lower()
+    try:
+        seconds = float(spec)
+    except ValueError:
+        parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?", spec)
+        if not spec or parts is None:
+            raise ValueError(f"{text!r} is not a duration: write it as 45s, 10m, 2h or 1h30m") from None
+        seconds = sum(float(v) * unit for v, unit in zip(parts.groups(), (3600, 60, 1)) if v)
+    if not seconds > 0 or seconds != seconds or seconds == float("inf"):
+        raise ValueError(f"{text!r}: a time budget must be a positive duration (45s, 10m, 2h)")
+    return seconds
 
 
 def setting(default=None, help: str = "", *, flag: str | None = None, aliases: tuple[str, ...] = (),

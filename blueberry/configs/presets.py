@@ -19,7 +19,7 @@ PRESETS: dict[str, dict] = {
     # Everything from the hardware (AdaptiveMoEModelConfig()).
     "default": dict(),
     # The CPU-sized model whatever the machine (what `default` picks on a CPU).
-    # (its length is left to the device's defaults: shorter runs when it trains an ensemble)
+    # (its length is left to the device's defaults: planned from the time budget)
     "cpu": dict({k: v for k, v in CPU_RECIPE.items() if k != "max_steps"}, device="cpu"),
     # 24 GB Ada card: FP8 capable.
     "rtx4090": dict(model_type="moe", d_model=768, n_layers=12, n_heads=12, max_seq_len=1024, batch_size=16,
@@ -46,7 +46,10 @@ def get_config(name: str = "default", **overrides) -> AdaptiveMoEModelConfig:
     if name not in PRESETS:
         raise ConfigError("config", f"unknown preset {name!r}; choose one of {', '.join(PRESETS)} "
                           "or give a .yaml/.json file")
-    return AdaptiveMoEModelConfig(**{**PRESETS[name], **overrides})
+    preset = dict(PRESETS[name])
+    if overrides.get("time_budget") is not None and "max_steps" not in overrides:
+        preset.pop("max_steps", None)  # a budget asked for plans the length; a given --max-steps stays steps
+    return AdaptiveMoEModelConfig(**{**preset, **overrides})
 
 
 def get_development_config(**overrides) -> AdaptiveMoEModelConfig:

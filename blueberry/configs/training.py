@@ -5,18 +5,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from .fields import ACTIVATION_CHECKPOINTING, PARALLEL, check_choices, check_positive, parse_trackers, setting
+from .fields import (ACTIVATION_CHECKPOINTING, PARALLEL, check_choices, check_positive, parse_duration, parse_trackers,
+                     setting)
 
 
 @dataclass
 class TrainingConfig:
     batch_size: int | None = setting(None, "sequences per micro-batch per process (default: sized to the device)")
     grad_accum_steps: int = setting(1, "micro-batches per optimizer step", flag="grad_accum")
-    max_steps: int | None = setting(None, "optimizer steps")
+    max_steps: int | None = setting(None, "optimizer steps (given, they are the run's length; left out, the run plans "
+                                          "its length from --time-budget)")
+    time_budget: str | None = setting(None, "wall budget of the whole command: 45s, 10m, 2h, 1h30m. The run measures "
+                                            "its step and plans its length to end within it (default: 10m when "
+                                            "--max-steps is not given); with --max-steps, a limit that ends it early")
     eval_every: int | None = setting(None, "evaluate every this many steps")
     eval_batches: int = setting(20, "validation batches per evaluation")
     checkpoint_every: int | None = setting(None, "checkpoint every this many steps")
     keep_checkpoints: int = setting(2, "periodic checkpoints kept (the best is kept apart)")
+    async_checkpoint: bool = setting(False, "under --parallel fsdp: write each sharded checkpoint in a background "
+                                            "thread while the next steps train (it is committed once written)")
     max_nonfinite_steps: int = setting(5, "stop after this many non-finite steps in a row")
     sample_tokens: int = setting(48, "tokens sampled at each evaluation")
     seed: int = setting(1337, "random seed of initialisation, batches and sampling")
@@ -42,8 +49,8 @@ class TrainingConfig:
                                           "wandb, mlflow, trackio; none: metrics.jsonl only (the others need "
                                           "pip install 'blueberry[trackers]')")
     ensemble: int | None = setting(None, "train this many runs of the recipe (seeds --seed, --seed + 1, ...) and use "
-                                         "them as one model, the mean of their next-token distributions (default: 2 "
-                                         "for the CPU recipe on 2+ cores, 1 otherwise)")
+                                         "them as one model, the mean of their next-token distributions (default: 1, "
+                                         "one model; `blueberry ensemble` combines finished runs)")
 
     def validate(self) -> "TrainingConfig":
         check_positive(self, "batch_size", "grad_accum_steps", "max_steps", "eval_every", "eval_batches",
@@ -54,4 +61,9 @@ class TrainingConfig:
             parse_trackers(self.tracker)
         except ValueError as e:
             raise ConfigError("tracker", str(e)) from None
+        if self.time_budget is not None:
+            try:
+                parse_duration(self.time_budget)
+            except ValueError as e:
+                raise ConfigError("time_budget", str(e)) from None
         return self

@@ -1,14 +1,19 @@
 """Batch loaders with a resumable position: what a checkpoint needs to replay the same batches.
 
-`BatchLoader` shuffles indices with a permutation drawn from (seed, epoch); with several processes
-each rank takes every world_size-th index of the same permutation, so ranks read disjoint samples.
-Its state is (epoch, position); `load_state_dict` continues exactly where it stopped.
+`BatchLoader` shuffles indices with a permutation drawn from (seed, epoch): one global order, the same on
+every rank. A step of w ranks with batches of b takes the next w * b indices of that order, rank r those at
+offsets r, r + w, ...; so ranks read disjoint samples and the samples consumed so far are always a prefix of
+the epoch's order. The state is that prefix's length (`consumed`, with the epoch and seed): independent of
+the world size, so a run stopped on N processes continues on M where it stopped, no sample twice or skipped
+(`load_state_dict`). An epoch ends when fewer than one step's samples are left.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from .data_position import consumed_of
 
 
 def collate(items) -> tuple[torch.Tensor, ...]:
@@ -22,7 +27,7 @@ class BatchLoader:
         self.shuffle, self.seed = shuffle, seed
         self.rank, self.world_size = rank, world_size
         self.max_batches = max_batches  # evaluation: a fixed number of batches per pass
-        self.epoch, self.position = 0, 0
+        self.epoch, self.consumed = 0, 0  # samples of this epoch's order taken, by all ranks together
         self._order = None
         if self.batches_per_epoch == 0:
             from ..errors import DataError
@@ -36,30 +41,40 @@ class BatchLoader:
         n = per_rank // self.batch_size
         return min(n, self.max_batches) if self.max_batches else n
 
+    @property
+    def step_samples(self) -> int:
+        return self.batch_size * self.world_size
+
+    @property
+    def position(self) -> int:
+        """Steps of this world size into the epoch."""
+        return self.consumed // self.step_samples
+
     def _epoch_order(self) -> np.ndarray:
+        """This epoch's global order (every rank's)."""
         if self._order is None:
             n = len(self.dataset)
             if self.shuffle:
                 g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-                order = torch.randperm(n, generator=g).numpy()
+                self._order = torch.randperm(n, generator=g).numpy()
             else:
-                order = np.arange(n)
-            self._order = order[self.rank::self.world_size]
+                self._order = np.arange(n)
             self.dataset.set_epoch(self.epoch)
         return self._order
 
     def next_batch(self) -> tuple[torch.Tensor, ...]:
         """The next training batch; epochs roll over forever."""
-        if self.position >= self.batches_per_epoch:
-            self.epoch, self.position, self._order = self.epoch + 1, 0, None
+        if self.consumed + self.step_samples > len(self.dataset) or (
+                self.max_batches and self.position >= self.max_batches):
+            self.epoch, self.consumed, self._order = self.epoch + 1, 0, None
         order = self._epoch_order()
-        idx = order[self.position * self.batch_size:(self.position + 1) * self.batch_size]
-        self.position += 1
+        idx = order[self.consumed + self.rank:self.consumed + self.step_samples:self.world_size]
+        self.consumed += self.step_samples
         return collate([self.dataset[int(i)] for i in idx])
 
     def __iter__(self):
         """One pass of `batches_per_epoch` batches from the start (evaluation)."""
-        order = self._epoch_order() if self.shuffle else np.arange(len(self.dataset))[self.rank::self.world_size]
+        order = (self._epoch_order() if self.shuffle else np.arange(len(self.dataset)))[self.rank::self.world_size]
         for b in range(self.batches_per_epoch):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
             yield collate([self.dataset[int(i)] for i in idx])
@@ -68,7 +83,7 @@ class BatchLoader:
         return self.batches_per_epoch
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+        return {"epoch": self.epoch, "consumed": self.consumed, "position": self.position, "seed": self.seed,
                 "world_size": self.world_size, "num_samples": len(self.dataset)}
 
     def load_state_dict(self, state: dict) -> None:
@@ -77,7 +92,7 @@ class BatchLoader:
 
             raise CheckpointError(f"the checkpoint's data position is for {state['num_samples']} samples, this "
                                   f"dataset has {len(self.dataset)}: resume with the same data settings")
-        self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]
+        self.epoch, self.consumed, self.seed = state["epoch"], consumed_of(state, self), state["seed"]
         self._order = None
 
 

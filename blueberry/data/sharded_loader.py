@@ -2,12 +2,15 @@
 
 `ShardedLoader`: packed windows of seq_len + 1 tokens, read by memory map. An epoch visits the shards in
 a permutation drawn from (seed, epoch) and each shard's windows in a permutation drawn from (seed,
-epoch, shard); rank r of w takes every w-th window of that sequence, so ranks read disjoint data. No
-window crosses a shard. The state is (epoch, batches done): resume replays exactly.
+epoch, shard); a step of w ranks takes the next w * batch windows of that sequence, rank r every w-th from
+offset r, so ranks read disjoint data. No window crosses a shard. The state is (epoch, windows consumed by all
+ranks together): independent of the world size, so a resume on another number of processes continues where
+the run stopped, no window twice or skipped (as BatchLoader).
 
 `MixtureLoader`: several sources with weights. Each row of a batch comes from a source drawn with a
 generator seeded by (seed, rank, batch number), so the draw needs no saved RNG: its state is the batch
-number and each source's own state. It counts the tokens it served per source (for the training log).
+number and each source's own state. It counts the tokens it served per source (for the training log). Its
+position is per rank (each rank draws its own sources): it resumes on the world size that wrote it only.
 
 `Prefetched`: a background thread that prepares the next batches while the model trains on this one;
 its state is that of the last batch handed out, not of the batches read ahead.
@@ -21,6 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, DataError
+from .data_position import consumed_of
 from .token_store import Shard
 
 
@@ -31,7 +35,7 @@ class ShardedLoader:
         self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
         self.document_mask, self.max_batches = document_mask, max_batches
         self.windows = np.array([max(0, (len(s.tokens) - 1) // seq_len) for s in shards], dtype=np.int64)
-        self.epoch, self.position = 0, 0
+        self.epoch, self.consumed = 0, 0  # windows of this epoch's sequence taken, by all ranks together
         self._orders: dict = {}  # the permutations of one epoch, drawn when first needed
         if self.batches_per_epoch == 0:
             raise DataError(f"{int(self.windows.sum())} windows of {seq_len + 1} tokens cannot fill one batch of "
@@ -49,6 +53,15 @@ class ShardedLoader:
 
     def __len__(self) -> int:
         return self.batches_per_epoch
+
+    @property
+    def step_windows(self) -> int:
+        return self.batch_size * self.world_size
+
+    @property
+    def position(self) -> int:
+        """Steps of this world size into the epoch."""
+        return self.consumed // self.step_windows
 
     # ---- which window is the i-th of an epoch ----
     def _cached(self, key: tuple, make):
@@ -89,16 +102,21 @@ class ShardedLoader:
         return x, y, docs.astype(np.int64)
 
     def batch(self, epoch: int, b: int) -> tuple[torch.Tensor, ...]:
-        first = b * self.batch_size * self.world_size + self.rank
+        return self._batch_at(epoch, b * self.step_windows)
+
+    def _batch_at(self, epoch: int, start: int) -> tuple[torch.Tensor, ...]:
+        """This rank's share of the step whose windows start at `start` of the epoch's sequence."""
+        first = start + self.rank
         items = [self._window(*self._locate(epoch, first + j * self.world_size)) for j in range(self.batch_size)]
         return tuple(torch.from_numpy(np.stack(col)) for col in zip(*items))
 
     # ---- the training interface (as BatchLoader) ----
     def next_batch(self) -> tuple[torch.Tensor, ...]:
-        if self.position >= self.batches_per_epoch:
-            self.epoch, self.position = self.epoch + 1, 0
-        out = self.batch(self.epoch, self.position)
-        self.position += 1
+        if self.consumed + self.step_windows > self.num_windows or (
+                self.max_batches and self.position >= self.max_batches):
+            self.epoch, self.consumed = self.epoch + 1, 0
+        out = self._batch_at(self.epoch, self.consumed)
+        self.consumed += self.step_windows
         return out
 
     def __iter__(self):
@@ -107,14 +125,14 @@ class ShardedLoader:
             yield self.batch(0, b)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "world_size": self.world_size,
-                "num_samples": self.num_windows}
+        return {"epoch": self.epoch, "consumed": self.consumed, "position": self.position, "seed": self.seed,
+                "world_size": self.world_size, "num_samples": self.num_windows}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("num_samples") not in (None, self.num_windows):
             raise CheckpointError(f"the checkpoint's data position is for {state['num_samples']} windows, this "
                                   f"store has {self.num_windows}: resume with the same data and --seq-len")
-        self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]
+        self.epoch, self.consumed, self.seed = state["epoch"], consumed_of(state, self), state["seed"]
 
 
 class MixtureLoader:
@@ -154,6 +172,11 @@ class MixtureLoader:
         if set(state.get("sources", {})) != set(self.loaders):
             raise CheckpointError(f"the checkpoint's mixture has sources {sorted(state.get('sources', {}))}, "
                                   f"this run {sorted(self.loaders)}: resume with the same --dataset")
+        world = next(iter(self.loaders.values())).world_size
+        written = next(iter(state["sources"].values())).get("world_size", world)
+        if written != world:
+            raise CheckpointError(f"a --dataset mixture's data position is per rank: resume it on the {written} "
+                                  f"process(es) that wrote it, not {world}")
         self.batches = state["batches"]
         self.tokens_by_source = dict(state["tokens_by_source"])
         for n, loader in self.loaders.items():

@@ -4,6 +4,8 @@ training loop calls at its final (or every) evaluation. The command line hands t
 
 from __future__ import annotations
 
+import time
+
 from ..training.precision import choose_precision
 from .tasks import builtin_tasks, evaluate_task, load_task
 
@@ -40,4 +42,24 @@ def task_scorer_factory(config, tokenizer):
             return out
         finally:
             model.train(was_training)
+
+    def estimate_seconds(model) -> float:
+        """Seconds the scoring will take, extrapolated from timing its first two batches of every task (a time
+        budget reserves them)."""
+        was_training = model.training
+        model.eval()
+        seconds = 0.0
+        try:
+            for task in tasks:
+                per_item = max(1, len(task.items[0]["choices"]))
+                limit = min(len(task.items), max(1, -(-2 * config.batch_size // per_item)))
+                start = time.perf_counter()
+                with precision.autocast():
+                    evaluate_task(model, tokenizer, task, batch_size=config.batch_size, limit=limit)
+                seconds += (time.perf_counter() - start) * len(task.items) / limit
+        finally:
+            model.train(was_training)
+        return seconds
+
+    score_tasks.estimate_seconds = estimate_seconds
     return score_tasks

@@ -7,6 +7,10 @@ A checkpoint is a directory `RUN/checkpoints/step_000123/` holding
 It is written to a temporary directory, fsynced and renamed into place; only then is the pointer file
 `RUN/checkpoints/latest` replaced (also by rename). A kill at any moment therefore leaves `latest`
 naming a complete checkpoint. `best` is a copy of the checkpoint with the lowest validation loss.
+
+FSDP2 runs write sharded checkpoints instead, `step_000123.dcp/` (sharded_checkpoint.py: every rank its
+own shards, readable at any world size), committed by the same rename-then-pointer steps
+(`commit_checkpoint`). Every reader here (`resolve_checkpoint`, `read_state`, `load_weights`) takes both.
 """
 
 from __future__ import annotations
@@ -27,6 +31,12 @@ from .ensemble_dir import ENSEMBLE_FILE, ensemble_members, is_ensemble
 
 FORMAT = 1
 WEIGHTS, STATE, POINTER = "model.safetensors", "state.pt", "latest"
+DCP_SUFFIX, DCP_METADATA = ".dcp", ".metadata"
+
+
+def is_sharded_checkpoint(checkpoint: Path) -> bool:
+    """A DCP directory (a sharded checkpoint, or `best` copied from one) rather than model.safetensors."""
+    return (Path(checkpoint) / DCP_METADATA).is_file()
 
 
 def _write_pointer(ckpt_root: Path, name: str) -> None:
@@ -51,7 +61,17 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module | dic
         for f in (WEIGHTS, STATE):
             with open(tmp / f, "rb") as fh:
                 os.fsync(fh.fileno())
-        final = root / name
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return commit_checkpoint(root, tmp, name, keep=keep, best=best)
+
+
+def commit_checkpoint(root: Path, tmp: Path, name: str, keep: int = 2, best: bool = False) -> Path:
+    """Rename the complete, fsynced checkpoint directory `tmp` to `root/name`, then point `latest` at it,
+    copy it to `best` when asked, keep the newest `keep` (single-file and sharded ones alike)."""
+    final = root / name
+    try:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -60,6 +80,9 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module | dic
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _write_pointer(root, name)
+    # the same step in the other format (a run resumed on another world size): `latest` no longer names it
+    other = root / (name[:-len(DCP_SUFFIX)] if name.endswith(DCP_SUFFIX) else name + DCP_SUFFIX)
+    shutil.rmtree(other, ignore_errors=True)
     if best:
         _replace_best(root, final)
     _prune(root, keep, current=name)
@@ -68,8 +91,11 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module | dic
 
 def _replace_best(root: Path, source: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=".best.", dir=root))
-    for f in (WEIGHTS, STATE):
-        shutil.copy2(source / f, tmp / f)
+    if is_sharded_checkpoint(source):
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+    else:
+        for f in (WEIGHTS, STATE):
+            shutil.copy2(source / f, tmp / f)
     old = root / ".best.old"
     if old.exists():
         shutil.rmtree(old)
@@ -135,8 +161,9 @@ def resolve_run(path: str | Path, runs_root: str | Path = "runs", run_dir: str |
     if (p / POINTER).exists():
         name = (p / POINTER).read_text().strip()
         p = p / name
-    if not (p / WEIGHTS).exists() or not (p / STATE).exists():
-        raise CheckpointError(f"{p} is not a complete checkpoint (needs {WEIGHTS} and {STATE})")
+    if not ((p / WEIGHTS).exists() or is_sharded_checkpoint(p)) or not (p / STATE).exists():
+        raise CheckpointError(f"{p} is not a complete checkpoint (needs {STATE} and {WEIGHTS}, or the "
+                              f"{DCP_METADATA} of a sharded one)")
     return p
 
 
@@ -161,7 +188,12 @@ def read_state(checkpoint: Path) -> dict:
 
 
 def load_weights(checkpoint: Path, model: torch.nn.Module) -> None:
-    """Load model.safetensors into `model`; a mismatch lists the tensors that differ."""
+    """Load model.safetensors (or a sharded checkpoint's weights) into `model`; a mismatch lists the tensors
+    that differ."""
+    if is_sharded_checkpoint(checkpoint):
+        from .sharded_checkpoint import load_sharded_weights
+
+        return load_sharded_weights(checkpoint, model)
     path = checkpoint / WEIGHTS
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -169,9 +201,7 @@ def load_weights(checkpoint: Path, model: torch.nn.Module) -> None:
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is damaged or truncated ({exc})") from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    problems = [f"{k}: checkpoint {s} vs model {expected[k]}" for k, s in shapes.items()
-                if k in expected and s != expected[k]]
-    problems += [f"unexpected {k} {s}" for k, s in shapes.items() if k not in expected]
+    problems = architecture_refusal(shapes, expected)
     if not problems:
         try:
             missing, unexpected = load_model(model, str(path), strict=False)
@@ -182,6 +212,13 @@ def load_weights(checkpoint: Path, model: torch.nn.Module) -> None:
         raise CheckpointError(f"{path} was saved from a different architecture: {'; '.join(problems[:12])}"
                               f"{' ...' if len(problems) > 12 else ''}. "
                               "Use the same model settings as the run that wrote it")
+
+
+def architecture_refusal(shapes: dict, expected: dict) -> list[str]:
+    """What differs between a checkpoint's tensor shapes and a model's (no "missing": safetensors says those)."""
+    problems = [f"{k}: checkpoint {s} vs model {expected[k]}" for k, s in shapes.items()
+                if k in expected and s != expected[k]]
+    return problems + [f"unexpected {k} {s}" for k, s in shapes.items() if k not in expected]
 
 
 def check_optimizer_layout(optimizers: list, states: list[dict]) -> None:

@@ -155,7 +155,8 @@ def is_sharded(model) -> bool:
 
 
 def gathered_states(model, optimizers) -> tuple:
-    """Full (unsharded) model and optimizer state dicts; a collective: every rank must call it."""
+    """Full (unsharded) model and optimizer state dicts; a collective: every rank must call it. (Checkpoints
+    of FSDP2 runs are sharded instead, see sharded_checkpoint.py; `benchmarks/checkpoint_save.py` compares.)"""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
 
@@ -165,12 +166,31 @@ def gathered_states(model, optimizers) -> tuple:
     return model_state, optim_states
 
 
-def load_sharded_optimizer_states(model, optimizers, states) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+def load_full_optimizer_states(model, optimizers, states) -> None:
+    """Full (unsharded) optimizer states into the optimizers of `model`, sharded by FSDP2 or not. States keyed
+    by parameter name (a gathered FSDP2 state) load as they are; states keyed by index (a single process's or
+    DDP's `state_dict()`) are renamed first, index i being the i-th parameter of this run's optimizer."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
 
     options = StateDictOptions(full_state_dict=True)
     for opt, state in zip(optimizers, states):
+        if keyed_by_index(state):
+            state = _keyed_by_name(state, get_optimizer_state_dict(model, opt))
         set_optimizer_state_dict(model, opt, state, options=options)
+
+
+def keyed_by_index(state: dict) -> bool:
+    """True for an optimizer state dict as `Optimizer.state_dict()` makes it (parameters numbered, not named)."""
+    return any(isinstance(p, int) for g in state.get("param_groups", []) for p in g["params"])
+
+
+def _keyed_by_name(state: dict, live: dict) -> dict:
+    names = [n for g in live["param_groups"] for n in g["params"]]
+    numbers = [i for g in state["param_groups"] for i in g["params"]]
+    rename = dict(zip(numbers, names))  # equal lengths: check_optimizer_layout has compared the groups
+    return {"state": {rename[k]: v for k, v in state["state"].items()},
+            "param_groups": [{**g, "params": [rename[i] for i in g["params"]]} for g in state["param_groups"]]}
 
 
 def scalar(value) -> float:

@@ -23,11 +23,11 @@ import torch
 
 from ..atomic import atomic_write_text
 from ..configs import AdaptiveMoEModelConfig, save_config
-from ..errors import BlueberryError, RunError
+from ..errors import BlueberryError, RunError, UsageError
 from ..models.ensemble import EnsembleLM
 from .checkpoint import POINTER, read_state, resolve_checkpoint
 from .distributed import init_distributed, teardown
-from .ensemble_dir import member_dir, write_ensemble_file
+from .ensemble_dir import is_combined, member_dir, write_ensemble_file
 from .evaluation import evaluate_model
 from .precision import choose_precision
 from .run_dir import check_new_run_dir, default_run_dir, prepare_run_dir
@@ -50,6 +50,9 @@ def run_ensemble(config, resuming: bool = False, log=print, task_scorer_factory=
     ensemble, its metrics), or (None, the stopped member's metrics) when a signal stopped a member."""
     run_dir = Path(config.out_dir) if config.out_dir else default_run_dir(config)
     config.derive(out_dir=str(run_dir))
+    if resuming and is_combined(run_dir):
+        raise UsageError(f"{run_dir} combines finished runs (blueberry ensemble): it has nothing to resume; "
+                         "resume a member's run directory instead")
     if not resuming:
         check_new_run_dir(run_dir)  # an ensemble, a single run or foreign files: exit 2, nothing written
     start = time.perf_counter()
@@ -207,19 +210,15 @@ def member_main(out_dir: str, index: str) -> int:
 # ---- the ensemble as one model ----
 def _score(config, members, ctx, start: float, log, task_scorer_factory) -> tuple[EnsembleLM, dict]:
     """Validation (and test-split) figures of the members' mixture, on the windows each member was scored on."""
-    from .run import build_data, resolve_device
+    from .run import resolve_device
 
     device = resolve_device(config)
     if ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
     models = [load_trained(m.out_dir, str(device))[0] for m in members]
-    ensemble = EnsembleLM(models).eval()
-    tokenizer, corpus, _, val_loader = build_data(config, lambda *a, **k: None, ctx.rank, ctx.world_size)
-    precision = choose_precision(config, config.capabilities())
-    result = evaluate_model(ensemble, val_loader, config, token_bytes=corpus.token_bytes, precision=precision,
-                            ranks=ctx)
+    ensemble, tokenizer, result, _ = score_mixture(config, models, ctx)
     summaries = [json.loads((Path(m.out_dir) / "summary.json").read_text()) for m in members]
-    metrics = {**{k: v for k, v in result.items() if k != "expert_load"}, "ensemble": len(members),
+    metrics = {**result, "ensemble": len(members),
                "step": config.max_steps, "elapsed": time.perf_counter() - start,
                "stopped_by_signal": False, "stop_signal": None,
                "members": [{"run_dir": m.out_dir, "seed": m.seed,
@@ -236,6 +235,23 @@ def _score(config, members, ctx, start: float, log, task_scorer_factory) -> tupl
     if config.test_fraction > 0:
         score_test_split(ensemble, config, tokenizer, ctx, run_dir, metrics, log=log)
     return ensemble, metrics
+
+
+def score_mixture(config, models, ctx, each: bool = False) -> tuple[EnsembleLM, object, dict, list[dict]]:
+    """`models` as one `EnsembleLM`, scored on `config`'s validation windows (every rank its share), as an
+    ensemble is at its end: (the ensemble, the data's tokenizer, the mixture's figures, and with `each` every
+    model's own figures on the same windows). Also `blueberry ensemble` (combine_runs)."""
+    from .run import build_data
+
+    ensemble = EnsembleLM(models).eval()
+    tokenizer, corpus, _, val_loader = build_data(config, _quiet, ctx.rank, ctx.world_size)
+    precision = choose_precision(config, config.capabilities())
+
+    def score(model) -> dict:
+        result = evaluate_model(model, val_loader, config, token_bytes=corpus.token_bytes, precision=precision,
+                                ranks=ctx)
+        return {k: v for k, v in result.items() if k != "expert_load"}
+    return ensemble, tokenizer, score(ensemble), [score(m) for m in models] if each else []
 
 
 def _quiet(*args, **kwargs) -> None:

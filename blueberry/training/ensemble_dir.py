@@ -4,6 +4,9 @@
     RUN/members/<i>/      an ordinary run each (config, tokenizer, checkpoints, metrics, summary)
     RUN/config.json       the ensemble's config; RUN/tokenizer.json the members' tokenizer
     RUN/summary.json      the ensemble's figures (the mixture's bits per byte) and each member's
+
+A member's path is relative to RUN or absolute. `blueberry ensemble RUN RUN ... --out DIR` (combine_runs)
+writes such a directory around finished runs it does not copy: absolute member paths, "combined": true.
 """
 
 from __future__ import annotations
@@ -32,12 +35,20 @@ def write_ensemble_file(run_dir: Path, members: int) -> None:
     tmp.replace(Path(run_dir) / ENSEMBLE_FILE)
 
 
+def is_combined(run_dir: str | Path) -> bool:
+    """An ensemble that `blueberry ensemble` made of finished runs (nothing of it trains or resumes)."""
+    try:
+        return json.loads((Path(run_dir) / ENSEMBLE_FILE).read_text()).get("combined") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def ensemble_members(run_dir: str | Path) -> list[Path]:
-    """The member run directories of an ensemble run, each checked to exist."""
+    """The member run directories of an ensemble run (relative paths are to `run_dir`), each checked to exist."""
     path = Path(run_dir) / ENSEMBLE_FILE
     try:
         spec = json.loads(path.read_text())
-        members = [Path(run_dir) / m for m in spec["members"]]
+        members = [m if m.is_absolute() else Path(run_dir) / m for m in map(Path, spec["members"])]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path} is not a readable ensemble description ({type(exc).__name__}: {exc})") from None
     missing = [str(m) for m in members if not m.is_dir()]

@@ -12,11 +12,13 @@ GPU count) and checked against it.
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
 from ..configs.presets import PRESET_HARDWARE
 from ..models import create_model
+from .budget import planning
 from .memory import GIB, choose_checkpointing, estimate
 
 
@@ -28,10 +30,28 @@ def _least_fitting(model, config, world_size: int, memory_bytes: float) -> tuple
     return mode, estimate(model, config, world_size, mode)
 
 
+def _plan_by_budget(config, world_size: int) -> list[str]:
+    """A run with a time budget: its data is read (prepared on first use, as the run would) and its size
+    chosen as the run would choose it; the steps are settled by the run's probe."""
+    from .budget import PROBE_STEPS, budget_seconds, plan_size
+    from .distributed import DistContext
+    from .run import build_data, resolve_device
+
+    notes: list[str] = []
+    _, corpus, _, _ = build_data(config, log=lambda *a, **k: None)
+    plan = plan_size(config, corpus.n_train, DistContext(world_size=world_size), resolve_device(config),
+                     time.time(), notes.append)
+    return [f"  budget        {budget_seconds(config):.0f} s for the whole command; the steps are set after a "
+            f"{PROBE_STEPS + 1}-step probe to end within it, at most {plan['data_steps']:,} "
+            f"({plan['data_steps'] * plan['tokens_per_step'] / max(1, plan['unique_tokens']):.2f} passes over "
+            f"{plan['unique_tokens']:,} training tokens)"] + [f"  size          {n[len('Plan: '):]}" for n in notes]
+
+
 def describe_plan(config, preset: str | None = None, world_size: int | None = None) -> list[str]:
     """The plan's lines (what `--dry-run` prints)."""
     hardware = PRESET_HARDWARE.get(preset or "")
     world_size = world_size or int(os.environ.get("WORLD_SIZE", hardware[1] if hardware else 1))
+    budget_lines = _plan_by_budget(config, world_size) if planning(config) else []
     caps = config.capabilities()
     with torch.device("meta"):
         model = create_model(config)
@@ -51,7 +71,8 @@ def describe_plan(config, preset: str | None = None, world_size: int | None = No
         f"{rep['active_per_token']:,} active per token",
         f"  batch         {config.batch_size} sequences x {config.max_seq_len} tokens x {config.grad_accum_steps} "
         f"accumulation x {world_size} process(es) = {tokens_per_step:,} tokens per step",
-        f"  length        {config.max_steps:,} steps = {tokens_per_step * config.max_steps:,} training tokens"
+        f"  length        {'at most ' if budget_lines else ''}{config.max_steps:,} steps = "
+        f"{tokens_per_step * config.max_steps:,} training tokens"
         + (f", in each of {config.ensemble} runs averaged into one model (--ensemble)" if config.ensemble > 1 else ""),
         f"  optimizer     {config.optimizer}, lr {config.lr:g}" + (f", AdamW part {config.adamw_lr:g}"
                                                                    if config.optimizer == "muon" else "")
@@ -60,6 +81,7 @@ def describe_plan(config, preset: str | None = None, world_size: int | None = No
         f"{e['optimizer'] / GIB:.2f}, activations {e['activations'] / GIB:.2f} (checkpointing {mode}) = "
         f"{e['total'] / GIB:.2f} GiB" + (" (weights, gradients and optimizer states sharded by FSDP2)" if sharded else ""),
     ]
+    lines[4:4] = budget_lines
     if hardware:
         fits = e["total"] <= hardware[0] * GIB
         lines.append(f"  hardware      preset {preset} is for {hardware[1]} x {hardware[0]} GB: "

@@ -5,12 +5,15 @@ This is what `python train.py` calls; an LR sweep calls it once per learning rat
 
 from __future__ import annotations
 
+import json
+import time
 import traceback
 from pathlib import Path
 
 import torch
 import torch._dynamo
 
+from ..atomic import atomic_write_text
 from ..configs import save_config
 from ..data import create_dataloaders, load_and_cache_data
 from ..data.stores import uses_token_store
@@ -18,6 +21,7 @@ from ..errors import CheckpointError, UsageError
 from ..models import create_model
 from ..system import set_cpu_threads
 from .activation_checkpointing import apply_activation_checkpointing
+from .budget import StepPlanner, plan_size, planning, run_started
 from .checkpoint import clean_stale_temporaries, load_weights
 from .distributed import init_distributed, teardown, wrap_model
 from .float8 import apply_float8
@@ -123,9 +127,11 @@ def train_in_group(config, ctx, resume_state, resume_checkpoint, log, task_score
         prepare_run_dir(run_dir, resuming=resume_state is not None and here)
         clean_stale_temporaries(run_dir)
     torch.manual_seed(config.seed)
-    tokenizer, corpus, model, train_loader, val_loader = _build_on_every_rank(config, ctx, say)
+    started = run_started() if resume_state is None and planning(config) else None
+    tokenizer, corpus, model, train_loader, val_loader, plan = _build_on_every_rank(config, ctx, say, started, device)
     if resume_state is not None:
         check_resumable(resume_state, resume_checkpoint, tokenizer, ctx, config)
+        _say_repartition(resume_state, config, ctx, say)
         load_weights(resume_checkpoint, model)
     elif config.init_from:
         load_initial_weights(model, config.init_from)
@@ -144,12 +150,14 @@ def train_in_group(config, ctx, resume_state, resume_checkpoint, log, task_score
         say(f"Model: {rep['total']:,} parameters, {rep['active_per_token']:,} active per token")
     check_fits(model, config, device, ctx.world_size, log=say)
     wrapped = _wrap(model, config, ctx)
+    planner = StepPlanner(config, plan, started, say) if plan is not None else None
     try:
         _, metrics = train_model(
             wrapped, train_loader, val_loader, config, run_dir=run_dir, tokenizer=tokenizer,
-            token_bytes=corpus.token_bytes, resume_state=resume_state, ctx=ctx, log=say,
+            token_bytes=corpus.token_bytes, resume_state=resume_state, resume_checkpoint=resume_checkpoint, ctx=ctx,
+            log=say,
             sample_prompts=sample_prompts(tokenizer, corpus), progress=progress,
-            task_scorer=task_scorer_factory(config, tokenizer) if task_scorer_factory else None)
+            task_scorer=task_scorer_factory(config, tokenizer) if task_scorer_factory else None, planner=planner)
     finally:
         if hasattr(train_loader, "stop"):
             train_loader.stop()  # the read-ahead thread of a token-store loader
@@ -158,32 +166,60 @@ def train_in_group(config, ctx, resume_state, resume_checkpoint, log, task_score
         print_summary(metrics, run_dir, say)
     if config.test_fraction > 0 and metrics.get("stop_signal") is None:
         score_test_split(model, config, tokenizer, ctx, run_dir, metrics, log=say)
+    if planner is not None and ctx.is_main:  # the whole command's wall beside the plan's
+        metrics["wall_s"] = time.time() - planner.started
+        atomic_write_text(run_dir / "summary.json", json.dumps(metrics, indent=2, default=str))
+        say(f"Wall time {metrics['wall_s']:.0f} s of the {planner.budget:.0f} s budget "
+            f"(planned {planner.plan.get('planned_wall_s', float('nan')):.0f} s)")
     return model, metrics
 
 
-def _build_on_every_rank(config, ctx, say):
-    """Rank 0 builds (and caches) the data first; the other ranks then read the cache."""
+def _build_on_every_rank(config, ctx, say, planner_start: float | None, device):
+    """Rank 0 builds (and caches) the data first; the other ranks then read the cache. A run that plans its
+    length from a time budget (`planner_start`: when its command started) chooses its size before the model
+    is built (training.budget). Returns (tokenizer, corpus, model, train loader, val loader, plan or None)."""
     if ctx.is_main:
-        built = build_everything(config, say, ctx.rank, ctx.world_size)
+        data = build_data(config, say, ctx.rank, ctx.world_size)
     ctx.barrier()
     if not ctx.is_main:
-        built = build_everything(config, lambda *a, **k: None, ctx.rank, ctx.world_size)
-    return built
+        data = build_data(config, lambda *a, **k: None, ctx.rank, ctx.world_size)
+    tokenizer, corpus, train_loader, val_loader = data
+    plan = None
+    if planner_start is not None:
+        plan = plan_size(config, corpus.n_train, ctx, device, planner_start, say)
+        if config.test_fraction > 0:
+            plan["test_tokens"] = int(corpus.n_val * config.test_fraction / config.val_fraction)
+    return tokenizer, corpus, create_model(config), train_loader, val_loader, plan
 
 
 def check_resumable(state: dict, checkpoint: Path, tokenizer, ctx, config) -> None:
-    """Refuse a resume that could not continue exactly: other tokenizer, world size or engine."""
+    """Refuse a resume that could not continue where the run stopped: another tokenizer or engine, or another
+    world size where the data position cannot be re-partitioned (see batch_loader.repartition_refusal).
+    Weights and optimizer states reshard: a sharded checkpoint on read, a single-file one holds them whole."""
+    from ..data.data_position import repartition_refusal
+
     if state.get("tokenizer") != tokenizer.identity:
         raise CheckpointError(f"{checkpoint} was trained with a different tokenizer "
                               f"({state.get('tokenizer')}) than this data gives "
                               f"({tokenizer.identity}); resume with the same --dataset and --tokenizer")
-    if state.get("world_size", 1) != ctx.world_size:
-        raise CheckpointError(f"{checkpoint} was written by {state.get('world_size', 1)} "
-                              f"process(es); resume it with the same --nproc_per_node "
-                              f"(now {ctx.world_size}) so that the data position continues exactly")
-    if ctx.enabled and state.get("parallel", "ddp") != config.parallel:
+    written = state.get("world_size", 1)
+    why = repartition_refusal(state.get("data") or {}) if written != ctx.world_size else None
+    if why:
+        raise CheckpointError(f"{checkpoint} was written by {written} process(es) and cannot continue on "
+                              f"{ctx.world_size}: {why}; resume it with the same --nproc_per_node ({written})")
+    if ctx.enabled and written > 1 and state.get("parallel", "ddp") != config.parallel:
         raise CheckpointError(f"{checkpoint} was written with --parallel "
                               f"{state.get('parallel')}; resume it with the same engine")
+
+
+def _say_repartition(state: dict, config, ctx, say) -> None:
+    written = state.get("world_size", 1)
+    if written != ctx.world_size:
+        saved = state.get("config", {}).get("batch_size")
+        say(f"Resuming a checkpoint of {written} process(es) on {ctx.world_size}: the data continues at sample "
+            f"{state['data'].get('consumed')} of epoch {state['data'].get('epoch')}; {config.batch_size} sequences "
+            f"per process make {config.batch_size * ctx.world_size} per step (the writer's: "
+            f"{saved * written if saved else '?'}; --batch-size keeps it)")
 
 
 def _fit_batch_to_gpu(model, config, device, corpus, ctx, say, loaders):

@@ -6,7 +6,8 @@ clip -> the optimizer step, or a skipped step when the loss or gradient is not f
 step. An fp16 loss-scaler overflow is not a failure: the scaler lowers its scale and the step is taken
 again on the next batch (the schedule does not advance). Every step is logged; every `eval_every` steps
 the model is evaluated, samples written and plots redrawn; every `checkpoint_every` steps (and at the
-end, and when any rank receives SIGINT/SIGTERM) a checkpoint is written atomically.
+end, and when any rank receives SIGINT/SIGTERM) a checkpoint is written atomically: one file set by rank 0
+(checkpoint.py), or under FSDP2 each rank's shards (sharded_checkpoint.py, optionally in the background).
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from ..errors import RunError
 from ..models.adaptive_llm import MOE_STATS
 from ..models.generation import generate_text
 from ..optimizers import get_lr_scheduler, setup_optimizers
-from .checkpoint import check_optimizer_layout, save_checkpoint
-from .distributed import (DistContext, gathered_states, is_sharded, load_sharded_optimizer_states, no_sync,
-                          scalar, unwrap)
+from ..configs import save_config
+from .budget import measure_costs
+from .checkpoint import check_optimizer_layout, is_sharded_checkpoint, save_checkpoint
+from .distributed import DistContext, is_sharded, keyed_by_index, load_full_optimizer_states, no_sync, scalar, unwrap
 from .evaluation import evaluate_model
 from .metrics import MetricsLogger
 from .trackers import parse_trackers
@@ -84,6 +86,7 @@ class LoopState:
     overflows: int = 0  # fp16 loss-scale overflows (normal: the scaler adjusts)
     consecutive_bad: int = 0
     stop_signal: int | None = None
+    out_of_time: bool = False  # the time budget's guard ended the run before its planned length
     last_eval: dict = field(default_factory=dict)
     elapsed_before: float = 0.0  # wall seconds of the run before this process (resumed runs)
     started: float = field(default_factory=time.perf_counter)
@@ -193,7 +196,7 @@ class _Run:
     """What the loop's periodic actions share: checkpointing, evaluation and resuming."""
 
     def __init__(self, model, optimizers, scheduler, precision, train_loader, val_loader, config, ctx,
-                 run_dir, tokenizer, token_bytes, sample_prompts, logger, peak, task_scorer=None):
+                 run_dir, tokenizer, token_bytes, sample_prompts, logger, peak, task_scorer=None, planner=None):
         self.model, self.core = model, unwrap(model)
         self.optimizers, self.scheduler, self.precision = optimizers, scheduler, precision
         self.train_loader, self.val_loader = train_loader, val_loader
@@ -202,11 +205,44 @@ class _Run:
         self.logger, self.peak = logger, peak
         self.sharded = is_sharded(model)
         self.task_scorer = task_scorer
-
-    def resume(self, state: dict, loop: LoopState, log) -> None:
-        check_optimizer_layout(self.optimizers, state["optimizers"])
+        self.planner = planner  # a time budget's StepPlanner (training.budget), or None
+        self.saver = None
         if self.sharded:
-            load_sharded_optimizer_states(self.core, self.optimizers, state["optimizers"])
+            from .sharded_checkpoint import ShardedCheckpointer
+
+            self.saver = ShardedCheckpointer(run_dir, ctx, asynchronous=bool(config.async_checkpoint))
+
+    def write_samples(self, step: int, write: bool) -> None:
+        """Sample from the model's prompts (every rank when sharded: its forwards need them all)."""
+        if self.tokenizer is not None and (self.ctx.is_main or self.sharded):
+            _write_samples(self.model, self.tokenizer, self.sample_prompts, self.run_dir, step, self.config, write)
+
+    def settle_plan(self, loop: LoopState, bar) -> None:
+        """The probe is over: measure what the rest of the run costs, settle the length on rank 0's figures
+        (every rank the same), record the plan in config.json and a checkpoint."""
+        costs = measure_costs(self)
+        steps = self.planner.settle(costs)
+        agreed = int(self.ctx.all_reduce_sum([float(steps) if self.ctx.is_main else 0.0])[0])
+        if agreed != steps:
+            self.planner.settle(costs, steps=agreed)
+        self.scheduler.max_steps = self.config.max_steps
+        if bar is not None:
+            bar.total = self.config.max_steps
+            bar.refresh()
+        if self.ctx.is_main:
+            save_config(self.config, self.run_dir / "config.json")
+            self.logger.log("plan", loop.step, self.planner.plan)
+        self.checkpoint(loop)
+
+    def resume(self, state: dict, loop: LoopState, log, checkpoint=None) -> None:
+        """Continue from `state` (read from `checkpoint`), at this run's world size whatever the writer's."""
+        check_optimizer_layout(self.optimizers, state["optimizers"])
+        if checkpoint is not None and is_sharded_checkpoint(checkpoint):
+            from .sharded_checkpoint import load_sharded_optimizers
+
+            load_sharded_optimizers(checkpoint, self.core, self.optimizers, state["optimizers"])
+        elif self.sharded or not all(keyed_by_index(sd) for sd in state["optimizers"]):
+            load_full_optimizer_states(self.core, self.optimizers, state["optimizers"])
         else:
             for opt, sd in zip(self.optimizers, state["optimizers"]):
                 opt.load_state_dict(sd)
@@ -221,23 +257,26 @@ class _Run:
         log(f"Resumed at step {loop.step} (epoch {self.train_loader.epoch}, batch {self.train_loader.position})")
 
     def checkpoint(self, loop: LoopState, is_best: bool = False):
-        if self.sharded:  # FSDP2: gather full tensors (every rank takes part), rank 0 writes
-            weights, optim_states = gathered_states(self.core, self.optimizers)
-            if self.config.tie_embeddings:  # stored once, as safetensors' save_model does for tied weights
-                weights.pop("lm_head.weight", None)
-        else:
-            weights, optim_states = self.core, [o.state_dict() for o in self.optimizers]
         scaler = self.precision.scaler
-        state = {"optimizers": optim_states, "scheduler": self.scheduler.state_dict(),
+        state = {"scheduler": self.scheduler.state_dict(),
                  "scaler": scaler.state_dict() if scaler else None, "data": self.train_loader.state_dict(),
                  "rng": rng_state(), "config": self.config.to_dict(),
                  "tokenizer": getattr(self.tokenizer, "identity", None), "best_val": loop.best_val,
                  "skipped_steps": loop.skipped, "overflow_steps": loop.overflows, "elapsed": loop.elapsed,
                  "world_size": self.ctx.world_size, "parallel": self.config.parallel}
+        if self.sharded:  # FSDP2: every rank writes its own shards, rank 0 commits
+            return self.saver.save(loop.step, self.core, self.optimizers, state, self.config.keep_checkpoints,
+                                   best=is_best)
         if self.ctx.is_main:
-            return save_checkpoint(self.run_dir, loop.step, weights, state, keep=self.config.keep_checkpoints,
+            state["optimizers"] = [o.state_dict() for o in self.optimizers]
+            return save_checkpoint(self.run_dir, loop.step, self.core, state, keep=self.config.keep_checkpoints,
                                    best=is_best)
         return None
+
+    def poll_saves(self, wait: bool = False) -> None:
+        """Commit a background checkpoint write that has finished (with `wait`: once it has)."""
+        if self.saver is not None:
+            self.saver.wait() if wait else self.saver.poll()
 
     def evaluate(self, loop: LoopState) -> bool:
         """Score the validation set (every rank its share, totals summed); True when it is the best yet."""
@@ -245,7 +284,7 @@ class _Run:
         # under FSDP2 the plain model is the sharded one, so every rank still takes part
         result = evaluate_model(self.core, self.val_loader, self.config, token_bytes=self.token_bytes,
                                 precision=self.precision, peak_flops=self.peak, ranks=self.ctx)
-        final = loop.step == self.config.max_steps or loop.stop_signal is not None
+        final = loop.step == self.config.max_steps or loop.stop_signal is not None or loop.out_of_time
         if self.task_scorer is not None and (final or self.config.eval_tasks_periodic) and (
                 self.ctx.is_main or self.sharded):  # sharded forwards need every rank
             with self.precision.autocast():
@@ -253,9 +292,7 @@ class _Run:
         is_best = result["loss"] < loop.best_val
         loop.best_val = min(loop.best_val, result["loss"])
         loop.last_eval = result
-        if self.tokenizer is not None and (self.ctx.is_main or self.sharded):  # sharded forwards need every rank
-            _write_samples(self.model, self.tokenizer, self.sample_prompts, self.run_dir, loop.step, self.config,
-                           write=self.ctx.is_main)
+        self.write_samples(loop.step, write=self.ctx.is_main)
         if self.ctx.is_main:
             self.logger.log("eval", loop.step, result)
             plot_run(self.logger.records, self.run_dir)
@@ -264,18 +301,16 @@ class _Run:
 
 def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokenizer=None, token_bytes=None,
                 resume_state: dict | None = None, ctx: DistContext | None = None, log=print,
-                sample_prompts: tuple[str, ...] = ("\n",), progress: bool = True, task_scorer=None):
+                sample_prompts: tuple[str, ...] = ("\n",), progress: bool = True, task_scorer=None, planner=None,
+                resume_checkpoint=None):
     """Train `model` for `config.max_steps` optimizer steps; returns (model, metrics). `task_scorer(model)`
     (from blueberry.evaluation, given by the caller) adds task scores to the final evaluation, and to
-    every evaluation with `eval_tasks_periodic`."""
+    every evaluation with `eval_tasks_periodic`. `resume_checkpoint`: where `resume_state` was read (a sharded
+    checkpoint holds the optimizer tensors there)."""
     ctx = ctx or DistContext()
     caps = config.capabilities()
     precision = choose_precision(config, caps)
-    if run_dir is None and config.out_dir is None:
-        from .run_dir import default_run_dir
-
-        config.derive(out_dir=str(default_run_dir(config)))
-    run_dir = Path(run_dir or config.out_dir)
+    run_dir = _run_dir(config, run_dir)
     logger = MetricsLogger(run_dir, enabled=ctx.is_main, trackers=parse_trackers(config.tracker))
     logger.log_config(config.to_dict())
     core = unwrap(model)
@@ -286,10 +321,10 @@ def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokeni
     flops_per_token = core.flops_per_token(config.max_seq_len)
     peak = caps.job_peak_flops(ctx.world_size, ctx.local_world_size)
     run = _Run(model, optimizers, scheduler, precision, train_loader, val_loader, config, ctx, run_dir,
-               tokenizer, token_bytes, sample_prompts, logger, peak, task_scorer)
+               tokenizer, token_bytes, sample_prompts, logger, peak, task_scorer, planner)
     loop = LoopState()
     if resume_state is not None:
-        run.resume(resume_state, loop, log)
+        run.resume(resume_state, loop, log, resume_checkpoint)
 
     log(f"Training {config.model.architecture} model: {core.parameter_report()['total']:,} params, "
         f"precision {precision.name}, fp8 {'on' if config.use_fp8 else 'off'}, {ctx.world_size} process(es), "
@@ -321,24 +356,49 @@ def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokeni
                               tokens=loop.step * tokens, elapsed=loop.elapsed,
                               optimizer_share=record["optimizer_time"] / dt)
                 logger.log("train", loop.step, record)
+                _follow_the_plan(run, loop, dt, bar, log)
                 if bar is not None:
                     bar.set_postfix(loss=f"{record['lm_loss']:.3f}", lr=f"{record['lr']:.2e}",
                                     tok_s=f"{tok_rate:,.0f}", refresh=False)
                     bar.update(1)
             if loop.consecutive_bad >= config.max_nonfinite_steps:
                 run.checkpoint(loop)
+                run.poll_saves(wait=True)
                 _close(bar, logger)
                 raise RunError(f"training stopped at step {loop.step}: {loop.consecutive_bad} consecutive steps had "
                                f"a non-finite loss or gradient. A checkpoint was saved in {run_dir}/checkpoints. "
                                "Lower --lr, keep --grad-clip on, or try --no-amp, then --resume-from latest")
             saved = _periodic(run, loop, outcome)
-            if loop.stop_signal is not None:
+            run.poll_saves()
+            if loop.stop_signal is not None or loop.out_of_time:
                 if not saved:
                     run.checkpoint(loop)
                 break
     if bar is not None:
         bar.close()
     return model, _finish(loop, run, tok_rate, log)
+
+
+def _run_dir(config, run_dir) -> Path:
+    """The run directory given, else the config's (a default one named for the run when it has none)."""
+    if run_dir is None and config.out_dir is None:
+        from .run_dir import default_run_dir
+
+        config.derive(out_dir=str(default_run_dir(config)))
+    return Path(run_dir or config.out_dir)
+
+
+def _follow_the_plan(run: _Run, loop: LoopState, step_time: float, bar, log) -> None:
+    """A time budget's run: settle the length once the probe is over, then end early if time runs out."""
+    planner, config = run.planner, run.config
+    if planner is None:
+        return
+    if planner.observe(loop.step, step_time):
+        run.settle_plan(loop, bar)
+    elif planner.out_of_time() and loop.step < config.max_steps:
+        loop.out_of_time = True
+        log(f"The time budget ends the run at step {loop.step} of {config.max_steps}: the steps or the scoring "
+            "were slower than measured")
 
 
 def _count_outcome(loop: LoopState, outcome: str, record: dict, log) -> None:
@@ -356,7 +416,7 @@ def _periodic(run: _Run, loop: LoopState, outcome: str) -> bool:
     config, step = run.config, loop.step
     if outcome == "overflow":
         return False
-    final = step == config.max_steps
+    final = step == config.max_steps or loop.out_of_time
     if step % config.eval_every == 0 or final:
         is_best = run.evaluate(loop)
         if step % config.checkpoint_every == 0 or final or is_best:
@@ -369,6 +429,7 @@ def _periodic(run: _Run, loop: LoopState, outcome: str) -> bool:
 
 
 def _finish(loop: LoopState, run: _Run, tok_rate, log) -> dict:
+    run.poll_saves(wait=True)  # the last checkpoint is committed before the run says it is done
     run_dir = run.run_dir
     if loop.stop_signal is not None:
         log(f"Stopped by {signal.Signals(loop.stop_signal).name} at step {loop.step}; checkpoint saved in "
@@ -376,6 +437,8 @@ def _finish(loop: LoopState, run: _Run, tok_rate, log) -> dict:
     metrics = {"step": loop.step, "skipped_steps": loop.skipped, "overflow_steps": loop.overflows,
                "elapsed": loop.elapsed,
                "stopped_by_signal": loop.stop_signal is not None, "stop_signal": loop.stop_signal,
+               "stopped_by_budget": loop.out_of_time,
+               **({"plan": run.planner.plan} if run.planner is not None else {}),
                "train_tokens_per_sec": tok_rate or 0.0, "best_val_loss": loop.best_val, **loop.last_eval}
     if run.ctx.is_main:
         if run.logger.records:
