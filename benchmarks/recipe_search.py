@@ -11,9 +11,10 @@ optimizer share of the step (from metrics.jsonl), wall minutes. Results are appe
 OUT_ROOT/results.jsonl, one line per run, so a search can be run in pieces.
 
 The candidates below are the ones tried so far (docs/LOG.md has every result, negative ones too); add a
-line to CANDIDATES to try another. Until session 7 every candidate was one run, and they still are
-(`--ensemble 1`); `default` is now what `python train.py` does (two runs averaged: the summary's figures are
-the ensemble's, the optimizer share the members'), and the old `default` is `single`.
+line to CANDIDATES to try another. Every candidate of the search is one run of its fixed length (`--ensemble
+1`, 900 steps unless it says otherwise); `default` is what `python train.py` does now (since session 10: one
+model planned by the time budget; in sessions 7-9 two runs averaged, now `ensemble2`), and the recipe of
+session 5 is `single`.
 """
 
 from __future__ import annotations
@@ -103,12 +104,16 @@ SINGLE_RUNS = {
     # fit in the budget side by side, one core each
     "default-s700": ["--max-steps", "700"],
 }
-# Every candidate above was one model: it stays one (--ensemble 1), whatever the default now is.
-CANDIDATES = {name: [*flags, "--ensemble", "1"] for name, flags in SINGLE_RUNS.items()}
+# Every candidate above was one model of the recipe's 900 steps unless it says otherwise: it stays so
+# (--ensemble 1, --max-steps 900), whatever the default now is.
+CANDIDATES = {name: [*flags, "--ensemble", "1", *([] if "--max-steps" in flags else ["--max-steps", "900"])]
+              for name, flags in SINGLE_RUNS.items()}
 CANDIDATES.update({
-    # whatever `python train.py` picks on this machine now (the CPU recipe: an ensemble of two runs)
+    # whatever `python train.py` picks on this machine now: one model, its size and length planned from the
+    # data and the 10-minute budget (training/budget.py, training/sizing.py; #28)
     "default": [],
-    # ensembles of shorter members (the budget holds two side by side)
+    # the CPU default of sessions 7-9: two runs of 800 steps averaged (--ensemble 2)
+    "ensemble2": ["--ensemble", "2"],
     "ensemble-s800": ["--ensemble", "2", "--max-steps", "800"],
 })
 

@@ -15,7 +15,7 @@ from helpers import ROOT, _kill_group, cli_env, run_cli
 
 from blueberry.configs import AdaptiveMoEModelConfig
 from blueberry.configs.fields import parse_duration
-from blueberry.training import budget, sizing
+from blueberry.training import size_plan, sizing
 from blueberry.training.distributed import DistContext
 
 
@@ -74,8 +74,8 @@ SHAKESPEARE_TRAIN_TOKENS = 1_425_632  # the default corpus's 34 training plays i
 
 def _plan(config, unique_tokens):
     lines = []
-    plan = budget.plan_size(config, unique_tokens, DistContext(), __import__("torch").device("cpu"), time.time(),
-                            lines.append)
+    plan = size_plan.plan_size(config, unique_tokens, DistContext(), __import__("torch").device("cpu"), time.time(),
+                               600.0, lines.append)
     return plan, lines
 
 
@@ -108,22 +108,41 @@ def test_on_the_default_corpus_the_gpu_default_becomes_a_dense_model_sized_for_i
 
 def test_on_a_large_store_the_compute_sizes_the_gpu_default(monkeypatch):
     config = _gpu_default_shape()
-    monkeypatch.setattr(budget, "measure_flops", lambda config, device: 2e14)  # an H200-class measured speed
+    monkeypatch.setattr(size_plan, "measure_flops", lambda config, device: 2e14)  # an H200-class measured speed
     plan, lines = _plan(config, 10 ** 10)
     assert config.model_type == "moe" and plan["flops_per_s"] == 2e14
     assert "compute-optimal" in lines[0]
-    family = budget.candidates(config, [config.n_layers, config.n_layers + 1])
-    seconds = budget.TRAINING_SHARE * 600
+    family = size_plan.candidates(config, [config.n_layers, config.n_layers + 1])
+    seconds = plan["compute_seconds"]
+    assert 0.8 * size_plan.TRAINING_SHARE * 600 < seconds <= size_plan.TRAINING_SHARE * 600
     assert family[0].flops_per_token * 20 * family[0].params <= 2e14 * seconds  # this size fits the compute
     assert family[1].flops_per_token * 20 * family[1].params > 2e14 * seconds  # the next does not
 
 
 def test_given_fields_are_never_changed():
     config = AdaptiveMoEModelConfig(device="cpu", d_model=128, n_layers=2, n_heads=2, max_steps=50)
-    assert config.time_budget is None  # given steps are steps
-    config = AdaptiveMoEModelConfig(device="cpu", d_model=512, n_layers=8, n_heads=8, time_budget="1m")
+    assert config.time_budget is None and config.max_steps == 50  # given steps are steps, no budget
+    config = AdaptiveMoEModelConfig(device="cpu", d_model=512, n_layers=8, n_heads=8, time_budget="1m",
+                                    eval_every=7, warmup_steps=20)
     _plan(config, SHAKESPEARE_TRAIN_TOKENS)
-    assert (config.d_model, config.n_layers, config.model_type) == (512, 8, "standard")
+    assert (config.d_model, config.n_layers, config.n_heads) == (512, 8, 8)
+    assert (config.eval_every, config.warmup_steps) == (7, 20)
+    config = AdaptiveMoEModelConfig(device="cpu", n_kv_heads=2)  # one model field given: the size is not auto
+    _plan(config, SHAKESPEARE_TRAIN_TOKENS)
+    assert (config.d_model, config.n_kv_heads) == (256, 2)
+    assert not size_plan.size_is_auto(AdaptiveMoEModelConfig(device="cpu", init_from="some/run"))
+
+
+def test_the_schedule_follows_the_settled_length_at_once():
+    from blueberry.optimizers.schedules import LRSchedule
+
+    param = __import__("torch").nn.Parameter(__import__("torch").zeros(1))
+    opt = __import__("torch").optim.SGD([param], lr=1.0)
+    schedule = LRSchedule(opt, "wsd", max_steps=1000, warmup=9, min_ratio=0.1)
+    for _ in range(9):
+        schedule.step()
+    schedule.set_max_steps(10)  # the plan: 10 steps, so step 9 is the last one, at the final learning rate
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
 
 
 def _train(args: list, timeout: float) -> tuple[subprocess.CompletedProcess, float]:

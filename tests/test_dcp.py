@@ -149,7 +149,7 @@ def _save(cfg, model, optimizers, step: int):
 
 def test_a_sharded_checkpoint_round_trips_and_commits_atomically(tiny, monkeypatch):
     from blueberry.training import sharded_checkpoint
-    from blueberry.training.sharded_checkpoint import load_sharded_optimizers
+    from blueberry.training.dcp_reader import load_sharded_optimizers
 
     cfg = tiny(model_type="standard")
     model, optimizers = _trained(cfg)

@@ -65,7 +65,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     """The console script, `python train.py` and `python -m blueberry`: `main`, then leave the process
-    (a torchrun rank leaves without interpreter finalization, see `training.distributed.exit_process`)."""
+    (a torchrun rank leaves without interpreter finalization, see `training.distributed.exit_process`).
+    A time budget counts from this process's start (`training.budget`)."""
+    from ..training.budget import start_command_clock
+
+    start_command_clock()
     code = main()
     from ..training.distributed import exit_process
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from ..configs import AdaptiveMoEModelConfig, get_config, load_config_file
-from ..configs.fields import parse_duration
 from ..errors import ConfigError
 
 
@@ -30,9 +29,6 @@ def config_from_args(args) -> AdaptiveMoEModelConfig:
 
 
 def train_command(args) -> int:
-    from ..training.budget import start_command_clock
-
-    start_command_clock()
     if args.resume_from:
         return _resume(args)
     config = config_from_args(args)
@@ -60,8 +56,9 @@ def train_command(args) -> int:
     if len(lrs) > 1:
         from ..training.sweep import run_lr_sweep
 
-        if config.time_budget and "max_steps" in config.auto_fields:  # the runs share the command's budget
-            config = config.replace(time_budget=f"{parse_duration(config.time_budget) / len(lrs):.0f}s")
+        if config.time_budget and "max_steps" in config.auto_fields:
+            raise ConfigError("max_steps", "an LR sweep compares learning rates at one length: give --max-steps "
+                              "(a time budget would plan each run's length and size apart)")
 
         from ..evaluation.run_tasks import task_scorer_factory
 

@@ -43,7 +43,7 @@ def parse_duration(text) -> float:
         if not spec or parts is None:
             raise ValueError(f"{text!r} is not a duration: write it as 45s, 10m, 2h or 1h30m") from None
         seconds = sum(float(v) * unit for v, unit in zip(parts.groups(), (3600, 60, 1)) if v)
-    if not seconds > 0 or seconds != seconds or seconds == float("inf"):
+    if not 0 < seconds < float("inf"):  # NaN fails both
         raise ValueError(f"{text!r}: a time budget must be a positive duration (45s, 10m, 2h)")
     return seconds
 

@@ -9,7 +9,16 @@ import torch.nn.functional as F
 
 from ..ops import linear
 
-RMSNorm = nn.RMSNorm  # PyTorch's own (fused where available)
+class RMSNorm(nn.RMSNorm):
+    """PyTorch's RMSNorm, its weight in the input's dtype: under autocast a norm's input is the bf16/fp16
+    output of a matmul, and a float32 weight beside it would leave the fused kernel for the composite one
+    (PyTorch's "Mismatch dtype between input and weight" warning). The weight itself stays float32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if weight is not None and weight.dtype != x.dtype:
+            weight = weight.to(x.dtype)
+        return F.rms_norm(x, self.normalized_shape, weight, self.eps)
 
 
 class AdaptiveLinear(nn.Linear):

@@ -61,6 +61,11 @@ class LRSchedule:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * f
 
+    def set_max_steps(self, max_steps: int) -> None:
+        """A run's length settled after it started (a time budget's plan): the next lr follows it."""
+        self.max_steps = max_steps
+        self._apply()
+
     def step(self) -> None:
         """Call once after each optimizer step: sets the lr for the next one."""
         self.step_count += 1

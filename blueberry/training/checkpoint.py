@@ -9,8 +9,9 @@ It is written to a temporary directory, fsynced and renamed into place; only the
 naming a complete checkpoint. `best` is a copy of the checkpoint with the lowest validation loss.
 
 FSDP2 runs write sharded checkpoints instead, `step_000123.dcp/` (sharded_checkpoint.py: every rank its
-own shards, readable at any world size), committed by the same rename-then-pointer steps
-(`commit_checkpoint`). Every reader here (`resolve_checkpoint`, `read_state`, `load_weights`) takes both.
+own shards; dcp_reader.py reads them in any process, at any world size), committed by the same
+rename-then-pointer steps (`commit_checkpoint`). Every reader here (`resolve_checkpoint`, `read_state`,
+`load_weights`) takes both.
 """
 
 from __future__ import annotations
@@ -191,9 +192,7 @@ def load_weights(checkpoint: Path, model: torch.nn.Module) -> None:
     """Load model.safetensors (or a sharded checkpoint's weights) into `model`; a mismatch lists the tensors
     that differ."""
     if is_sharded_checkpoint(checkpoint):
-        from .sharded_checkpoint import load_sharded_weights
-
-        return load_sharded_weights(checkpoint, model)
+        return _load_sharded_weights(checkpoint, model)
     path = checkpoint / WEIGHTS
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -201,24 +200,38 @@ def load_weights(checkpoint: Path, model: torch.nn.Module) -> None:
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is damaged or truncated ({exc})") from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    problems = architecture_refusal(shapes, expected)
+    problems = _shape_problems(shapes, expected)
     if not problems:
         try:
             missing, unexpected = load_model(model, str(path), strict=False)
         except (SafetensorError, RuntimeError, OSError) as exc:
             raise CheckpointError(f"{path} is damaged or truncated ({str(exc).splitlines()[0]})") from None
         problems += [f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected]
+    _refuse_architecture(path, problems)
+
+
+def _load_sharded_weights(checkpoint: Path, model: torch.nn.Module) -> None:
+    from .dcp_reader import load_sharded_weights, saved_shapes, tied_names
+
+    shapes = {k[len("model."):]: s for k, s in saved_shapes(checkpoint).items() if k.startswith("model.")}
+    tied = tied_names(model)  # stored once, under the name they are tied to
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied}
+    _refuse_architecture(checkpoint, _shape_problems(shapes, expected) + [f"missing {k}" for k in expected
+                                                                          if k not in shapes])
+    load_sharded_weights(checkpoint, model)
+
+
+def _shape_problems(shapes: dict, expected: dict) -> list[str]:
+    problems = [f"{k}: checkpoint {s} vs model {expected[k]}" for k, s in shapes.items()
+                if k in expected and s != expected[k]]
+    return problems + [f"unexpected {k} {s}" for k, s in shapes.items() if k not in expected]
+
+
+def _refuse_architecture(path: Path, problems: list[str]) -> None:
     if problems:
         raise CheckpointError(f"{path} was saved from a different architecture: {'; '.join(problems[:12])}"
                               f"{' ...' if len(problems) > 12 else ''}. "
                               "Use the same model settings as the run that wrote it")
-
-
-def architecture_refusal(shapes: dict, expected: dict) -> list[str]:
-    """What differs between a checkpoint's tensor shapes and a model's (no "missing": safetensors says those)."""
-    problems = [f"{k}: checkpoint {s} vs model {expected[k]}" for k, s in shapes.items()
-                if k in expected and s != expected[k]]
-    return problems + [f"unexpected {k} {s}" for k, s in shapes.items() if k not in expected]
 
 
 def check_optimizer_layout(optimizers: list, states: list[dict]) -> None:

@@ -93,7 +93,8 @@ def check_member(run: str | Path) -> Member:
         summary = json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
         summary = None
-    if not isinstance(summary, dict) or summary.get("stopped_by_signal") or summary.get("step") != config.max_steps:
+    ended = isinstance(summary, dict) and (summary.get("step") == config.max_steps or summary.get("stopped_by_budget"))
+    if not ended or summary.get("stopped_by_signal"):
         step = summary.get("step") if isinstance(summary, dict) else None
         raise UsageError(f"{run} is not a finished run (step {step} of {config.max_steps}); finish it with "
                          f"--resume-from {run} first")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -30,17 +31,29 @@ def _least_fitting(model, config, world_size: int, memory_bytes: float) -> tuple
     return mode, estimate(model, config, world_size, mode)
 
 
+@dataclass
+class _DryRunRanks:
+    """The process group a dry run describes, without one: rank 0's figures are everyone's."""
+    world_size: int
+    rank: int = 0
+    is_main: bool = True
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        return list(values)
+
+
 def _plan_by_budget(config, world_size: int) -> list[str]:
     """A run with a time budget: its data is read (prepared on first use, as the run would) and its size
-    chosen as the run would choose it; the steps are settled by the run's probe."""
-    from .budget import PROBE_STEPS, budget_seconds, plan_size
-    from .distributed import DistContext
+    chosen as the run would choose it (where the compute decides, by timing a step here); the steps are
+    settled by the run's probe."""
+    from .budget import budget_seconds
     from .run import build_data, resolve_device
+    from .size_plan import PROBE_STEPS, plan_size
 
     notes: list[str] = []
     _, corpus, _, _ = build_data(config, log=lambda *a, **k: None)
-    plan = plan_size(config, corpus.n_train, DistContext(world_size=world_size), resolve_device(config),
-                     time.time(), notes.append)
+    plan = plan_size(config, corpus.n_train, _DryRunRanks(world_size), resolve_device(config), time.time(),
+                     budget_seconds(config), notes.append)
     return [f"  budget        {budget_seconds(config):.0f} s for the whole command; the steps are set after a "
             f"{PROBE_STEPS + 1}-step probe to end within it, at most {plan['data_steps']:,} "
             f"({plan['data_steps'] * plan['tokens_per_step'] / max(1, plan['unique_tokens']):.2f} passes over "

@@ -21,13 +21,14 @@ from ..errors import CheckpointError, UsageError
 from ..models import create_model
 from ..system import set_cpu_threads
 from .activation_checkpointing import apply_activation_checkpointing
-from .budget import StepPlanner, plan_size, planning, run_started
+from .budget import StepPlanner, budget_seconds, planning, run_started
 from .checkpoint import clean_stale_temporaries, load_weights
 from .distributed import init_distributed, teardown, wrap_model
 from .float8 import apply_float8
 from .init_from import load_initial_weights
 from .memory import check_fits, choose_checkpointing
 from .run_dir import default_run_dir, prepare_run_dir
+from .size_plan import plan_size
 from .test_split import score_test_split
 from .trainer import train_model
 
@@ -127,8 +128,9 @@ def train_in_group(config, ctx, resume_state, resume_checkpoint, log, task_score
         prepare_run_dir(run_dir, resuming=resume_state is not None and here)
         clean_stale_temporaries(run_dir)
     torch.manual_seed(config.seed)
-    started = run_started() if resume_state is None and planning(config) else None
-    tokenizer, corpus, model, train_loader, val_loader, plan = _build_on_every_rank(config, ctx, say, started, device)
+    started, plan = budget_clock(config, resume_state)
+    tokenizer, corpus, model, train_loader, val_loader, plan = _build_on_every_rank(config, ctx, say, plan, started,
+                                                                                     device)
     if resume_state is not None:
         check_resumable(resume_state, resume_checkpoint, tokenizer, ctx, config)
         _say_repartition(resume_state, config, ctx, say)
@@ -174,21 +176,35 @@ def train_in_group(config, ctx, resume_state, resume_checkpoint, log, task_score
     return model, metrics
 
 
-def _build_on_every_rank(config, ctx, say, planner_start: float | None, device):
-    """Rank 0 builds (and caches) the data first; the other ranks then read the cache. A run that plans its
-    length from a time budget (`planner_start`: when its command started) chooses its size before the model
-    is built (training.budget). Returns (tokenizer, corpus, model, train loader, val loader, plan or None)."""
+def budget_clock(config, resume_state: dict | None) -> tuple[float | None, dict | None]:
+    """(when the budget began, the plan so far) of a run a time budget governs, else (None, None). A new run
+    plans from scratch ({}), or is only limited by the budget (its --max-steps given); a run stopped during
+    its probe continues it; a resumed run whose plan is settled keeps it, with no clock (the budget was its
+    first command's)."""
+    budget = budget_seconds(config)
+    if budget is None:
+        return None, None
+    if resume_state is None:
+        return run_started(), ({} if planning(config) else {"time_budget_s": budget, "fixed_length": True})
+    if planning(config) and resume_state.get("plan"):
+        return time.time() - resume_state.get("elapsed", 0.0), dict(resume_state["plan"])
+    return None, None
+
+
+def _build_on_every_rank(config, ctx, say, plan: dict | None, started: float | None, device):
+    """Rank 0 builds (and caches) the data first; the other ranks then read the cache. A new plan ({}) chooses
+    the size and the provisional length before the model is built (training.size_plan). Returns (tokenizer,
+    corpus, model, train loader, val loader, plan)."""
     if ctx.is_main:
         data = build_data(config, say, ctx.rank, ctx.world_size)
     ctx.barrier()
     if not ctx.is_main:
         data = build_data(config, lambda *a, **k: None, ctx.rank, ctx.world_size)
     tokenizer, corpus, train_loader, val_loader = data
-    plan = None
-    if planner_start is not None:
-        plan = plan_size(config, corpus.n_train, ctx, device, planner_start, say)
-        if config.test_fraction > 0:
-            plan["test_tokens"] = int(corpus.n_val * config.test_fraction / config.val_fraction)
+    if plan == {}:
+        plan = plan_size(config, corpus.n_train, ctx, device, started, budget_seconds(config), say)
+    if plan is not None and config.test_fraction > 0:
+        plan["test_tokens"] = int(corpus.n_val * config.test_fraction / config.val_fraction)
     return tokenizer, corpus, create_model(config), train_loader, val_loader, plan
 
 

@@ -220,12 +220,13 @@ class _Run:
     def settle_plan(self, loop: LoopState, bar) -> None:
         """The probe is over: measure what the rest of the run costs, settle the length on rank 0's figures
         (every rank the same), record the plan in config.json and a checkpoint."""
-        costs = measure_costs(self)
+        mine = measure_costs(self)
+        costs = dict(zip(mine, self.ctx.all_reduce_sum([v if self.ctx.is_main else 0.0 for v in mine.values()])))
         steps = self.planner.settle(costs)
         agreed = int(self.ctx.all_reduce_sum([float(steps) if self.ctx.is_main else 0.0])[0])
-        if agreed != steps:
+        if agreed != steps:  # another rank's clock: rank 0's length is everyone's
             self.planner.settle(costs, steps=agreed)
-        self.scheduler.max_steps = self.config.max_steps
+        self.scheduler.set_max_steps(self.config.max_steps)
         if bar is not None:
             bar.total = self.config.max_steps
             bar.refresh()
@@ -238,7 +239,7 @@ class _Run:
         """Continue from `state` (read from `checkpoint`), at this run's world size whatever the writer's."""
         check_optimizer_layout(self.optimizers, state["optimizers"])
         if checkpoint is not None and is_sharded_checkpoint(checkpoint):
-            from .sharded_checkpoint import load_sharded_optimizers
+            from .dcp_reader import load_sharded_optimizers
 
             load_sharded_optimizers(checkpoint, self.core, self.optimizers, state["optimizers"])
         elif self.sharded or not all(keyed_by_index(sd) for sd in state["optimizers"]):
@@ -263,7 +264,8 @@ class _Run:
                  "rng": rng_state(), "config": self.config.to_dict(),
                  "tokenizer": getattr(self.tokenizer, "identity", None), "best_val": loop.best_val,
                  "skipped_steps": loop.skipped, "overflow_steps": loop.overflows, "elapsed": loop.elapsed,
-                 "world_size": self.ctx.world_size, "parallel": self.config.parallel}
+                 "world_size": self.ctx.world_size, "parallel": self.config.parallel,
+                 "plan": self.planner.plan if self.planner is not None else None}
         if self.sharded:  # FSDP2: every rank writes its own shards, rank 0 commits
             return self.saver.save(loop.step, self.core, self.optimizers, state, self.config.keep_checkpoints,
                                    best=is_best)
@@ -395,10 +397,15 @@ def _follow_the_plan(run: _Run, loop: LoopState, step_time: float, bar, log) -> 
         return
     if planner.observe(loop.step, step_time):
         run.settle_plan(loop, bar)
-    elif planner.out_of_time() and loop.step < config.max_steps:
+    elif loop.step < config.max_steps and _any_rank(run.ctx, planner.out_of_time()):
         loop.out_of_time = True
         log(f"The time budget ends the run at step {loop.step} of {config.max_steps}: the steps or the scoring "
             "were slower than measured")
+
+
+def _any_rank(ctx: DistContext, flag: bool) -> bool:
+    """Whether any rank raises `flag` (every rank learns the same answer)."""
+    return ctx.all_reduce_sum([float(flag)])[0] > 0 if ctx.enabled else flag
 
 
 def _count_outcome(loop: LoopState, outcome: str, record: dict, log) -> None:
