@@ -19,8 +19,9 @@ setup: $(STAMP)
 train: $(STAMP)
 	$(PY) train.py $(ARGS)
 
+# (the 25 slowest tests are listed at the end: the suite's time budget is watched there)
 test: $(STAMP)
-	$(PY) -m pytest tests $(ARGS)
+	$(PY) -m pytest tests --durations=25 $(ARGS)
 
 # the unit tests only (no process started, no end-to-end run): under 2 minutes, for every edit
 test-fast: $(STAMP)

@@ -183,19 +183,22 @@ def test_a_sharded_checkpoint_round_trips_and_commits_atomically(tiny, monkeypat
 
 
 class Evil:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
     def __reduce__(self):
-        return (os.system, ("echo pwned > /tmp/blueberry_dcp_pwned",))
+        return (os.system, (f"echo pwned > {self.marker}",))
 
 
-def test_a_sharded_checkpoint_whose_metadata_would_run_code_is_refused(tiny):
+def test_a_sharded_checkpoint_whose_metadata_would_run_code_is_refused(tiny, tmp_path):
     cfg = tiny(model_type="standard")
     model, optimizers = _trained(cfg, steps=1)
     ck = _save(cfg, model, optimizers, 1)
-    (ck / ".metadata").write_bytes(pickle.dumps({"evil": Evil()}))
-    Path("/tmp/blueberry_dcp_pwned").unlink(missing_ok=True)
+    marker = tmp_path / "pwned"
+    (ck / ".metadata").write_bytes(pickle.dumps({"evil": Evil(marker)}))
     with pytest.raises(CheckpointError, match="refused"):
         load_weights(ck, create_model(cfg))
-    assert not Path("/tmp/blueberry_dcp_pwned").exists()
+    assert not marker.exists()
 
 
 def test_a_sharded_checkpoint_of_another_architecture_lists_the_tensors(tiny):

@@ -112,9 +112,11 @@ def _resume_ensemble(args) -> int:
     from ..evaluation.run_tasks import task_scorer_factory
     from ..training.checkpoint import resolve_run
     from ..training.ensemble import run_ensemble
+    from ..training.ensemble_dir import refuse_to_resume_combined
     from .args import overrides_from
 
     run_dir = resolve_run(args.resume_from, run_dir=getattr(args, "out_dir", None))
+    refuse_to_resume_combined(run_dir)
     extra = [name for name in overrides_from(args) if name != "out_dir"]
     if extra:
         raise ConfigError(extra[0], "an ensemble resumes with its own settings: drop the "

@@ -56,10 +56,8 @@ def combine_runs(runs: list[str], out: str | Path, device: str | None = None, lo
     dev = resolve_device(scoring)
     models = [load_trained(m.checkpoint, str(dev))[0] for m in members]
     start = time.perf_counter()
-    ensemble, tokenizer, mixture, each = score_mixture(scoring, models, DistContext(), each=True)
-    if tokenizer.content_id != members[0].tokenizer.content_id:
-        raise UsageError(f"the data of {members[0].run_dir} ({scoring.dataset}, cache {scoring.cache_dir}) is now "
-                         "read with another tokenizer than the run's; restore its data cache (nothing was written)")
+    ensemble, tokenizer, mixture, each = score_mixture(scoring, models, DistContext(), each=True,
+                                                       expected_tokenizer=members[0].tokenizer.content_id)
     metrics = _summary(members, mixture, each, time.perf_counter() - start)
     with building_dir(out, "--out directory") as tmp:
         _write(tmp, out, members, metrics)

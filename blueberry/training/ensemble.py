@@ -27,7 +27,7 @@ from ..errors import BlueberryError, RunError, UsageError
 from ..models.ensemble import EnsembleLM
 from .checkpoint import POINTER, read_state, resolve_checkpoint
 from .distributed import init_distributed, teardown
-from .ensemble_dir import is_combined, member_dir, write_ensemble_file
+from .ensemble_dir import member_dir, refuse_to_resume_combined, write_ensemble_file
 from .evaluation import evaluate_model
 from .precision import choose_precision
 from .run_dir import check_new_run_dir, default_run_dir, prepare_run_dir
@@ -50,9 +50,8 @@ def run_ensemble(config, resuming: bool = False, log=print, task_scorer_factory=
     ensemble, its metrics), or (None, the stopped member's metrics) when a signal stopped a member."""
     run_dir = Path(config.out_dir) if config.out_dir else default_run_dir(config)
     config.derive(out_dir=str(run_dir))
-    if resuming and is_combined(run_dir):
-        raise UsageError(f"{run_dir} combines finished runs (blueberry ensemble): it has nothing to resume; "
-                         "resume a member's run directory instead")
+    if resuming:
+        refuse_to_resume_combined(run_dir)
     if not resuming:
         check_new_run_dir(run_dir)  # an ensemble, a single run or foreign files: exit 2, nothing written
     start = time.perf_counter()
@@ -237,14 +236,19 @@ def _score(config, members, ctx, start: float, log, task_scorer_factory) -> tupl
     return ensemble, metrics
 
 
-def score_mixture(config, models, ctx, each: bool = False) -> tuple[EnsembleLM, object, dict, list[dict]]:
+def score_mixture(config, models, ctx, each: bool = False,
+                  expected_tokenizer: str | None = None) -> tuple[EnsembleLM, object, dict, list[dict]]:
     """`models` as one `EnsembleLM`, scored on `config`'s validation windows (every rank its share), as an
     ensemble is at its end: (the ensemble, the data's tokenizer, the mixture's figures, and with `each` every
-    model's own figures on the same windows). Also `blueberry ensemble` (combine_runs)."""
+    model's own figures on the same windows). Also `blueberry ensemble` (combine_runs), which gives the
+    members' tokenizer (`expected_tokenizer`, a content id): data read with another is refused before scoring."""
     from .run import build_data
 
     ensemble = EnsembleLM(models).eval()
     tokenizer, corpus, _, val_loader = build_data(config, _quiet, ctx.rank, ctx.world_size)
+    if expected_tokenizer is not None and tokenizer.content_id != expected_tokenizer:
+        raise UsageError(f"the data of the first run ({config.dataset}, cache {config.cache_dir}) is now read with "
+                         "another tokenizer than the run's; restore its data cache (nothing was written to --out)")
     precision = choose_precision(config, config.capabilities())
 
     def score(model) -> dict:

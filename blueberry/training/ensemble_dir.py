@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, UsageError
 
 ENSEMBLE_FILE = "ensemble.json"
 FORMAT = 1
@@ -33,6 +33,13 @@ def write_ensemble_file(run_dir: Path, members: int) -> None:
     tmp = Path(run_dir) / (ENSEMBLE_FILE + ".tmp")
     tmp.write_text(json.dumps({"format": FORMAT, "members": members_list}, indent=2) + "\n")
     tmp.replace(Path(run_dir) / ENSEMBLE_FILE)
+
+
+def refuse_to_resume_combined(run_dir: str | Path) -> None:
+    """A `blueberry ensemble` directory has nothing of its own to train: a resume of it is refused."""
+    if is_combined(run_dir):
+        raise UsageError(f"{run_dir} combines finished runs (blueberry ensemble): it has nothing to resume; "
+                         "resume a member's run directory instead")
 
 
 def is_combined(run_dir: str | Path) -> bool:

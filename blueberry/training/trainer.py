@@ -12,6 +12,7 @@ end, and when any rank receives SIGINT/SIGTERM) a checkpoint is written atomical
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -106,8 +107,9 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate((3, tuple(state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available():  # a resume on fewer GPUs restores the ones it has
+        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
 
 
 def train_step(model, train_loader, optimizers, params, precision: Precision, config, ctx: DistContext,
@@ -206,6 +208,7 @@ class _Run:
         self.sharded = is_sharded(model)
         self.task_scorer = task_scorer
         self.planner = planner  # a time budget's StepPlanner (training.budget), or None
+        self.plan_unsaved = False
         self.saver = None
         if self.sharded:
             from .sharded_checkpoint import ShardedCheckpointer
@@ -233,7 +236,7 @@ class _Run:
         if self.ctx.is_main:
             save_config(self.config, self.run_dir / "config.json")
             self.logger.log("plan", loop.step, self.planner.plan)
-        self.checkpoint(loop)
+        self.plan_unsaved = True  # `_periodic` saves this step (once, whatever else is due at it)
 
     def resume(self, state: dict, loop: LoopState, log, checkpoint=None) -> None:
         """Continue from `state` (read from `checkpoint`), at this run's world size whatever the writer's."""
@@ -265,7 +268,7 @@ class _Run:
                  "tokenizer": getattr(self.tokenizer, "identity", None), "best_val": loop.best_val,
                  "skipped_steps": loop.skipped, "overflow_steps": loop.overflows, "elapsed": loop.elapsed,
                  "world_size": self.ctx.world_size, "parallel": self.config.parallel,
-                 "plan": self.planner.plan if self.planner is not None else None}
+                 "plan": copy.deepcopy(self.planner.plan) if self.planner is not None else None}
         if self.sharded:  # FSDP2: every rank writes its own shards, rank 0 commits
             return self.saver.save(loop.step, self.core, self.optimizers, state, self.config.keep_checkpoints,
                                    best=is_best)
@@ -419,7 +422,17 @@ def _count_outcome(loop: LoopState, outcome: str, record: dict, log) -> None:
 
 
 def _periodic(run: _Run, loop: LoopState, outcome: str) -> bool:
-    """Evaluate and checkpoint when due; True when a checkpoint of this step was written."""
+    """Evaluate and checkpoint when due; True when a checkpoint of this step was written. A plan settled at
+    this step is saved with it (once): a resume keeps the plan."""
+    saved = _evaluate_and_save_when_due(run, loop, outcome)
+    if run.plan_unsaved and not saved:
+        run.checkpoint(loop)
+        saved = True
+    run.plan_unsaved = False
+    return saved
+
+
+def _evaluate_and_save_when_due(run: _Run, loop: LoopState, outcome: str) -> bool:
     config, step = run.config, loop.step
     if outcome == "overflow":
         return False
