@@ -33,8 +33,9 @@ def size_is_auto(config) -> bool:
             and all(f in config.auto_fields for f in ("d_model", "n_layers", "n_heads", "n_kv_heads")))
 
 
-def candidates(config, depths) -> list[Candidate]:
-    """The family's sizes, built on the meta device (nothing allocated)."""
+def candidates(config, depths, past=None) -> list[Candidate]:
+    """The family's sizes, built on the meta device (nothing allocated). `past(candidate)`: the first size for
+    which it holds is the last built (sizes grow with depth: none beyond it can be chosen)."""
     from ..models import create_model
 
     out = []
@@ -44,6 +45,8 @@ def candidates(config, depths) -> list[Candidate]:
             model = create_model(shaped)
         rep = model.parameter_report()
         out.append(Candidate(depth, rep["total"] - rep["embedding"], model.flops_per_token(config.max_seq_len)))
+        if past is not None and past(out[-1]):
+            break
     return out
 
 
@@ -84,14 +87,18 @@ def _choose_depth(config, unique_tokens: int, ranks, device, started: float, bud
     is left to the run: an MoE's extra parameters memorise a small corpus; docs/LOG.md, #20), else the
     compute's choice (every rank takes rank 0's figures)."""
     auto_type = "model_type" in config.auto_fields
-    dense_family = candidates(config.replace(model_type="standard") if auto_type else config, range(1, MAX_DEPTH + 1))
+    most = MAX_EPOCHS * unique_tokens / MIN_TOKENS_PER_PARAM  # no size with more parameters can be chosen
+    dense_family = candidates(config.replace(model_type="standard") if auto_type else config, range(1, MAX_DEPTH + 1),
+                              past=lambda c: c.params > most)
     allowed = data_limited_depth(dense_family, unique_tokens)
     if allowed <= config.n_layers:
         return allowed, auto_type, (f"{unique_tokens:,} unique tokens: at most {MAX_EPOCHS:g} passes and about "
                                     f"{MIN_TOKENS_PER_PARAM:g} training token per parameter (training/sizing.py)")
     mine = [measure_flops(config, device) * ranks.world_size, TRAINING_SHARE * (budget - (time.time() - started))]
     flops, seconds = ranks.all_reduce_sum([v if ranks.is_main else 0.0 for v in mine])
-    choice = choose_size(candidates(config, range(1, MAX_DEPTH + 1)), flops * seconds, unique_tokens)
+    family = candidates(config, range(1, MAX_DEPTH + 1),
+                        past=lambda c: c.flops_per_token * tokens_for(c.params, unique_tokens) > flops * seconds)
+    choice = choose_size(family, flops * seconds, unique_tokens)
     plan.update(flops_per_s=flops, compute_seconds=seconds)
     return choice.depth, False, f"{choice.regime}: {choice.why}; {flops:.3g} FLOP/s measured"
 
