@@ -145,6 +145,44 @@ def test_the_schedule_follows_the_settled_length_at_once():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
 
 
+def _simulate(monkeypatch, probe_step: float, step: float, eval_s: float, revise: bool) -> tuple[float, int, bool]:
+    """A planned 100 s run on a simulated clock whose steps and evaluations after the probe take other times
+    than the probe measured. Returns (when the run ended, its last step, whether the guard stopped it)."""
+    from blueberry.training import budget
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(budget.time, "time", lambda: clock["t"])
+    config = AdaptiveMoEModelConfig(device="cpu", time_budget="100s")
+    plan = {"time_budget_s": 100.0, "data_steps": 10 ** 6, "tokens_per_step": 1024, "unique_tokens": 10 ** 9}
+    planner = budget.StepPlanner(config, plan, 0.0, lambda *a: None)
+    costs = {"eval": 1.0, "final": 5.0, "save": 0.2}
+    done = 0
+    while done < config.max_steps:
+        done += 1
+        seconds = probe_step if not planner.settled else step
+        clock["t"] += seconds
+        if planner.observe(done, seconds):
+            planner.settle(costs)
+        elif planner.out_of_time():
+            return clock["t"] + eval_s + costs["final"] + 0.4, done, True
+        if planner.settled and done % config.eval_every == 0 and done < config.max_steps:
+            clock["t"] += eval_s + 0.2  # an evaluation, and the checkpoint of a best loss
+            planner.record("eval", eval_s)
+            planner.record("save", 0.2)
+            if revise and planner.revisable(done) and planner.refit(done) != config.max_steps:
+                planner.revise(done, planner.refit(done))
+    return clock["t"] + eval_s + costs["final"] + 0.4, done, False
+
+
+@pytest.mark.parametrize("step, eval_s", [(0.13, 1.5), (0.08, 0.7), (0.10, 3.0)])
+def test_revisions_end_the_run_on_its_budget_when_the_probe_misjudged_it(monkeypatch, step, eval_s):
+    ended, steps, guarded = _simulate(monkeypatch, 0.10, step, eval_s, revise=True)
+    assert not guarded and 97 <= ended <= 100.5, (ended, steps)
+    unrevised, _, cut_short = _simulate(monkeypatch, 0.10, step, eval_s, revise=False)
+    # without them: the guard cuts the schedule short, or the run ends early or late
+    assert cut_short or not 97 <= unrevised <= 100.5, unrevised
+
+
 def _train(args: list, timeout: float) -> tuple[subprocess.CompletedProcess, float]:
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "train.py", *map(str, args)], stdout=subprocess.PIPE,

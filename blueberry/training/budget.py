@@ -8,8 +8,11 @@ settle` then measures what the rest costs — a validation batch, the samples, t
 — and sets the number of steps that fit what is left, never more than the data allows. The schedule's decay
 follows that length exactly (the warm-up was fixed before the probe and is at least as long). The plan is
 written to config.json and a checkpoint at once: a resumed run keeps it (a run stopped during its probe
-continues the probe). With --max-steps the budget is a limit only. Either way `out_of_time` guards the
-end: the loop stops early (every rank together, and says so) if steps or scoring were slower than measured.
+continues the probe). The probe's few steps misjudge the pace either way on a busy machine, so each periodic
+evaluation before the run's last fifth refits the length (`refit`, `revise`) to the steps, evaluations and
+checkpoints timed since, saved with that step's checkpoint. With --max-steps the budget is a limit only.
+Either way `out_of_time` guards the end: the loop stops early (every rank together, and says so) if steps or
+scoring were slower than measured.
 """
 
 from __future__ import annotations
@@ -74,6 +77,8 @@ class StepPlanner:
         self.steps_seen = 0
         self.final_cost = 0.0
         self.settled = False
+        self.eval_times: list[float] = []  # periodic evaluations after the plan, for its revisions
+        self.save_times: list[float] = []
 
     def elapsed(self) -> float:
         return time.time() - self.started
@@ -138,6 +143,51 @@ class StepPlanner:
         saves = 1 + evals + max(1, steps // every["checkpoint_every"])  # the plan's own checkpoint first
         return evals * costs["eval"] + costs["final"] + saves * costs["save"]
 
+    def record(self, kind: str, seconds: float) -> None:
+        """After the plan: one periodic evaluation's ("eval") or checkpoint's ("save") measured seconds."""
+        if self.settled:
+            (self.eval_times if kind == "eval" else self.save_times).append(seconds)
+
+    def revisable(self, step: int) -> bool:
+        """Whether a periodic evaluation at `step` may refit the length (a planned one, before its last fifth)."""
+        return self.settled and not self.fixed_length and step < REVISE_UNTIL * self.config.max_steps
+
+    def refit(self, step: int) -> int:
+        """The length that fits what is left of the budget, by the step, evaluation and checkpoint times
+        measured since the plan (the probe's few steps and one-off measurements drift either way); the
+        current length when the change would be under REVISE_MIN."""
+        config, costs = self.config, self._measured_costs()
+        pace = statistics.median(self.step_times[-REVISE_WINDOW:])
+        final = costs["eval"] + costs["final"] + 2 * costs["save"]  # measured now: no periodic one's slack
+        left, fitted = REVISE_AIM * self.budget - self.elapsed(), config.max_steps
+        for _ in range(4):
+            evals = (fitted - 1) // config.eval_every - step // config.eval_every
+            saves = evals + (fitted - 1) // config.checkpoint_every - step // config.checkpoint_every
+            fitted = step + 1 + max(0, int((left - final - evals * costs["eval"] - saves * costs["save"]) / pace))
+        fitted = min(fitted, self.plan["data_steps"])
+        if abs(fitted - config.max_steps) < max(2, REVISE_MIN * config.max_steps):
+            return config.max_steps
+        return fitted
+
+    def _measured_costs(self) -> dict:
+        """The plan's costs, with the evaluations' and checkpoints' seconds measured since where there are some."""
+        costs = dict(self.plan["costs"])
+        for name, times in (("eval", self.eval_times), ("save", self.save_times)):
+            costs[name] = statistics.mean(times) if times else costs[name]
+        return costs
+
+    def revise(self, step: int, steps: int) -> None:
+        """Apply a refitted length (rank 0's, on every rank) and record it in the plan."""
+        previous = self.config.max_steps
+        self.config.derive(max_steps=steps)
+        costs = self._measured_costs()
+        self.final_cost = costs["eval"] + costs["final"] + 2 * costs["save"]
+        self.plan.setdefault("revisions", []).append({"at_step": step, "from": previous, "to": steps,
+                                                      "step_time_s": statistics.median(self.step_times[-REVISE_WINDOW:])})
+        self.plan.update(max_steps=steps, epochs=steps * self.plan["tokens_per_step"] / max(1, self.plan["unique_tokens"]),
+                         limited_by="data" if steps == self.plan["data_steps"] else "time")
+        self.log(f"Plan revised at step {step}: {previous:,} -> {steps:,} steps, by the times measured since the plan")
+
     def out_of_time(self) -> bool:
         """After the plan: whether one more step would leave too little for the final scoring."""
         if not self.settled:
@@ -176,6 +226,11 @@ def measure_costs(run) -> dict:
     return {"eval": batches * per_batch + samples + periodic_tasks, "final": tasks - periodic_tasks + test,
             "save": save}
 
+
+# Revisions: at the periodic evaluations before the last fifth of the run, by the median of the last
+# REVISE_WINDOW steps, when the length would move by at least REVISE_MIN of itself; they aim at REVISE_AIM of
+# the budget (the rest: the spread of the steps still to come).
+REVISE_UNTIL, REVISE_WINDOW, REVISE_MIN, REVISE_AIM = 0.8, 100, 0.02, 0.99
 
 # A conservative write speed of a checkpoint to local disk, for the plan's estimate of a save.
 SAVE_BYTES_PER_S = 200e6

@@ -238,6 +238,25 @@ class _Run:
             self.logger.log("plan", loop.step, self.planner.plan)
         self.plan_unsaved = True  # `_periodic` saves this step (once, whatever else is due at it)
 
+    def revise_plan(self, loop: LoopState, bar) -> None:
+        """At a periodic evaluation of a planned run: refit the length to the times measured since the plan
+        (rank 0's figures, every rank the same); a changed plan is saved with this step."""
+        if self.planner is None or not self.planner.revisable(loop.step):
+            return
+        mine = self.planner.refit(loop.step) if self.ctx.is_main else 0
+        steps = int(self.ctx.all_reduce_sum([float(mine)])[0])
+        if steps == self.config.max_steps:
+            return
+        self.planner.revise(loop.step, steps)
+        self.scheduler.set_max_steps(steps)
+        if bar is not None:
+            bar.total = steps
+            bar.refresh()
+        if self.ctx.is_main:
+            save_config(self.config, self.run_dir / "config.json")
+            self.logger.log("plan", loop.step, self.planner.plan)
+        self.plan_unsaved = True
+
     def resume(self, state: dict, loop: LoopState, log, checkpoint=None) -> None:
         """Continue from `state` (read from `checkpoint`), at this run's world size whatever the writer's."""
         check_optimizer_layout(self.optimizers, state["optimizers"])
@@ -261,6 +280,14 @@ class _Run:
         log(f"Resumed at step {loop.step} (epoch {self.train_loader.epoch}, batch {self.train_loader.position})")
 
     def checkpoint(self, loop: LoopState, is_best: bool = False):
+        """Write this step's checkpoint (a time budget's plan counts the seconds it took)."""
+        started = time.perf_counter()
+        written = self._write_checkpoint(loop, is_best)
+        if self.planner is not None:
+            self.planner.record("save", time.perf_counter() - started)
+        return written
+
+    def _write_checkpoint(self, loop: LoopState, is_best: bool):
         scaler = self.precision.scaler
         state = {"scheduler": self.scheduler.state_dict(),
                  "scaler": scaler.state_dict() if scaler else None, "data": self.train_loader.state_dict(),
@@ -287,6 +314,7 @@ class _Run:
         """Score the validation set (every rank its share, totals summed); True when it is the best yet."""
         # forward-only passes run the plain model (a compiled one would recompile for eval mode);
         # under FSDP2 the plain model is the sharded one, so every rank still takes part
+        started = time.perf_counter()
         result = evaluate_model(self.core, self.val_loader, self.config, token_bytes=self.token_bytes,
                                 precision=self.precision, peak_flops=self.peak, ranks=self.ctx)
         final = loop.step == self.config.max_steps or loop.stop_signal is not None or loop.out_of_time
@@ -301,6 +329,8 @@ class _Run:
         if self.ctx.is_main:
             self.logger.log("eval", loop.step, result)
             plot_run(self.logger.records, self.run_dir)
+        if self.planner is not None and not final:
+            self.planner.record("eval", time.perf_counter() - started)
         return is_best
 
 
@@ -373,7 +403,7 @@ def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokeni
                 raise RunError(f"training stopped at step {loop.step}: {loop.consecutive_bad} consecutive steps had "
                                f"a non-finite loss or gradient. A checkpoint was saved in {run_dir}/checkpoints. "
                                "Lower --lr, keep --grad-clip on, or try --no-amp, then --resume-from latest")
-            saved = _periodic(run, loop, outcome)
+            saved = _periodic(run, loop, outcome, bar)
             run.poll_saves()
             if loop.stop_signal is not None or loop.out_of_time:
                 if not saved:
@@ -421,10 +451,10 @@ def _count_outcome(loop: LoopState, outcome: str, record: dict, log) -> None:
         f"step skipped ({loop.skipped} so far)")
 
 
-def _periodic(run: _Run, loop: LoopState, outcome: str) -> bool:
-    """Evaluate and checkpoint when due; True when a checkpoint of this step was written. A plan settled at
-    this step is saved with it (once): a resume keeps the plan."""
-    saved = _evaluate_and_save_when_due(run, loop, outcome)
+def _periodic(run: _Run, loop: LoopState, outcome: str, bar=None) -> bool:
+    """Evaluate and checkpoint when due; True when a checkpoint of this step was written. A plan settled or
+    revised at this step is saved with it (once): a resume keeps the plan."""
+    saved = _evaluate_and_save_when_due(run, loop, outcome, bar)
     if run.plan_unsaved and not saved:
         run.checkpoint(loop)
         saved = True
@@ -432,14 +462,16 @@ def _periodic(run: _Run, loop: LoopState, outcome: str) -> bool:
     return saved
 
 
-def _evaluate_and_save_when_due(run: _Run, loop: LoopState, outcome: str) -> bool:
+def _evaluate_and_save_when_due(run: _Run, loop: LoopState, outcome: str, bar=None) -> bool:
     config, step = run.config, loop.step
     if outcome == "overflow":
         return False
     final = step == config.max_steps or loop.out_of_time
     if step % config.eval_every == 0 or final:
         is_best = run.evaluate(loop)
-        if step % config.checkpoint_every == 0 or final or is_best:
+        if not final:
+            run.revise_plan(loop, bar)
+        if step % config.checkpoint_every == 0 or final or is_best or run.plan_unsaved:
             run.checkpoint(loop, is_best=is_best)
             return True
     elif step % config.checkpoint_every == 0:
