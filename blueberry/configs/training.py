@@ -36,6 +36,9 @@ class TrainingConfig:
                                    flag="fp8", auto_on_off=True)
     compile: bool | None = setting(None, "torch.compile the model (default: for runs of 150 steps or more)")
     parallel: str = setting("ddp", "engine under torchrun", choices=PARALLEL)
+    expert_parallel: int = setting(1, "under torchrun: each group of N ranks shares every MoE layer's experts (each "
+                                      "holds num_experts / N) and exchanges tokens with all-to-alls; the rest of the "
+                                      "model stays data-parallel (--parallel ddp)")
     activation_checkpointing: str = setting(
         "none", "recompute activations in the backward pass instead of keeping them: none, selective (keep the "
                 "matmul outputs, recompute the rest) or full (keep only each block's input) (default: none, or the "
@@ -54,7 +57,7 @@ class TrainingConfig:
 
     def validate(self) -> "TrainingConfig":
         check_positive(self, "batch_size", "grad_accum_steps", "max_steps", "eval_every", "eval_batches",
-                       "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps")
+                       "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps", "expert_parallel")
         check_positive(self, "ensemble", optional=True)  # None in a checkpoint older than the field: one run
         check_choices(self)
         try:

@@ -150,14 +150,18 @@ class MixtureOfExperts(nn.Module):
         counts, kept_counts, group_sizes, slot_token, slot_choice = self.dispatch(
             flat_expert, num_tokens, self.group_align or group_alignment(x.device, dtype))
         x_padded = torch.cat([x.to(dtype), x.new_zeros(1, d, dtype=dtype)])
-        h = self.expert_matmul(x_padded[slot_token], self.expert_weight("w_up", dtype), group_sizes,
-                               self.use_grouped_mm)
-        h = self._activation(h)
-        h = self.expert_matmul(h, self.expert_weight("w_down", dtype), group_sizes, self.use_grouped_mm)
+        h = self.run_experts(x_padded[slot_token], group_sizes, dtype)
         weights = torch.cat([top_w.reshape(-1), top_w.new_zeros(1)])[slot_choice]
         h = h * weights.unsqueeze(-1).to(h.dtype)
         out = torch.zeros(num_tokens + 1, d, device=x.device, dtype=h.dtype)
         return out.index_add_(0, slot_token, h)[:num_tokens], counts, kept_counts
+
+    def run_experts(self, rows: torch.Tensor, group_sizes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The experts' MLPs on `rows` grouped by expert (`group_sizes` rows each, in expert order); an
+        instance attribute of this name replaces it (training.expert_parallel runs them on other ranks)."""
+        h = self.expert_matmul(rows, self.expert_weight("w_up", dtype), group_sizes, self.use_grouped_mm)
+        h = self._activation(h)
+        return self.expert_matmul(h, self.expert_weight("w_down", dtype), group_sizes, self.use_grouped_mm)
 
     def _gathered(self, x, top_w, top_i):
         """out[t] = sum_k w[t,k] * expert_{i[t,k]}(x[t]), with the chosen experts' weights gathered."""

@@ -13,7 +13,8 @@ Distributed (`distributed=True` with an initialised process group): gradients ar
 every rank (DDP averaged them), so every rank keeps the same momentum; the expensive Newton-Schulz is
 split: rank r orthogonalises matrices r, r + world, ... and the results are all-gathered, so each
 rank applies every update and the weights stay identical.
-Under FSDP2 parameters, gradients and momenta are sharded DTensors: each momentum-updated matrix is
+Parameters marked `_rank_local` (expert parallelism's experts: each rank its own) are orthogonalised on
+their rank, without the split. Under FSDP2 parameters, gradients and momenta are sharded DTensors: each momentum-updated matrix is
 all-gathered whole (`full_tensor`), orthogonalised, and each rank keeps its own shard of the result.
 """
 
@@ -126,14 +127,21 @@ class Muon(torch.optim.Optimizer):
             if any(isinstance(p, DTensor) for p in params):
                 for p, upd in zip(params, updates):
                     self._apply(p, self._orthogonalised(upd, group), group)
-            elif use_dist:
-                self._distributed_apply(params, updates, group)
             else:
-                for indices in _by_shape(params).values():
-                    orthos = self._orthogonalised_together([updates[i] for i in indices], group)
-                    for i, ortho in zip(indices, orthos):
-                        self._apply(params[i], ortho, group)
+                # a rank's own parameters (expert parallelism's experts) are orthogonalised where they are
+                own = [i for i, p in enumerate(params) if use_dist and getattr(p, "_rank_local", False)]
+                if use_dist:
+                    shared = [i for i in range(len(params)) if i not in set(own)]
+                    self._distributed_apply([params[i] for i in shared], [updates[i] for i in shared], group)
+                self._local_apply([params[i] for i in own] if use_dist else params,
+                                  [updates[i] for i in own] if use_dist else updates, group)
         return loss
+
+    def _local_apply(self, params, updates, group) -> None:
+        for indices in _by_shape(params).values():
+            orthos = self._orthogonalised_together([updates[i] for i in indices], group)
+            for i, ortho in zip(indices, orthos):
+                self._apply(params[i], ortho, group)
 
     def _distributed_apply(self, params, updates, group) -> None:
         world, rank = dist.get_world_size(), dist.get_rank()

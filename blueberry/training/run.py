@@ -21,6 +21,7 @@ from ..errors import CheckpointError, UsageError
 from ..models import create_model
 from ..system import set_cpu_threads
 from .activation_checkpointing import apply_activation_checkpointing
+from .expert_parallel import apply_expert_parallel, check_expert_parallel, expert_parallel_of
 from .budget import StepPlanner, budget_seconds, planning, run_started
 from .checkpoint import clean_stale_temporaries, load_weights
 from .distributed import init_distributed, teardown, wrap_model
@@ -115,6 +116,7 @@ def device_type(config) -> str:
 def train_in_group(config, ctx, resume_state, resume_checkpoint, log, task_scorer_factory, progress: bool = True):
     """One run in the process group `ctx` (which the caller owns): train, summarise, score the test split."""
     say = log if ctx.is_main else (lambda *a, **k: None)
+    check_expert_parallel(config, ctx.world_size)
     device = resolve_device(config)
     if ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
@@ -163,6 +165,8 @@ def train_in_group(config, ctx, resume_state, resume_checkpoint, log, task_score
     finally:
         if hasattr(train_loader, "stop"):
             train_loader.stop()  # the read-ahead thread of a token-store loader
+    if expert_parallel_of(model) is not None:
+        expert_parallel_of(model).gather()  # every expert on every rank again: the test split, the summary
     del wrapped  # the DDP reducer must go before the process group (see distributed.teardown)
     if ctx.is_main:
         print_summary(metrics, run_dir, say)
@@ -269,9 +273,11 @@ def _settle_machine_choices(model, config, device, ctx, say) -> None:
 
 def _wrap(model, config, ctx):
     """Transforms applied from outside, in torchtitan's order: FP8 linears, activation checkpointing,
-    DDP/FSDP2 under torchrun, then torch.compile when asked."""
+    expert parallelism and DDP/FSDP2 under torchrun, then torch.compile when asked."""
     model = apply_float8(model, bool(config.use_fp8), fsdp=ctx.enabled and config.parallel == "fsdp")
     model = apply_activation_checkpointing(model, config.activation_checkpointing)
+    if ctx.enabled:
+        apply_expert_parallel(model, config.expert_parallel)
     precision_dtype = config.capabilities().autocast_dtype if config.use_amp else None
     model = wrap_model(model, ctx, config.parallel, precision_dtype)
     if config.compile:

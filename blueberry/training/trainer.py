@@ -12,6 +12,7 @@ end, and when any rank receives SIGINT/SIGTERM) a checkpoint is written atomical
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -31,6 +32,7 @@ from ..optimizers import get_lr_scheduler, setup_optimizers
 from ..configs import save_config
 from .budget import measure_costs
 from .checkpoint import check_optimizer_layout, is_sharded_checkpoint, save_checkpoint
+from .expert_parallel import expert_parallel_of
 from .distributed import DistContext, is_sharded, keyed_by_index, load_full_optimizer_states, no_sync, scalar, unwrap
 from .evaluation import evaluate_model
 from .metrics import MetricsLogger
@@ -152,7 +154,10 @@ def train_step(model, train_loader, optimizers, params, precision: Precision, co
     if precision.scaler is not None:
         for opt in optimizers:
             precision.scaler.unscale_(opt)
-    grad_norm = scalar(torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else math.inf))
+    max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
+    experts = expert_parallel_of(unwrap(model))
+    grad_norm = scalar(experts.sync_and_clip(params, max_norm) if experts is not None
+                       else torch.nn.utils.clip_grad_norm_(params, max_norm))
     if not math.isfinite(loss_sum):
         outcome = "nonfinite"
     elif math.isfinite(grad_norm):
@@ -208,12 +213,18 @@ class _Run:
         self.sharded = is_sharded(model)
         self.task_scorer = task_scorer
         self.planner = planner  # a time budget's StepPlanner (training.budget), or None
+        self.experts = expert_parallel_of(self.core)  # expert parallelism's handle, or None
         self.plan_unsaved = False
         self.saver = None
         if self.sharded:
             from .sharded_checkpoint import ShardedCheckpointer
 
             self.saver = ShardedCheckpointer(run_dir, ctx, asynchronous=bool(config.async_checkpoint))
+
+    def full_model(self):
+        """The whole model on every rank for the duration (expert parallelism gathers the experts: a
+        collective), for evaluations, samples and checkpoints."""
+        return self.experts.full_experts() if self.experts is not None else contextlib.nullcontext()
 
     def write_samples(self, step: int, write: bool) -> None:
         """Sample from the model's prompts (every rank when sharded: its forwards need them all)."""
@@ -223,7 +234,8 @@ class _Run:
     def settle_plan(self, loop: LoopState, bar) -> None:
         """The probe is over: measure what the rest of the run costs, settle the length on rank 0's figures
         (every rank the same), record the plan in config.json and a checkpoint."""
-        mine = measure_costs(self)
+        with self.full_model():
+            mine = measure_costs(self)
         costs = dict(zip(mine, self.ctx.all_reduce_sum([v if self.ctx.is_main else 0.0 for v in mine.values()])))
         steps = self.planner.settle(costs)
         agreed = int(self.ctx.all_reduce_sum([float(steps) if self.ctx.is_main else 0.0])[0])
@@ -267,7 +279,10 @@ class _Run:
         elif self.sharded or not all(keyed_by_index(sd) for sd in state["optimizers"]):
             load_full_optimizer_states(self.core, self.optimizers, state["optimizers"])
         else:
-            for opt, sd in zip(self.optimizers, state["optimizers"]):
+            states = state["optimizers"]
+            if self.experts is not None:
+                states = self.experts.slice_optimizer_states(self.optimizers, states)
+            for opt, sd in zip(self.optimizers, states):
                 opt.load_state_dict(sd)
         self.scheduler.load_state_dict(state["scheduler"])
         if self.precision.scaler is not None and state.get("scaler"):
@@ -282,7 +297,8 @@ class _Run:
     def checkpoint(self, loop: LoopState, is_best: bool = False):
         """Write this step's checkpoint (a time budget's plan counts the seconds it took)."""
         started = time.perf_counter()
-        written = self._write_checkpoint(loop, is_best)
+        with self.full_model():
+            written = self._write_checkpoint(loop, is_best)
         if self.planner is not None:
             self.planner.record("save", time.perf_counter() - started)
         return written
@@ -299,8 +315,11 @@ class _Run:
         if self.sharded:  # FSDP2: every rank writes its own shards, rank 0 commits
             return self.saver.save(loop.step, self.core, self.optimizers, state, self.config.keep_checkpoints,
                                    best=is_best)
+        # expert parallelism: every rank's experts' states (a collective), then rank 0 writes the whole
+        optimizer_states = (self.experts.full_optimizer_states(self.optimizers) if self.experts is not None
+                            else None)
         if self.ctx.is_main:
-            state["optimizers"] = [o.state_dict() for o in self.optimizers]
+            state["optimizers"] = optimizer_states or [o.state_dict() for o in self.optimizers]
             return save_checkpoint(self.run_dir, loop.step, self.core, state, keep=self.config.keep_checkpoints,
                                    best=is_best)
         return None
@@ -312,6 +331,10 @@ class _Run:
 
     def evaluate(self, loop: LoopState) -> bool:
         """Score the validation set (every rank its share, totals summed); True when it is the best yet."""
+        with self.full_model():
+            return self._evaluate(loop)
+
+    def _evaluate(self, loop: LoopState) -> bool:
         # forward-only passes run the plain model (a compiled one would recompile for eval mode);
         # under FSDP2 the plain model is the sharded one, so every rank still takes part
         started = time.perf_counter()
