@@ -177,10 +177,10 @@ def _simulate(monkeypatch, probe_step: float, step: float, eval_s: float, revise
 @pytest.mark.parametrize("step, eval_s", [(0.13, 1.5), (0.08, 0.7), (0.10, 3.0)])
 def test_revisions_end_the_run_on_its_budget_when_the_probe_misjudged_it(monkeypatch, step, eval_s):
     ended, steps, guarded = _simulate(monkeypatch, 0.10, step, eval_s, revise=True)
-    assert not guarded and 97 <= ended <= 100.5, (ended, steps)
+    assert not guarded and 95 <= ended <= 100.5, (ended, steps)
     unrevised, _, cut_short = _simulate(monkeypatch, 0.10, step, eval_s, revise=False)
     # without them: the guard cuts the schedule short, or the run ends early or late
-    assert cut_short or not 97 <= unrevised <= 100.5, unrevised
+    assert cut_short or not 95 <= unrevised <= 100.5, unrevised
 
 
 def _train(args: list, timeout: float) -> tuple[subprocess.CompletedProcess, float]:
@@ -194,6 +194,7 @@ def _train(args: list, timeout: float) -> tuple[subprocess.CompletedProcess, flo
     return subprocess.CompletedProcess(args, proc.returncode, out, err), time.perf_counter() - start
 
 
+@pytest.mark.serial
 def test_a_60_second_budget_holds_for_the_whole_command(tmp_path):
     # from an empty data cache: the tokenizer, the tokens, the probe, training, evaluations and task scoring
     run = tmp_path / "run"
@@ -210,6 +211,13 @@ def test_a_60_second_budget_holds_for_the_whole_command(tmp_path):
     assert abs(summary["wall_s"] - wall) < 5 and plan["time_budget_s"] == 60
     assert json.loads((run / "config.json").read_text())["max_steps"] == plan["max_steps"]
     assert "Plan:" in r.stdout
+    # the last checkpoint holds the plan as revised: its length, its schedule, its config
+    from blueberry.training.checkpoint import read_state, resolve_checkpoint
+
+    state = read_state(resolve_checkpoint(run))
+    assert state["plan"]["max_steps"] == state["scheduler"]["max_steps"] == state["config"]["max_steps"] \
+        == plan["max_steps"]
+    assert state["plan"].get("revisions", []) == plan.get("revisions", [])
 
 
 def test_a_run_killed_after_its_plan_resumes_with_the_same_plan(tmp_path):

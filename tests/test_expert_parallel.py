@@ -40,6 +40,8 @@ def test_expert_parallel_equals_one_process(corpus_dir, tmp_path, nproc, degree)
     assert ep.returncode == 0, ep.stderr[-3000:]
     a, b = losses(tmp_path / "one"), losses(tmp_path / "ep")
     assert len(a) == len(b) == 5 and max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, (a, b)
+    norms = [[r["grad_norm"] for r in read_metrics(tmp_path / n) if r["kind"] == "train"] for n in ("one", "ep")]
+    assert max(abs(x - y) / x for x, y in zip(*norms)) <= 1e-5, norms  # every expert counted once in the clip
     for e1, e2 in zip(evals(tmp_path / "one"), evals(tmp_path / "ep")):
         assert abs(e1["loss"] - e2["loss"]) <= 1e-5, (e1, e2)
     _close(_weights(tmp_path / "one"), _weights(tmp_path / "ep"))  # the parameters after 5 steps

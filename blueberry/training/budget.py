@@ -156,18 +156,28 @@ class StepPlanner:
         """The length that fits what is left of the budget, by the step, evaluation and checkpoint times
         measured since the plan (the probe's few steps and one-off measurements drift either way); the
         current length when the change would be under REVISE_MIN."""
-        config, costs = self.config, self._measured_costs()
+        costs = self._measured_costs()
         pace = statistics.median(self.step_times[-REVISE_WINDOW:])
-        final = costs["eval"] + costs["final"] + 2 * costs["save"]  # measured now: no periodic one's slack
-        left, fitted = REVISE_AIM * self.budget - self.elapsed(), config.max_steps
-        for _ in range(4):
-            evals = (fitted - 1) // config.eval_every - step // config.eval_every
-            saves = evals + (fitted - 1) // config.checkpoint_every - step // config.checkpoint_every
-            fitted = step + 1 + max(0, int((left - final - evals * costs["eval"] - saves * costs["save"]) / pace))
+        left = REVISE_AIM * self.budget - self.elapsed()
+
+        def fits(steps: int) -> int:  # the length the time left allows if the run were `steps` long
+            return step + 1 + max(0, int((left - self._reserve_after(step, steps, costs)) / pace))
+
+        fitted = fits(fits(self.config.max_steps))
+        while fitted > step + 1 and fits(fitted) < fitted:  # an evaluation more than it has time for
+            fitted = min(fitted - 1, fits(fitted))
         fitted = min(fitted, self.plan["data_steps"])
-        if abs(fitted - config.max_steps) < max(2, REVISE_MIN * config.max_steps):
-            return config.max_steps
-        return fitted
+        current = self.config.max_steps
+        return current if abs(fitted - current) < max(2, REVISE_MIN * current) else fitted
+
+    def _reserve_after(self, step: int, steps: int, costs: dict) -> float:
+        """Seconds of what a run of `steps` steps still does besides training after `step`: this step's
+        checkpoint (a revision saves it), the periodic evaluations and checkpoints, and the end."""
+        config = self.config
+        evals = (steps - 1) // config.eval_every - step // config.eval_every
+        saves = 1 + evals + (steps - 1) // config.checkpoint_every - step // config.checkpoint_every
+        final = costs["eval"] + costs["final"] + 2 * costs["save"]  # measured now: no periodic one's slack
+        return final + evals * costs["eval"] + saves * costs["save"]
 
     def _measured_costs(self) -> dict:
         """The plan's costs, with the evaluations' and checkpoints' seconds measured since where there are some."""
@@ -185,7 +195,9 @@ class StepPlanner:
         self.plan.setdefault("revisions", []).append({"at_step": step, "from": previous, "to": steps,
                                                       "step_time_s": statistics.median(self.step_times[-REVISE_WINDOW:])})
         self.plan.update(max_steps=steps, epochs=steps * self.plan["tokens_per_step"] / max(1, self.plan["unique_tokens"]),
-                         limited_by="data" if steps == self.plan["data_steps"] else "time")
+                         limited_by="data" if steps == self.plan["data_steps"] else "time",
+                         planned_wall_s=self.elapsed() + (steps - step) * self.plan["revisions"][-1]["step_time_s"]
+                         + self._reserve_after(step, steps, costs))
         self.log(f"Plan revised at step {step}: {previous:,} -> {steps:,} steps, by the times measured since the plan")
 
     def out_of_time(self) -> bool:
@@ -193,6 +205,10 @@ class StepPlanner:
         if not self.settled:
             return False
         step = statistics.median(self.step_times[-PROBE_STEPS:])
+        following = self.steps_seen + 1
+        if self.plan.get("revisions") and following % self.config.eval_every == 0 and following < self.config.max_steps:
+            costs = self._measured_costs()  # a revised plan keeps no slack: a periodic evaluation due next counts
+            step += costs["eval"] + costs["save"]
         return self.elapsed() + step + self.final_cost > self.budget
 
 

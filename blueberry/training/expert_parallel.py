@@ -199,12 +199,17 @@ def apply_expert_parallel(model: nn.Module, degree: int) -> ExpertParallel | Non
     group = groups[rank // degree]
     position = rank % degree
     layers = [m for m in model.modules() if isinstance(m, MixtureOfExperts)]
+    if not layers:
+        raise ConfigError("expert_parallel", f"--expert-parallel {degree} needs MoE layers; this model has none "
+                                             "(--model-type moe, or :moe in --layers)")
     ep = ExpertParallel(layers, degree, group, expert_dp[position] if expert_dp else None, world, position)
     for moe in layers:
         per_rank = moe.num_experts // degree
         for name in _EXPERT_WEIGHTS:
             full = getattr(moe, name)
             mine = nn.Parameter(full.detach()[position * per_rank:(position + 1) * per_rank].clone())
+            if ep.expert_dp_group is not None:  # the copies of these experts in the other groups start equal
+                dist.broadcast(mine.data, src=position, group=ep.expert_dp_group)
             setattr(mine, RANK_LOCAL, True)
             setattr(moe, name, mine)
             ep.local.append(mine)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_write_text
-from ..errors import RunError
+from ..errors import CheckpointError, ConfigError, RunError
 from ..models.adaptive_llm import MOE_STATS
 from ..models.generation import generate_text
 from ..optimizers import get_lr_scheduler, setup_optimizers
@@ -272,6 +272,9 @@ class _Run:
     def resume(self, state: dict, loop: LoopState, log, checkpoint=None) -> None:
         """Continue from `state` (read from `checkpoint`), at this run's world size whatever the writer's."""
         check_optimizer_layout(self.optimizers, state["optimizers"])
+        sharded = checkpoint is not None and is_sharded_checkpoint(checkpoint)
+        if self.experts is not None and (sharded or not all(keyed_by_index(sd) for sd in state["optimizers"])):
+            raise CheckpointError(f"{checkpoint} was written by an FSDP2 run: resume it without --expert-parallel")
         if checkpoint is not None and is_sharded_checkpoint(checkpoint):
             from .dcp_reader import load_sharded_optimizers
 
@@ -331,13 +334,13 @@ class _Run:
 
     def evaluate(self, loop: LoopState) -> bool:
         """Score the validation set (every rank its share, totals summed); True when it is the best yet."""
+        started = time.perf_counter()
         with self.full_model():
-            return self._evaluate(loop)
+            return self._evaluate(loop, started)
 
-    def _evaluate(self, loop: LoopState) -> bool:
+    def _evaluate(self, loop: LoopState, started: float) -> bool:
         # forward-only passes run the plain model (a compiled one would recompile for eval mode);
         # under FSDP2 the plain model is the sharded one, so every rank still takes part
-        started = time.perf_counter()
         result = evaluate_model(self.core, self.val_loader, self.config, token_bytes=self.token_bytes,
                                 precision=self.precision, peak_flops=self.peak, ranks=self.ctx)
         final = loop.step == self.config.max_steps or loop.stop_signal is not None or loop.out_of_time
@@ -367,7 +370,7 @@ def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokeni
     checkpoint holds the optimizer tensors there)."""
     ctx = ctx or DistContext()
     caps = config.capabilities()
-    precision = choose_precision(config, caps)
+    precision = _precision_for(model, config, caps)
     run_dir = _run_dir(config, run_dir)
     logger = MetricsLogger(run_dir, enabled=ctx.is_main, trackers=parse_trackers(config.tracker))
     logger.log_config(config.to_dict())
@@ -435,6 +438,15 @@ def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokeni
     if bar is not None:
         bar.close()
     return model, _finish(loop, run, tok_rate, log)
+
+
+def _precision_for(model, config, caps) -> Precision:
+    precision = choose_precision(config, caps)
+    if precision.scaler is not None and expert_parallel_of(unwrap(model)) is not None:
+        # each rank's loss-scale check would see only its own experts' overflows: the ranks could part ways
+        raise ConfigError("expert_parallel", "--expert-parallel trains in bf16 or fp32, not fp16 with a loss scale "
+                                             "(this GPU has no bf16): give --no-amp")
+    return precision
 
 
 def _run_dir(config, run_dir) -> Path:
