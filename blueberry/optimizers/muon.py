@@ -128,13 +128,12 @@ class Muon(torch.optim.Optimizer):
                 for p, upd in zip(params, updates):
                     self._apply(p, self._orthogonalised(upd, group), group)
             else:
-                # a rank's own parameters (expert parallelism's experts) are orthogonalised where they are
-                own = [i for i, p in enumerate(params) if use_dist and getattr(p, "_rank_local", False)]
+                # split across ranks: the parameters every rank holds alike; a rank's own ones (expert
+                # parallelism's experts, `_rank_local`) and everything in one process are orthogonalised here
+                split = [use_dist and not getattr(p, "_rank_local", False) for p in params]
                 if use_dist:
-                    shared = [i for i in range(len(params)) if i not in set(own)]
-                    self._distributed_apply([params[i] for i in shared], [updates[i] for i in shared], group)
-                self._local_apply([params[i] for i in own] if use_dist else params,
-                                  [updates[i] for i in own] if use_dist else updates, group)
+                    self._distributed_apply(*_pick(params, updates, split, True), group)
+                self._local_apply(*_pick(params, updates, split, False), group)
         return loss
 
     def _local_apply(self, params, updates, group) -> None:
@@ -155,6 +154,11 @@ class Muon(torch.optim.Optimizer):
                 dist.all_gather(gathered, local.contiguous())
                 for owner, i in enumerate(chunk):
                     self._apply(params[i], gathered[owner], group)
+
+
+def _pick(params: list, updates: list, flags: list[bool], value: bool) -> tuple[list, list]:
+    """The parameters (and their updates) whose flag is `value`."""
+    return ([p for p, f in zip(params, flags) if f == value], [u for u, f in zip(updates, flags) if f == value])
 
 
 def _by_shape(params: list[torch.Tensor]) -> dict[tuple, list[int]]:

@@ -79,6 +79,7 @@ class StepPlanner:
         self.settled = False
         self.eval_times: list[float] = []  # periodic evaluations after the plan, for its revisions
         self.save_times: list[float] = []
+        self.periodic_cost = 0.0  # after a revision (which keeps no slack): one periodic evaluation and save
 
     def elapsed(self) -> float:
         return time.time() - self.started
@@ -176,8 +177,7 @@ class StepPlanner:
         config = self.config
         evals = (steps - 1) // config.eval_every - step // config.eval_every
         saves = 1 + evals + (steps - 1) // config.checkpoint_every - step // config.checkpoint_every
-        final = costs["eval"] + costs["final"] + 2 * costs["save"]  # measured now: no periodic one's slack
-        return final + evals * costs["eval"] + saves * costs["save"]
+        return _end_cost(costs) + evals * costs["eval"] + saves * costs["save"]
 
     def _measured_costs(self) -> dict:
         """The plan's costs, with the evaluations' and checkpoints' seconds measured since where there are some."""
@@ -191,7 +191,7 @@ class StepPlanner:
         previous = self.config.max_steps
         self.config.derive(max_steps=steps)
         costs = self._measured_costs()
-        self.final_cost = costs["eval"] + costs["final"] + 2 * costs["save"]
+        self.final_cost, self.periodic_cost = _end_cost(costs), costs["eval"] + costs["save"]
         self.plan.setdefault("revisions", []).append({"at_step": step, "from": previous, "to": steps,
                                                       "step_time_s": statistics.median(self.step_times[-REVISE_WINDOW:])})
         self.plan.update(max_steps=steps, epochs=steps * self.plan["tokens_per_step"] / max(1, self.plan["unique_tokens"]),
@@ -206,10 +206,14 @@ class StepPlanner:
             return False
         step = statistics.median(self.step_times[-PROBE_STEPS:])
         following = self.steps_seen + 1
-        if self.plan.get("revisions") and following % self.config.eval_every == 0 and following < self.config.max_steps:
-            costs = self._measured_costs()  # a revised plan keeps no slack: a periodic evaluation due next counts
-            step += costs["eval"] + costs["save"]
+        if following % self.config.eval_every == 0 and following < self.config.max_steps:
+            step += self.periodic_cost  # a periodic evaluation due next
         return self.elapsed() + step + self.final_cost > self.budget
+
+
+def _end_cost(costs: dict) -> float:
+    """Seconds after the last step, by measured costs: its evaluation, the final extras, two saves."""
+    return costs["eval"] + costs["final"] + 2 * costs["save"]
 
 
 def measure_costs(run) -> dict:

@@ -17,7 +17,6 @@ expert back on every rank, so a checkpoint is the plain model's (it resumes at a
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 
 import torch
@@ -92,13 +91,10 @@ class ExpertParallel:
         self.stats: dict = {}
         self.local: list[nn.Parameter] = []  # this rank's expert weights, as the optimizers hold them
 
-    def local_parameters(self) -> list[nn.Parameter]:
-        return self.local
-
     def sync_and_clip(self, params, max_norm: float) -> torch.Tensor:
         """After the backward passes: experts' gradients to DDP's mean, then clip every gradient by the norm
         of the whole (each expert counted once). Returns the norm before clipping."""
-        local = [p for p in self.local_parameters() if p.grad is not None]
+        local = [p for p in self.local if p.grad is not None]
         for p in local:
             if self.expert_dp_group is not None:
                 dist.all_reduce(p.grad, group=self.expert_dp_group)
@@ -106,15 +102,11 @@ class ExpertParallel:
         ids = {id(p) for p in local}
         shared = [p for p in params if p.grad is not None and id(p) not in ids]
         device = (shared or local)[0].grad.device
-        squares = torch.stack([torch.zeros((), device=device)] + [p.grad.detach().float().pow(2).sum() for p in local])
-        expert_sq = squares.sum()
+        total = torch.nn.utils.get_total_norm  # over an empty list: 0
+        expert_sq = total([p.grad for p in local]).to(device).float() ** 2
         dist.all_reduce(expert_sq, group=self.group)  # each group holds every expert once
-        shared_sq = sum((p.grad.detach().float().pow(2).sum() for p in shared), torch.zeros((), device=device))
-        norm = (shared_sq + expert_sq).sqrt()
-        if math.isfinite(max_norm):
-            coefficient = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-            for p in shared + local:
-                p.grad.mul_(coefficient.to(p.grad.dtype))
+        norm = (total([p.grad for p in shared]).to(device).float() ** 2 + expert_sq).sqrt()
+        torch.nn.utils.clip_grads_with_norm_(shared + local, max_norm, norm)
         return norm
 
     def _gather_full(self, local: torch.Tensor) -> torch.Tensor:
@@ -160,7 +152,7 @@ class ExpertParallel:
 
 def _map_expert_states(opt, state: dict, ep: ExpertParallel, fn) -> dict:
     """`state` (opt's state_dict layout) with `fn` applied to the per-expert tensors of the expert weights."""
-    local = {id(p) for p in ep.local_parameters()}
+    local = {id(p) for p in ep.local}
     index = {i: p for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
     out = {"state": {}, "param_groups": state["param_groups"]}
     for key, entry in state["state"].items():

@@ -241,6 +241,11 @@ class _Run:
         agreed = int(self.ctx.all_reduce_sum([float(steps) if self.ctx.is_main else 0.0])[0])
         if agreed != steps:  # another rank's clock: rank 0's length is everyone's
             self.planner.settle(costs, steps=agreed)
+        self._follow_new_length(loop, bar)
+
+    def _follow_new_length(self, loop: LoopState, bar) -> None:
+        """The plan's length changed: the schedule, the progress bar and config.json follow, the plan is
+        logged, and `_periodic` saves this step (once, whatever else is due at it)."""
         self.scheduler.set_max_steps(self.config.max_steps)
         if bar is not None:
             bar.total = self.config.max_steps
@@ -248,7 +253,7 @@ class _Run:
         if self.ctx.is_main:
             save_config(self.config, self.run_dir / "config.json")
             self.logger.log("plan", loop.step, self.planner.plan)
-        self.plan_unsaved = True  # `_periodic` saves this step (once, whatever else is due at it)
+        self.plan_unsaved = True
 
     def revise_plan(self, loop: LoopState, bar) -> None:
         """At a periodic evaluation of a planned run: refit the length to the times measured since the plan
@@ -260,14 +265,7 @@ class _Run:
         if steps == self.config.max_steps:
             return
         self.planner.revise(loop.step, steps)
-        self.scheduler.set_max_steps(steps)
-        if bar is not None:
-            bar.total = steps
-            bar.refresh()
-        if self.ctx.is_main:
-            save_config(self.config, self.run_dir / "config.json")
-            self.logger.log("plan", loop.step, self.planner.plan)
-        self.plan_unsaved = True
+        self._follow_new_length(loop, bar)
 
     def resume(self, state: dict, loop: LoopState, log, checkpoint=None) -> None:
         """Continue from `state` (read from `checkpoint`), at this run's world size whatever the writer's."""
