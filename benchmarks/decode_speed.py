@@ -1,17 +1,23 @@
-"""Decode speed: Blueberry's engine vs Hugging Face `generate()` on the same weights, side by side.
+"""Decode speed: Blueberry's engine vs Hugging Face `generate()` (and llama.cpp) on the same weights, side by side.
 
-    python benchmarks/decode_speed.py [--config cpu] [--new-tokens 128] [--prompt-tokens 32] [--repeats 3]
+    python benchmarks/decode_speed.py [--run RUN] [--config cpu] [--new-tokens 128] [--prompt-tokens 32]
+                                      [--repeats 3] [--llama-python PYTHON]
 
-For each model (dense, MoE at the preset's shapes, random weights: speed does not depend on what the
-weights learned), precision (fp32, bf16 weights) and batch (1, 8): tokens/s of
+Weights: a trained run (`--run`, its own tokenizer and a prompt from its text) or, without it, random
+weights at the preset's shapes for each of `--models` (speed does not depend on what the weights
+learned). For each precision (fp32, bf16 weights) and batch (1, 8), tokens/s of
   blueberry           Engine, eager decode step
-  blueberry-compiled  Engine with the compiled fixed-shape decode step (compiled in the untimed warm-up)
+  blueberry-compiled  Engine with the compiled fixed-shape decode step (the device's inductor options,
+                      `Capabilities.decode_compile_options`; compiled in the untimed warm-up)
   blueberry-int8      Engine on the int8 weight-only model (fp32/bf16 activations)
   hf                  transformers generate() on the exported model (its default cache), greedy,
                       min_new_tokens = max_new_tokens so that both produce exactly the same count
-Every variant generates `--new-tokens` tokens greedily after the same random prompts (end-of-text does
-not stop it). tokens/s = batch * new tokens / the fastest of `--repeats` timed runs after one warm-up.
-Weight memory: the bytes of weights a decode step reads (int8 row: int8 weights plus fp32 scales).
+  llama.cpp           llama-cpp-python on the run's GGUF export (f32 / bf16), batch 1, greedy, with --run;
+                      run by this interpreter or by `--llama-python` (one that has llama-cpp-python)
+Every variant generates `--new-tokens` tokens greedily after the same prompts (end-of-text does not stop
+it); "same" counts the first sequence's tokens equal to transformers'. tokens/s = batch * new tokens /
+the fastest of `--repeats` timed runs after one warm-up. floor: the tokens/s if a decode step only read
+its weights once at the memory bandwidth measured here (a tensor far larger than the caches, summed).
 """
 
 from __future__ import annotations
@@ -19,96 +25,105 @@ from __future__ import annotations
 import argparse
 import copy
 import tempfile
+from pathlib import Path
 
 from common import table, timed
+from decode_variants import hf_variant, llama_cpp_variant, memory_bandwidth, ours_variant
+
+HEADER = ["weights", "dtype", "batch", "variant", "tokens/s", "vs HF", "same", "weights MiB", "floor tok/s"]
 
 
-def build(model_type: str, preset: str):
+def random_weights(model_type: str, preset: str):
     import torch
 
     from blueberry.configs import get_config
+    from blueberry.data.tokenizer import train_bpe
     from blueberry.models import create_model
 
     cfg = get_config(preset, model_type=model_type, device="cpu" if not torch.cuda.is_available() else None,
                      use_fp8=False, vocab_size=8192)
     torch.manual_seed(0)
-    model = create_model(cfg).eval()
-    return cfg, model
+    return create_model(cfg).eval(), train_bpe(["the quick brown fox jumps over the lazy dog\n"] * 50, 300)
 
 
-class _Tok:
-    """The engine needs only the end-of-text id here (greedy, no stop strings, eot ignored)."""
-    eot_id = 0
+def trained_weights(run: str):
+    from blueberry.inference.loading import load_model
 
-    @staticmethod
-    def decode(ids):
-        return ""
+    model, _, tokenizer, _ = load_model(run, device="cpu")
+    return model, tokenizer
 
 
-def ours(model, prompts, new_tokens: int, compile: bool):
-    from blueberry.inference import Engine, SamplingParams
-
-    engine = Engine(model, _Tok(), slots=len(prompts), compile=compile)
-    params = SamplingParams(max_new_tokens=new_tokens, temperature=0, stop_at_eot=False)
-    return lambda: engine.generate(prompts, params)
-
-
-def hf(model, prompts, new_tokens: int, dtype):
+def prompts_for(model, tokenizer, trained: bool, batch: int, length: int) -> list[list[int]]:
     import torch
 
-    from blueberry.export.huggingface import to_hf_model
+    if trained:  # the run's own kind of text, shifted per row
+        text = "def main():\n    \"\"\"Return the value of the first argument.\"\"\"\n" * 8
+        ids = [tokenizer.prefix_id] + tokenizer.encode(text)
+        return [ids[i:i + length] for i in range(batch)]
+    g = torch.Generator().manual_seed(batch)
+    return torch.randint(1, model.config.vocab_size, (batch, length), generator=g).tolist()
 
-    hf_model = to_hf_model(model.float()).to(dtype).to(next(model.parameters()).device)
-    ids = torch.tensor(prompts, device=next(hf_model.parameters()).device)
 
-    def run():
-        with torch.no_grad():
-            hf_model.generate(ids, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                              pad_token_id=0, eos_token_id=None)
-    return run
+def measure(name, model, tokenizer, dtype_name, batch, args, bandwidth) -> list[list]:
+    import torch
+
+    from blueberry.inference.quantize import quantize_model, weight_bytes
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    prompts = prompts_for(model, tokenizer, args.run is not None, batch, args.prompt_tokens)
+    plain = copy.deepcopy(model).to(dtype)
+    int8 = quantize_model(copy.deepcopy(model), "int8").to(dtype)
+    variants = {"blueberry": (ours_variant(plain, tokenizer, prompts, args.new_tokens, False), plain),
+                "blueberry-int8": (ours_variant(int8, tokenizer, prompts, args.new_tokens, False), int8),
+                "hf": (hf_variant(copy.deepcopy(model), prompts, args.new_tokens, dtype), plain)}
+    if not args.no_compile:
+        compiled = copy.deepcopy(plain)
+        variants["blueberry-compiled"] = (ours_variant(compiled, tokenizer, prompts, args.new_tokens, True), compiled)
+    if batch == 1 and args.llama_cpp and args.run:
+        variants["llama.cpp"] = (llama_cpp_variant(model, tokenizer, prompts[0], args.new_tokens, dtype_name,
+                                                   args.llama_python), plain)
+    outputs, times = {}, {}
+    for variant, (fn, _) in variants.items():
+        outputs[variant] = fn()  # the untimed warm-up (and compilation): its first sequence's tokens
+        times[variant] = timed(fn, warmup=0, repeats=args.repeats, stat="min")
+    rows = []
+    for variant, seconds in times.items():
+        nbytes = weight_bytes(variants[variant][1])
+        same = sum(a == b for a, b in zip(outputs[variant], outputs["hf"]))
+        rows.append([name, dtype_name, batch, variant, f"{batch * args.new_tokens / seconds:,.0f}",
+                     f"{times['hf'] / seconds:.2f}x", f"{same}/{args.new_tokens}", f"{nbytes / 2**20:.1f}",
+                     f"{batch * bandwidth / nbytes:,.0f}"])
+    return rows
 
 
 def main() -> None:
     import torch
 
-    from blueberry.inference.quantize import quantize_model, weight_bytes
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", help="a trained run directory (default: random weights at --config's shapes)")
     p.add_argument("--config", default="cpu")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--models", default="standard,moe")
+    p.add_argument("--models", default="standard,moe", help="model types of the random weights")
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled variant (it compiles per shape)")
+    p.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false", help="skip llama.cpp")
+    p.add_argument("--llama-python", help="a Python interpreter with llama-cpp-python, when this one has none")
     args = p.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
+    bandwidth = memory_bandwidth()
+    print(f"memory bandwidth (sum of 512 MiB, {torch.get_num_threads()} threads): {bandwidth / 1e9:.1f} GB/s")
+    weights = ([(Path(args.run).name, *trained_weights(args.run))] if args.run else
+               [(f"random {t}", *random_weights(t, args.config)) for t in args.models.split(",")])
     rows = []
-    for model_type in args.models.split(","):
-        cfg, base = build(model_type, args.config)
+    for name, model, tokenizer in weights:
         for dtype_name in args.dtypes.split(","):
-            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
             for batch in map(int, args.batches.split(",")):
-                g = torch.Generator().manual_seed(batch)
-                prompts = torch.randint(1, cfg.vocab_size, (batch, args.prompt_tokens), generator=g).tolist()
-                plain = copy.deepcopy(base).to(dtype)
-                int8 = quantize_model(copy.deepcopy(base), "int8").to(dtype)
-                variants = {"blueberry": ours(plain, prompts, args.new_tokens, False),
-                            "blueberry-int8": ours(int8, prompts, args.new_tokens, False),
-                            "hf": hf(copy.deepcopy(base), prompts, args.new_tokens, dtype)}
-                if not args.no_compile:
-                    variants["blueberry-compiled"] = ours(copy.deepcopy(plain), prompts, args.new_tokens, True)
-                memory = {"blueberry": weight_bytes(plain), "blueberry-compiled": weight_bytes(plain),
-                          "blueberry-int8": weight_bytes(int8), "hf": weight_bytes(plain)}
-                times = {name: timed(fn, warmup=1, repeats=args.repeats, stat="min") for name, fn in variants.items()}
-                for name, seconds in times.items():
-                    rate = batch * args.new_tokens / seconds
-                    rows.append([model_type, dtype_name, batch, name, f"{rate:,.0f}",
-                                 f"{times['hf'] / seconds:.2f}x", f"{memory[name] / 2**20:.1f}"])
-                print(table(["model", "dtype", "batch", "variant", "tokens/s", "vs HF", "weights MiB"], rows[-len(times):]),
-                      flush=True)
-    print("\n" + table(["model", "dtype", "batch", "variant", "tokens/s", "vs HF", "weights MiB"], rows))
+                new = measure(name, model, tokenizer, dtype_name, batch, args, bandwidth)
+                rows += new
+                print(table(HEADER, new), flush=True)
+    print("\n" + table(HEADER, rows))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 from ..models.generation import clean_logits, is_greedy, sample_next
+from ..system import detect_capabilities
 
 
 class ContextLengthError(ValueError):
@@ -76,9 +77,10 @@ class Engine:
         self.model = model.eval()
         if dtype is not None:
             self.model.to(dtype)
-        self.model.fuse_projections()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
+        self.capabilities = detect_capabilities(self.device.type)
+        self.model.fuse_projections(self.capabilities.decode_weights_transposed(next(model.parameters()).dtype))
         self.context = model.config.max_seq_len
         self.slots: list[Sequence | None] = [None] * slots
         self.caches = model.new_kv_caches(slots)
@@ -87,6 +89,7 @@ class Engine:
         self.finished_counts: Counter = Counter()  # requests by finish reason
         self._lock = threading.Lock()
         self.compiled = compile
+        self.compile_failure: str | None = None  # why the compiled step fell back to eager, if it did
         self._decode = self._compiled(self._decode_logits) if compile else self._decode_logits
 
     # ---- requests ----
@@ -162,7 +165,7 @@ class Engine:
             last[i], where[i] = seq.output_ids[-1], len(seq.prompt_ids) + len(seq.output_ids) - 1
         tokens = torch.tensor(last, device=self.device)[:, None]
         positions = torch.tensor(where, device=self.device)[:, None]
-        logits = self._decode(tokens, positions)
+        logits = self._decode(tokens, positions) if self.compiled else self._decode(tokens, positions, max(where) + 1)
         seqs = [self.slots[i] for i in active]
         for seq, token in zip(seqs, self._sample(seqs, logits[active])):
             if self._advance(seq, token):
@@ -224,24 +227,33 @@ class Engine:
     def _prefill(self, prompt_ids: list[int], slot: int) -> torch.Tensor:
         ids = torch.tensor([prompt_ids], device=self.device)
         positions = torch.arange(len(prompt_ids), device=self.device)[None]
-        caches = [c.rows(slot, slot + 1) for c in self.caches]
+        caches = [c.rows(slot, slot + 1, len(prompt_ids)) for c in self.caches]
         return self.model(ids, kv_caches=caches, positions=positions, last_only=True).logits[:, -1]
 
-    def _decode_logits(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _decode_logits(self, tokens: torch.Tensor, positions: torch.Tensor, length: int | None = None) -> torch.Tensor:
+        """Logits of one token per row; eager (`length` given): over the first rows and the positions any
+        of them has reached, compiled: over the whole cache (one fixed shape)."""
         rows = tokens.shape[0]
-        caches = self.caches if rows == len(self.slots) else [c.rows(0, rows) for c in self.caches]
+        caches = self.caches if length is None else [c.rows(0, rows, length) for c in self.caches]
         return self.model(tokens, kv_caches=caches, positions=positions).logits[:, -1]
 
     def _compiled(self, fn):
+        import torch._inductor.config
+
         # each engine compiles its own model: allow more than dynamo's default few graphs per function
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         compiled = torch.compile(fn, dynamic=False)
+        # the options hold while dynamo traces too (given to torch.compile they reach inductor alone, and
+        # freezing, for one, then folds less)
+        options = torch._inductor.config.patch(self.capabilities.decode_compile_options)
 
         def call(*args):
             nonlocal compiled
             try:
-                return compiled(*args)
-            except Exception:  # no working compiler here: eager, the same numbers
+                with options:
+                    return compiled(*args)
+            except Exception as exc:  # no working compiler here: eager, the same numbers
+                self.compile_failure = f"{type(exc).__name__}: {exc}"
                 compiled = fn
                 return fn(*args)
         return call

@@ -19,7 +19,7 @@ import torch.nn as nn
 from ..ops.cross_entropy import linear_cross_entropy
 from .block import Block
 from .generation import sample_next
-from .layers import RMSNorm
+from .layers import RMSNorm, stored_transposed
 from .mod import MixtureOfDepths, MoDAux
 from .moe import MixtureOfExperts
 
@@ -159,11 +159,19 @@ class TransformerLM(nn.Module):
         return [block.new_cache(batch, max_len or self.config.max_seq_len, p.device, dtype or p.dtype)
                 for block in self.blocks]
 
-    def fuse_projections(self) -> "TransformerLM":
-        """Inference only: each attention's q/k/v, and each gated MLP's gate/up, multiplied as one matrix."""
+    def fuse_projections(self, transposed: bool = False) -> "TransformerLM":
+        """Inference only: each attention's q/k/v, and each gated MLP's gate/up, multiplied as one matrix.
+        `transposed`: every linear weight stored by input rows (`layers.stored_transposed`; the tied
+        embedding shares the head's), the layout a device's capabilities ask for decoding."""
         for module in self.modules():
             if module is not self and hasattr(module, "fuse_projections"):
-                module.fuse_projections()
+                module.fuse_projections(transposed)
+        if transposed:
+            for module in self.modules():
+                if type(module) is nn.Linear and module.weight.is_contiguous():
+                    module.weight = nn.Parameter(stored_transposed(module.weight), requires_grad=False)
+            if self.config.tie_embeddings and type(self.lm_head) is nn.Linear:
+                self.embed.weight = self.lm_head.weight
         return self
 
     @torch.no_grad()

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.attention import causal_attention
-from .layers import RMSNorm, RotaryEmbedding
+from .layers import RMSNorm, RotaryEmbedding, stored_transposed
 
 
 class KVCache:
@@ -32,10 +32,13 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[2]
 
-    def rows(self, start: int, end: int) -> "KVCache":
-        """A view of rows start..end-1 (writes go to this cache's storage)."""
-        return KVCache(0, 0, 0, 0, None, None, k=self.k[start:end], v=self.v[start:end],
-                       valid=self.valid[start:end])
+    def rows(self, start: int, end: int, length: int | None = None) -> "KVCache":
+        """A view of rows start..end-1 and, with `length`, of positions 0..length-1 only (writes go to this
+        cache's storage). Queries then attend over `length` keys instead of max_len: a caller that knows
+        no row is past position length-1 saves the attention over the rest."""
+        length = self.max_len if length is None else length
+        return KVCache(0, 0, 0, 0, None, None, k=self.k[start:end, :, :length], v=self.v[start:end, :, :length],
+                       valid=self.valid[start:end, :length])
 
     def write(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               keep: torch.Tensor | None = None) -> None:
@@ -92,14 +95,16 @@ class MultiHeadAttention(nn.Module):
         self.qkv_weight = self.qkv_bias = None
         self.qkv_sizes = (n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim)
 
-    def fuse_projections(self) -> None:
+    def fuse_projections(self, transposed: bool = False) -> None:
         """For inference: store q, k and v projections as row blocks of one matrix (the three weights become
         views of it, so no memory is added), and multiply by it once. Small decode steps are bounded by the
-        number of matmul calls more than by their size."""
+        number of matmul calls more than by their size. `transposed`: the matrix stored by input rows
+        (`layers.stored_transposed`)."""
         projections = (self.q_proj, self.k_proj, self.v_proj)
         if self.qkv_weight is not None or not all(type(p) is nn.Linear for p in projections):
             return
         fused = torch.cat([p.weight.detach() for p in projections])
+        fused = stored_transposed(fused) if transposed else fused
         start = 0
         for p in projections:
             rows = p.weight.shape[0]

@@ -69,9 +69,9 @@ class EnsembleLM(nn.Module):
     def new_kv_caches(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> list:
         return [c for m in self.members for c in m.new_kv_caches(batch, max_len, dtype)]
 
-    def fuse_projections(self) -> "EnsembleLM":
+    def fuse_projections(self, transposed: bool = False) -> "EnsembleLM":
         for m in self.members:
-            m.fuse_projections()
+            m.fuse_projections(transposed)
         return self
 
     # sampling with a cache, as one model does (it needs only the methods above)

@@ -32,7 +32,8 @@ class SSMState:
     def __init__(self, conv: torch.Tensor, ssm: torch.Tensor):
         self.conv, self.ssm = conv, ssm
 
-    def rows(self, start: int, end: int) -> "SSMState":
+    def rows(self, start: int, end: int, length: int | None = None) -> "SSMState":
+        """Rows start..end-1; `length` (the positions a KV cache would keep) does not apply to a state."""
         return type(self)(self.conv[start:end], self.ssm[start:end])
 
 

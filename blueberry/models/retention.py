@@ -28,7 +28,8 @@ class RetentionState:
     def __init__(self, state: torch.Tensor):
         self.state = state
 
-    def rows(self, start: int, end: int) -> "RetentionState":
+    def rows(self, start: int, end: int, length: int | None = None) -> "RetentionState":
+        """Rows start..end-1; `length` (the positions a KV cache would keep) does not apply to a state."""
         return type(self)(self.state[start:end])
 
 

@@ -71,6 +71,25 @@ class Capabilities:
         """Dense peak FLOP/s of one device (one GPU, or the whole CPU) used for MFU (see `_peak_flops`)."""
         return _peak_flops(self)
 
+    def decode_weights_transposed(self, dtype: torch.dtype) -> bool:
+        """Store inference weights of `dtype` by input rows (`models.layers.stored_transposed`): on CPUs
+        MKL's float32 kernels for a few rows run far faster on the contiguous (in, out) matrix, while
+        oneDNN's bf16 ones run far slower (`benchmarks/decode_speed.py`); GPU libraries take either alike."""
+        return not self.is_cuda and dtype == torch.float32
+
+    @property
+    def decode_compile_options(self) -> dict:
+        """Inductor options for the generation engine's fixed-shape decode step (a handful of small matmuls
+        and the kernels between them, run once per token). CPU: the weights folded in as constants and
+        laid out for the GEMM (`freezing`), the kernels called from C++ rather than one Python call each
+        (`cpp_wrapper`), and inductor's C++ GEMM templates measured against the library's at compile
+        time (`max_autotune` with the CPP backend): small matrix-vector products are where MKL's generic
+        path loses most (`benchmarks/decode_speed.py`). GPUs: inductor's defaults."""
+        if self.is_cuda:
+            return {}
+        return {"freezing": True, "cpp_wrapper": True, "max_autotune": True,
+                "max_autotune_gemm_backends": "CPP,ATEN"}
+
     def expert_group_alignment(self, dtype: torch.dtype) -> int:
         """Rows to pad each MoE expert's group to. CPU bf16/fp16 matmuls run on oneDNN kernels compiled
         per shape, and routing gives every expert a new row count each step: multiples of 64 keep the
