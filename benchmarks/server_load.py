@@ -76,13 +76,14 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--slots", type=int, default=16)
     p.add_argument("--levels", default="1,4,16")
+    p.add_argument("--serve-args", default="", help="more `blueberry serve` flags, e.g. '--no-compile'")
     args = p.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="blueberry-load-"))
     run = Path(args.run) if args.run else small_run(workdir)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "blueberry", "serve", "--checkpoint", str(run), "--port",
-                               str(port), "--slots", str(args.slots), "--model-name", "bench"], cwd=ROOT,
+                               str(port), "--slots", str(args.slots), "--model-name", "bench", *args.serve_args.split()], cwd=ROOT,
                               start_new_session=True)
     rows = []
     try:

@@ -75,6 +75,30 @@ def test_top_k_zero_is_no_cut_off():
         torch.testing.assert_close(q, torch.softmax(logits / 0.7, -1))
 
 
+@pytest.mark.parametrize("temperature,top_k", [(0.7, None), (1.3, 3)])
+def test_sampled_rows_follow_the_softmax_each_by_its_own_generator(temperature, top_k):
+    """The engine's draws (the exponential race) against the float64 softmax of the scaled, cut logits:
+    every frequency within 4.5 standard errors; a row's draw is the same beside any neighbour."""
+    from blueberry.models.generation import sample_rows
+
+    logits = torch.randn(1, 12, generator=torch.Generator().manual_seed(11)) * 2
+    n = 20000
+    draws = sample_rows(logits.expand(n, 12), temperature, top_k, None,
+                        [torch.Generator().manual_seed(i) for i in range(n)])
+    scaled = logits[0].double() / temperature
+    if top_k:
+        scaled[scaled < scaled.topk(top_k).values[-1]] = float("-inf")
+    expected = torch.softmax(scaled, -1)
+    observed = torch.bincount(draws, minlength=12).double() / n
+    assert ((observed - expected).abs() <= 4.5 * (expected * (1 - expected) / n).sqrt() + 1e-12).all()
+    other = torch.randn(1, 12)
+    for seed in range(20):
+        alone = sample_rows(logits, temperature, top_k, None, [torch.Generator().manual_seed(seed)])
+        beside = sample_rows(torch.cat([other, logits]), temperature, top_k, None,
+                             [torch.Generator().manual_seed(99), torch.Generator().manual_seed(seed)])
+        assert int(alone[0]) == int(beside[1])
+
+
 def test_a_request_whose_sampling_fails_fails_alone(tok, monkeypatch):
     import blueberry.inference.engine as engine_module
 
@@ -82,14 +106,14 @@ def test_a_request_whose_sampling_fails_fails_alone(tok, monkeypatch):
     ps = prompts(4)
     greedy = SamplingParams(max_new_tokens=12, temperature=0, stop_at_eot=False)
     alone = [Engine(model, tok, slots=4).generate([p], greedy)[0].output_ids for p in ps[:3]]
-    real = engine_module.sample_next
+    real = engine_module.sample_rows
 
     def poisoned(logits, temperature, *args):
         if temperature == 0.123:
             raise RuntimeError("probability tensor contains inf")
         return real(logits, temperature, *args)
 
-    monkeypatch.setattr(engine_module, "sample_next", poisoned)
+    monkeypatch.setattr(engine_module, "sample_rows", poisoned)
     engine = Engine(model, tok, slots=4)
     bad = SamplingParams(max_new_tokens=12, temperature=0.123, stop_at_eot=False)
     seqs = engine.generate(ps, [greedy, greedy, greedy, bad])

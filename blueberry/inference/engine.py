@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from ..models.generation import clean_logits, is_greedy, sample_next
+from ..models.generation import clean_logits, is_greedy, sample_rows
 from ..system import detect_capabilities
 
 
@@ -247,11 +247,18 @@ class Engine:
         # freezing, for one, then folds less)
         options = torch._inductor.config.patch(self.capabilities.decode_compile_options)
 
+        warm = []  # after the first compiled call (guards checked): the same graph, guards skipped
+
         def call(*args):
             nonlocal compiled
             try:
+                if warm:
+                    with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                        return compiled(*args)
                 with options:
-                    return compiled(*args)
+                    out = compiled(*args)
+                warm.append(True)
+                return out
             except Exception as exc:  # no working compiler here: eager, the same numbers
                 self.compile_failure = f"{type(exc).__name__}: {exc}"
                 compiled = fn
@@ -260,22 +267,37 @@ class Engine:
 
     @staticmethod
     def _sample(seqs: list[Sequence], logits: torch.Tensor) -> list:
-        """Next token of each sequence (a row of `logits`): greedy rows in one argmax, the others each
-        with its own parameters and generator (so a row's draw does not depend on its neighbours). A row
-        whose sampling raises gets the exception instead of a token: it fails alone."""
-        greedy = [r for r, s in enumerate(seqs) if is_greedy(s.params.temperature)]
+        """Next token of each sequence (a row of `logits`): greedy rows in one argmax, the others in groups
+        of equal parameters, each row with its own generator (so a row's draw does not depend on its
+        neighbours). A row whose sampling raises gets the exception instead of a token: it fails alone."""
         out: list = [0] * len(seqs)
-        if greedy:
-            for r, token in zip(greedy, clean_logits(logits[greedy]).argmax(-1).tolist()):
-                out[r] = token
+        groups: dict[tuple, list[int]] = {}
         for r, seq in enumerate(seqs):
-            if not is_greedy(seq.params.temperature):
-                p = seq.params
-                try:
-                    out[r] = int(sample_next(logits[r:r + 1], p.temperature, p.top_k, p.top_p, seq.generator)[0, 0])
-                except Exception as exc:
-                    out[r] = exc
+            p = seq.params
+            groups.setdefault((None,) if is_greedy(p.temperature) else (p.temperature, p.top_k, p.top_p), []).append(r)
+        for key, rows in groups.items():
+            if key == (None,):
+                tokens = clean_logits(logits[rows]).argmax(-1).tolist()
+            else:
+                tokens = Engine._sample_group([seqs[r] for r in rows], logits[rows], key)
+            for r, token in zip(rows, tokens):
+                out[r] = token
         return out
+
+    @staticmethod
+    def _sample_group(seqs: list[Sequence], logits: torch.Tensor, params: tuple) -> list:
+        """Sample rows of one (temperature, top_k, top_p); when that fails, row by row, so that only the
+        rows whose own sampling raises get the exception."""
+        try:
+            return sample_rows(logits, *params, [s.generator for s in seqs]).tolist()
+        except Exception:
+            out = []
+            for r, seq in enumerate(seqs):
+                try:
+                    out.append(int(sample_rows(logits[r:r + 1], *params, [seq.generator])[0]))
+                except Exception as exc:
+                    out.append(exc)
+            return out
 
     def _append(self, seq: Sequence, token: int) -> bool:
         """Add `token` to `seq`; True when it has finished."""

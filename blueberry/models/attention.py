@@ -20,13 +20,15 @@ class KVCache:
     its own row; whatever a row holds beyond that is never read."""
 
     def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, device, dtype,
-                 k: torch.Tensor | None = None, v: torch.Tensor | None = None, valid: torch.Tensor | None = None):
+                 k: torch.Tensor | None = None, v: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+                 key_positions: torch.Tensor | None = None):
         self.k = k if k is not None else torch.zeros(batch, kv_heads, max_len, head_dim, device=device, dtype=dtype)
         self.v = v if v is not None else torch.zeros_like(self.k)
         # which written positions may be attended to (Mixture-of-Depths writes the tokens it skips as invalid)
         self.valid = valid if valid is not None else torch.ones(self.k.shape[0], self.k.shape[2], dtype=torch.bool,
                                                                  device=self.k.device)
-        self.key_positions = torch.arange(self.k.shape[2], device=self.k.device)
+        self.key_positions = (key_positions if key_positions is not None
+                              else torch.arange(self.k.shape[2], device=self.k.device))
 
     @property
     def max_len(self) -> int:
@@ -38,7 +40,7 @@ class KVCache:
         no row is past position length-1 saves the attention over the rest."""
         length = self.max_len if length is None else length
         return KVCache(0, 0, 0, 0, None, None, k=self.k[start:end, :, :length], v=self.v[start:end, :, :length],
-                       valid=self.valid[start:end, :length])
+                       valid=self.valid[start:end, :length], key_positions=self.key_positions[:length])
 
     def write(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               keep: torch.Tensor | None = None) -> None:

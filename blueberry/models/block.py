@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from ..configs.layer_pattern import LayerSpec
 from .attention import MultiHeadAttention
-from .layers import RMSNorm, make_mlp
+from .layers import RMSNorm, dropout_layer, make_mlp
 from .mamba2 import Mamba2
 from .moe import MixtureOfExperts
 from .retention import MultiScaleRetention
@@ -58,7 +58,7 @@ class Block(nn.Module):
         ffn = make_feed_forward(spec.ffn, config)
         self.ffn_norm = RMSNorm(config.d_model, eps=config.norm_eps) if ffn is not None else None
         self.ffn = ffn
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = dropout_layer(config.dropout)
 
     @property
     def mixer(self) -> nn.Module:

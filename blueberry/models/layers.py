@@ -21,6 +21,11 @@ class RMSNorm(nn.RMSNorm):
         return F.rms_norm(x, self.normalized_shape, weight, self.eps)
 
 
+def dropout_layer(p: float) -> nn.Module:
+    """nn.Dropout(p), or for p = 0 an identity (no call at all for every token when decoding)."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 def stored_transposed(weight: torch.Tensor) -> torch.Tensor:
     """The same (out, in) matrix with its storage transposed: `result.t()` is contiguous. `F.linear` then
     multiplies by the contiguous (in, out) matrix, the order in which a matrix-vector product (one decoded
@@ -94,7 +99,7 @@ class MLP(nn.Module):
         super().__init__()
         self.up = nn.Linear(d_model, d_ff, bias=False)
         self.down = nn.Linear(d_ff, d_model, bias=False)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout_layer(dropout)
         self.act = UNGATED_ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,7 +114,7 @@ class SwiGLU(nn.Module):
         self.gate = nn.Linear(d_model, d_ff, bias=False)
         self.up = nn.Linear(d_model, d_ff, bias=False)
         self.down = nn.Linear(d_ff, d_model, bias=False)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout_layer(dropout)
 
         self.gate_up_weight = None
 
