@@ -4,7 +4,9 @@ export; and the machine's memory bandwidth, for the floor."""
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,6 +22,7 @@ llm = llama_cpp.Llama(model_path=path, n_ctx=context, n_batch=context, n_threads
                       n_threads_batch=threads, verbose=False)
 for line in sys.stdin:
     out = []
+    llm.reset()  # no prompt reuse from the previous run: the prefill is timed, as for the others
     for token in llm.generate(json.loads(line), top_k=1, temp=0.0, reset=True):
         out.append(token)
         if len(out) == new:
@@ -60,11 +63,13 @@ def llama_cpp_variant(model, tokenizer, prompt: list[int], new_tokens: int, dtyp
 
     from blueberry.export.gguf import export_gguf
 
-    path = export_gguf(model, tokenizer, Path(tempfile.mkdtemp()) / "model.gguf",
-                       {"fp32": "f32", "bf16": "bf16"}[dtype_name])
+    folder = Path(tempfile.mkdtemp(prefix="blueberry-gguf-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    path = export_gguf(model, tokenizer, folder / "model.gguf", {"fp32": "f32", "bf16": "bf16"}[dtype_name])
     child = subprocess.Popen([python or sys.executable, "-c", LLAMA_CHILD, str(path), str(torch.get_num_threads()),
                               str(model.config.max_seq_len), str(new_tokens)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    atexit.register(_end, child)
     line = json.dumps(prompt) + "\n"
 
     def run():
@@ -76,6 +81,15 @@ def llama_cpp_variant(model, tokenizer, prompt: list[int], new_tokens: int, dtyp
                                f"{python or sys.executable}? (--llama-python)")
         return json.loads(reply)
     return run
+
+
+def _end(child: subprocess.Popen) -> None:
+    child.stdin.close()  # its loop over stdin ends
+    try:
+        child.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
 
 
 def memory_bandwidth(nbytes: int = 512 * 2**20) -> float:

@@ -277,11 +277,13 @@ def test_chat_keeps_the_conversation_resets_and_quits(tok):
     assert "(conversation cleared)\n" in written
 
 
-@pytest.mark.parametrize("model_type", ["standard", "moe"])
-def test_compiled_decode_equals_eager_and_transformers(tok, tmp_path, model_type):
+@pytest.mark.parametrize("model_type,slots", [("standard", 4), ("moe", 4), ("moe", 6)])
+def test_compiled_decode_equals_eager_and_transformers(tok, tmp_path, model_type, slots):
     """The compiled step (with the device's inductor options: on CPU frozen weights, C++ wrapper, C++ GEMM
     templates) and the eager one (attending over the reached positions only, weights stored by input
-    rows): the same greedy tokens as transformers' generate() on the export, batched and alone."""
+    rows): the same greedy tokens as transformers' generate() on the export, batched and alone. MoE with 6
+    slots: more expert assignments than twice the experts, the dispatched path (a graph break at its
+    per-expert counts) instead of the gathered one."""
     import copy
 
     from transformers import AutoModelForCausalLM
@@ -296,9 +298,33 @@ def test_compiled_decode_equals_eager_and_transformers(tok, tmp_path, model_type
     for p in ps:
         out = hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=12)[0, len(p):].tolist()
         theirs.append(out[:-1] if out and out[-1] == tok.eot_id else out)
-    compiled = Engine(copy.deepcopy(model), tok, slots=4, compile=True)
-    eager = Engine(copy.deepcopy(model), tok, slots=4)
+    compiled = Engine(copy.deepcopy(model), tok, slots=slots, compile=True)
+    eager = Engine(copy.deepcopy(model), tok, slots=slots)
     for engine in (compiled, eager):
         assert [s.output_ids for s in engine.generate(ps, params)] == theirs
         assert [engine.generate([p], params)[0].output_ids for p in ps] == theirs
     assert compiled.compile_failure is None
+
+
+@pytest.mark.parametrize("kw,together", [({"model_type": "moe"}, True), ({"model_type": "standard"}, True),
+                                         ({"model_type": "standard", "layers": "mamba:mlp,attn:mlp"}, False),
+                                         ({"model_type": "standard", "layers": "attn:mlp,mod(attn:mlp)"}, False)])
+def test_requests_arriving_together_are_prefilled_in_one_forward(tok, kw, together):
+    """Prompts of several lengths admitted at one step: one padded prefill forward where the model allows
+    (attention), one per request where padding would reach a state or the routing (Mamba-2,
+    Mixture-of-Depths); the tokens are those of each prompt generated alone."""
+    model = tiny_model(**kw)
+    ps, params = prompts(4), SamplingParams(max_new_tokens=6, temperature=0)
+    alone = [Engine(model, tok, slots=4).generate([p], params)[0].output_ids for p in ps]
+    engine = Engine(model, tok, slots=4)
+    calls = []
+    handle = model.register_forward_hook(lambda m, args, kwargs_out: calls.append(args[0].shape))
+    try:
+        seqs = [engine.submit(p, params) for p in ps]
+        engine.step()
+    finally:
+        handle.remove()
+    prefills = [shape for shape in calls if shape[1] > 1 or shape[0] != 4]
+    assert len(prefills) == (1 if together else 4)
+    engine.run_until_done()
+    assert [s.output_ids for s in seqs] == alone

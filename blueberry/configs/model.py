@@ -74,6 +74,12 @@ class ModelConfig:
         return any(s.mixer in STATEFUL_MIXERS for s in self.layer_pattern)
 
     @property
+    def pads_independently(self) -> bool:
+        """A prompt padded at its end keeps its logits and its cache below the padding: no recurrent state
+        (it would carry the padding on) and no Mixture-of-Depths routing (it picks tokens per sequence)."""
+        return not self.stateful and not any(s.mod for s in self.layer_pattern)
+
+    @property
     def expert_d_ff(self) -> int:
         return self.moe_d_ff or self.d_ff
 

@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 from ..models.generation import clean_logits, is_greedy, sample_rows
+from ..models.moe import MixtureOfExperts
 from ..system import detect_capabilities
 
 
@@ -200,35 +201,76 @@ class Engine:
 
     # ---- internals ----
     def _admit(self) -> list[Sequence]:
-        finished = []
+        """Move queued requests into the free slots and prefill them: each run of neighbouring slots in one
+        forward (the prompts padded at their ends) where the model allows it, else one at a time."""
+        finished, admitted = [], []
         for i, slot in enumerate(self.slots):
             if slot is not None:
                 continue
-            with self._lock:
-                if not self.queue:
-                    break
-                seq = self.queue.popleft()
-            if seq.cancelled:
-                seq.finish_reason = "cancelled"
-                self._finish(seq)
-                finished.append(seq)
-                continue
+            seq = self._next_queued(finished)
+            if seq is None:
+                break
             seq.slot, self.slots[i] = i, seq
-            try:
-                logits = self._prefill(seq.prompt_ids, i)
-            except Exception as exc:  # this request's own forward: it alone fails
-                self.fail(seq, f"{type(exc).__name__}: {exc}")
-                finished.append(seq)
-                continue
-            if self._advance(seq, self._sample([seq], logits)[0]):
-                finished.append(seq)
+            admitted.append(seq)
+        for group in self._prefill_groups(admitted):
+            finished += self._prefill_and_sample(group)
         return finished
 
-    def _prefill(self, prompt_ids: list[int], slot: int) -> torch.Tensor:
-        ids = torch.tensor([prompt_ids], device=self.device)
-        positions = torch.arange(len(prompt_ids), device=self.device)[None]
-        caches = [c.rows(slot, slot + 1, len(prompt_ids)) for c in self.caches]
-        return self.model(ids, kv_caches=caches, positions=positions, last_only=True).logits[:, -1]
+    def _next_queued(self, finished: list[Sequence]) -> Sequence | None:
+        """The next queued request that is not cancelled (those are finished on the way), or None."""
+        while True:
+            with self._lock:
+                if not self.queue:
+                    return None
+                seq = self.queue.popleft()
+            if not seq.cancelled:
+                return seq
+            seq.finish_reason = "cancelled"
+            self._finish(seq)
+            finished.append(seq)
+
+    def _prefill_groups(self, admitted: list[Sequence]) -> list[list[Sequence]]:
+        """Requests to prefill together: neighbouring slots whose padded batch is at most twice their real
+        tokens (a long prompt beside short ones goes alone); one each when the padding would reach a
+        recurrent state or per-sequence routing (`pads_independently`)."""
+        if not self.model.pads_independently:
+            return [[seq] for seq in admitted]
+        groups: list[list[Sequence]] = []
+        for seq in admitted:
+            group = groups[-1] if groups else []
+            lengths = [len(s.prompt_ids) for s in group] + [len(seq.prompt_ids)]
+            if group and group[-1].slot == seq.slot - 1 and len(lengths) * max(lengths) <= 2 * sum(lengths):
+                group.append(seq)
+            else:
+                groups.append([seq])
+        return groups
+
+    def _prefill_and_sample(self, group: list[Sequence]) -> list[Sequence]:
+        """Prefill `group` (neighbouring slots) and sample each one's first token; the finished ones. A
+        failing forward of several is retried one by one, so that only a request whose own forward fails
+        ends (with "error")."""
+        try:
+            logits = self._prefill(group)
+        except Exception as exc:
+            if len(group) > 1:
+                return [s for seq in group for s in self._prefill_and_sample([seq])]
+            self.fail(group[0], f"{type(exc).__name__}: {exc}")
+            return group
+        return [seq for seq, token in zip(group, self._sample(group, logits)) if self._advance(seq, token)]
+
+    def _prefill(self, group: list[Sequence]) -> torch.Tensor:
+        """The last prompt position's logits of each request of `group` (rows, vocab), in one forward over
+        their slots; shorter prompts are padded at the end: what the padding writes to the cache lies beyond
+        the row's position, is never attended to and is overwritten as the row decodes."""
+        lengths = [len(seq.prompt_ids) for seq in group]
+        width = max(lengths)
+        ids = torch.tensor([seq.prompt_ids + [0] * (width - len(seq.prompt_ids)) for seq in group], device=self.device)
+        positions = torch.arange(width, device=self.device).expand(len(group), width)
+        last = torch.zeros(len(group), width, dtype=torch.bool, device=self.device)
+        last[torch.arange(len(group)), torch.tensor(lengths) - 1] = True
+        first = group[0].slot
+        caches = [c.rows(first, first + len(group), width) for c in self.caches]
+        return self.model(ids, kv_caches=caches, positions=positions, logits_at=last).logits
 
     def _decode_logits(self, tokens: torch.Tensor, positions: torch.Tensor, length: int | None = None) -> torch.Tensor:
         """Logits of one token per row; eager (`length` given): over the first rows and the positions any
@@ -245,23 +287,17 @@ class Engine:
         compiled = torch.compile(fn, dynamic=False)
         # the options hold while dynamo traces too (given to torch.compile they reach inductor alone, and
         # freezing, for one, then folds less)
-        options = torch._inductor.config.patch(self.capabilities.decode_compile_options)
-
-        warm = []  # after the first compiled call (guards checked): the same graph, guards skipped
+        experts = any(isinstance(m, MixtureOfExperts) for m in self.model.modules())
+        options = torch._inductor.config.patch(self.capabilities.decode_compile_options(experts))
 
         def call(*args):
             nonlocal compiled
             try:
-                if warm:
-                    with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                        return compiled(*args)
                 with options:
-                    out = compiled(*args)
-                warm.append(True)
-                return out
+                    return compiled(*args)
             except Exception as exc:  # no working compiler here: eager, the same numbers
                 self.compile_failure = f"{type(exc).__name__}: {exc}"
-                compiled = fn
+                self.compiled, compiled = False, fn  # eager from now on: the busy rows only
                 return fn(*args)
         return call
 

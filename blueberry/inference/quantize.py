@@ -60,7 +60,7 @@ class Int8Linear(nn.Module):
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 along the last dim: (int8 weight, fp32 scale per row), weight ~ q * scale."""
-    w = weight.detach().float()
+    w = weight.detach().float().contiguous()  # whatever layout an engine gave it (`stored_transposed`)
     scale = w.abs().amax(dim=-1).clamp(min=1e-12) / 127.0
     q = torch.round(w / scale.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
     return q, scale
@@ -75,7 +75,7 @@ def quantize_model(model: nn.Module, method: str) -> nn.Module:
         return _int4(model)
     if getattr(model.config, "tie_embeddings", False):
         model.lm_head = nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=False)
-        model.lm_head.weight = nn.Parameter(model.embed.weight.detach().clone())  # the head gets its own copy
+        model.lm_head.weight = nn.Parameter(model.embed.weight.detach().contiguous().clone())  # its own copy
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and child_name not in _KEEP_FULL_PRECISION:

@@ -156,9 +156,13 @@ async def _pieces(request: Request, queue: asyncio.Queue):
             if not getter.done():
                 return  # the client hung up
             item = getter.result()
-            yield item
-            if item is _END:
-                return
+            while True:  # what else the engine posted meanwhile, without a wait for each
+                yield item
+                if item is _END:
+                    return
+                if queue.empty():
+                    break
+                item = queue.get_nowait()
             getter = asyncio.ensure_future(queue.get())
     finally:
         getter.cancel()

@@ -159,6 +159,11 @@ class TransformerLM(nn.Module):
         return [block.new_cache(batch, max_len or self.config.max_seq_len, p.device, dtype or p.dtype)
                 for block in self.blocks]
 
+    @property
+    def pads_independently(self) -> bool:
+        """Prompts of several lengths may be prefilled together, padded at their ends (`ModelConfig`)."""
+        return self.config.pads_independently
+
     def fuse_projections(self, transposed: bool = False) -> "TransformerLM":
         """Inference only: each attention's q/k/v, and each gated MLP's gate/up, multiplied as one matrix.
         `transposed`: every linear weight stored by input rows (`layers.stored_transposed`; the tied

@@ -69,6 +69,10 @@ class EnsembleLM(nn.Module):
     def new_kv_caches(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> list:
         return [c for m in self.members for c in m.new_kv_caches(batch, max_len, dtype)]
 
+    @property
+    def pads_independently(self) -> bool:
+        return all(m.pads_independently for m in self.members)
+
     def fuse_projections(self, transposed: bool = False) -> "EnsembleLM":
         for m in self.members:
             m.fuse_projections(transposed)

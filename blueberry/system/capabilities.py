@@ -77,18 +77,21 @@ class Capabilities:
         oneDNN's bf16 ones run far slower (`benchmarks/decode_speed.py`); GPU libraries take either alike."""
         return not self.is_cuda and dtype == torch.float32
 
-    @property
-    def decode_compile_options(self) -> dict:
+    def decode_compile_options(self, experts: bool = False) -> dict:
         """Inductor options for the generation engine's fixed-shape decode step (a handful of small matmuls
         and the kernels between them, run once per token). CPU: the weights folded in as constants and
         laid out for the GEMM (`freezing`), the kernels called from C++ rather than one Python call each
         (`cpp_wrapper`), and inductor's C++ GEMM templates measured against the library's at compile
         time (`max_autotune` with the CPP backend): small matrix-vector products are where MKL's generic
-        path loses most (`benchmarks/decode_speed.py`). GPUs: inductor's defaults."""
+        path loses most (`benchmarks/decode_speed.py`). Not the templates for a model with `experts`:
+        with freezing they gave wrong tokens on the MoE dispatch path (torch 2.13; tests/test_inference.py
+        `test_compiled_decode_equals_eager_and_transformers[moe-6]`). GPUs: inductor's defaults."""
         if self.is_cuda:
             return {}
-        return {"freezing": True, "cpp_wrapper": True, "max_autotune": True,
-                "max_autotune_gemm_backends": "CPP,ATEN"}
+        options = {"freezing": True, "cpp_wrapper": True}
+        if not experts:
+            options.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN")
+        return options
 
     def expert_group_alignment(self, dtype: torch.dtype) -> int:
         """Rows to pad each MoE expert's group to. CPU bf16/fp16 matmuls run on oneDNN kernels compiled

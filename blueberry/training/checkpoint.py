@@ -57,7 +57,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module | dic
         if isinstance(model, dict):
             save_file({k: v.detach().contiguous().cpu() for k, v in model.items()}, str(tmp / WEIGHTS))
         else:
-            save_model(model, str(tmp / WEIGHTS), force_contiguous=True)  # an inference layout is saved as usual
+            save_model(model, str(tmp / WEIGHTS))
         torch.save({"format": FORMAT, "step": step, **state}, tmp / STATE)
         for f in (WEIGHTS, STATE):
             with open(tmp / f, "rb") as fh:
