@@ -5,7 +5,8 @@
 
 Weights: a trained run (`--run`, its own tokenizer and a prompt from its text) or, without it, random
 weights at the preset's shapes for each of `--models` (speed does not depend on what the weights
-learned). For each precision (fp32, bf16 weights) and batch (1, 8), tokens/s of
+learned; their small stand-in tokenizer decodes the ids beyond its vocabulary to nothing, so the engine's
+detokenization costs less than on a trained run). For each precision (fp32, bf16 weights) and batch (1, 8), tokens/s of
   blueberry           Engine, eager decode step
   blueberry-compiled  Engine with the compiled fixed-shape decode step (the device's inductor options,
                       `Capabilities.decode_compile_options`; compiled in the untimed warm-up)

@@ -318,7 +318,7 @@ def test_requests_arriving_together_are_prefilled_in_one_forward(tok, kw, togeth
     alone = [Engine(model, tok, slots=4).generate([p], params)[0].output_ids for p in ps]
     engine = Engine(model, tok, slots=4)
     calls = []
-    handle = model.register_forward_hook(lambda m, args, kwargs_out: calls.append(args[0].shape))
+    handle = model.register_forward_hook(lambda module, args, output: calls.append(args[0].shape))
     try:
         seqs = [engine.submit(p, params) for p in ps]
         engine.step()

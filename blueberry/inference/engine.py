@@ -166,7 +166,8 @@ class Engine:
             last[i], where[i] = seq.output_ids[-1], len(seq.prompt_ids) + len(seq.output_ids) - 1
         tokens = torch.tensor(last, device=self.device)[:, None]
         positions = torch.tensor(where, device=self.device)[:, None]
-        logits = self._decode(tokens, positions) if self.compiled else self._decode(tokens, positions, max(where) + 1)
+        length = None if self.compiled else max(where) + 1  # eager: attend over the positions reached only
+        logits = self._decode(tokens, positions, length)
         seqs = [self.slots[i] for i in active]
         for seq, token in zip(seqs, self._sample(seqs, logits[active])):
             if self._advance(seq, token):
@@ -272,7 +273,7 @@ class Engine:
         caches = [c.rows(first, first + len(group), width) for c in self.caches]
         return self.model(ids, kv_caches=caches, positions=positions, logits_at=last).logits
 
-    def _decode_logits(self, tokens: torch.Tensor, positions: torch.Tensor, length: int | None = None) -> torch.Tensor:
+    def _decode_logits(self, tokens: torch.Tensor, positions: torch.Tensor, length: int | None) -> torch.Tensor:
         """Logits of one token per row; eager (`length` given): over the first rows and the positions any
         of them has reached, compiled: over the whole cache (one fixed shape)."""
         rows = tokens.shape[0]

@@ -74,7 +74,7 @@ class Capabilities:
     def decode_weights_transposed(self, dtype: torch.dtype) -> bool:
         """Store inference weights of `dtype` by input rows (`models.layers.stored_transposed`): on CPUs
         MKL's float32 kernels for a few rows run far faster on the contiguous (in, out) matrix, while
-        oneDNN's bf16 ones run far slower (`benchmarks/decode_speed.py`); GPU libraries take either alike."""
+        oneDNN's bf16 ones run far slower (`benchmarks/gemv_layout.py`); GPU libraries take either alike."""
         return not self.is_cuda and dtype == torch.float32
 
     def decode_compile_options(self, experts: bool = False) -> dict:
@@ -83,7 +83,7 @@ class Capabilities:
         laid out for the GEMM (`freezing`), the kernels called from C++ rather than one Python call each
         (`cpp_wrapper`), and inductor's C++ GEMM templates measured against the library's at compile
         time (`max_autotune` with the CPP backend): small matrix-vector products are where MKL's generic
-        path loses most (`benchmarks/decode_speed.py`). Not the templates for a model with `experts`:
+        path loses most (`benchmarks/decode_options.py`). Not the templates for a model with `experts`:
         with freezing they gave wrong tokens on the MoE dispatch path (torch 2.13; tests/test_inference.py
         `test_compiled_decode_equals_eager_and_transformers[moe-6]`). GPUs: inductor's defaults."""
         if self.is_cuda:

@@ -1,0 +1,58 @@
+"""Few-row matmuls by weight layout: `F.linear` on (out, in) weights as trained vs the same matrices stored by
+input rows (`models.layers.stored_transposed`), the choice behind `Capabilities.decode_weights_transposed`.
+
+    python benchmarks/gemv_layout.py [--d-model 256] [--d-ff 704] [--layers 4] [--vocab 4096] [--rows 1,8]
+
+The weights are a decoder's (fused q/k/v, attention output, fused gate/up, down per layer, and the head),
+multiplied one after another as a decode step does, so each is read from memory rather than from the cache
+of the previous call; ms per step, the best of 5 runs of 50 steps, fp32 and bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from common import table
+
+
+def step_ms(weights, inputs) -> float:
+    import torch.nn.functional as F
+
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(50):
+            for w in weights:
+                F.linear(inputs[w.shape[1]], w)
+        best = min(best, (time.perf_counter() - start) / 50)
+    return best * 1e3
+
+
+def main() -> None:
+    import torch
+
+    from blueberry.models.layers import stored_transposed
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--d-ff", type=int, default=704)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--rows", default="1,8")
+    args = p.parse_args()
+    d, f = args.d_model, args.d_ff
+    shapes = [(3 * d, d), (d, d), (2 * f, d), (d, f)] * args.layers + [(args.vocab, d)]
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        as_trained = [torch.randn(shape).to(dtype) for shape in shapes]
+        by_input = [stored_transposed(w) for w in as_trained]
+        for m in map(int, args.rows.split(",")):
+            inputs = {k: torch.randn(m, k).to(dtype) for k in (d, f)}
+            a, b = step_ms(as_trained, inputs), step_ms(by_input, inputs)
+            rows.append([str(dtype).split(".")[1], m, f"{a:.3f}", f"{b:.3f}", f"{a / b:.2f}x"])
+    print(table(["dtype", "rows", "(out, in) ms", "by input rows ms", "speed-up"], rows))
+
+
+if __name__ == "__main__":
+    main()
