@@ -91,7 +91,7 @@ def build(args, ctx):
 
 def save_once(method: str, cfg, model, optimizers, ctx, step: int) -> tuple[float, float]:
     """(seconds until the training could go on, seconds until the checkpoint is committed) on this rank."""
-    from blueberry.training.checkpoint import save_checkpoint
+    from blueberry.runs.checkpoint import save_checkpoint
     from blueberry.training.distributed import gathered_states
     from blueberry.training.sharded_checkpoint import ShardedCheckpointer
 

@@ -48,7 +48,7 @@ def random_weights(model_type: str, preset: str):
 
 
 def trained_weights(run: str):
-    from blueberry.inference.loading import load_model
+    from blueberry.runs.loading import load_model
 
     model, _, tokenizer, _ = load_model(run, device="cpu")
     return model, tokenizer
@@ -68,7 +68,7 @@ def prompts_for(model, tokenizer, trained: bool, batch: int, length: int) -> lis
 def measure(name, model, tokenizer, dtype_name, batch, args, bandwidth) -> list[list]:
     import torch
 
-    from blueberry.inference.quantize import quantize_model, weight_bytes
+    from blueberry.ops.quantize import quantize_model, weight_bytes
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     prompts = prompts_for(model, tokenizer, args.run is not None, batch, args.prompt_tokens)

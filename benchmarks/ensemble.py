@@ -24,7 +24,7 @@ from common import table
 
 from blueberry.cli.use_cmds import _packed_loader
 from blueberry.data import load_and_cache_data
-from blueberry.inference.loading import load_model
+from blueberry.runs.loading import load_model
 from blueberry.training.evaluation import _batch_totals
 from blueberry.training.precision import choose_precision
 from blueberry.training.test_split import held_out_test_loader

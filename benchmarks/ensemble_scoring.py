@@ -22,11 +22,11 @@ from blueberry.configs import AdaptiveMoEModelConfig
 from blueberry.evaluation.run_tasks import task_scorer_factory
 from blueberry.models.ensemble import EnsembleLM
 from blueberry.system import set_cpu_threads
-from blueberry.training.ensemble_dir import ensemble_members
+from blueberry.runs.ensemble_dir import ensemble_members
 from blueberry.training.evaluation import evaluate_model
 from blueberry.training.precision import choose_precision
 from blueberry.training.run import build_data
-from blueberry.training.trained_run import load_trained
+from blueberry.runs.loading import load_model
 
 
 def best_of(repeats: int, fn):
@@ -48,7 +48,7 @@ def main() -> None:
     config = AdaptiveMoEModelConfig.from_dict(json.loads((run / "config.json").read_text()))
     rows = []
     seconds, ensemble = best_of(args.repeats, lambda: EnsembleLM(
-        [load_trained(str(m), "cpu")[0] for m in ensemble_members(run)]).eval())
+        [load_model(str(m), "cpu")[0] for m in ensemble_members(run)]).eval())
     rows.append(["load the members", f"{seconds:.1f}", ""])
     seconds, (tokenizer, corpus, _, val_loader) = best_of(
         args.repeats, lambda: build_data(config, lambda *a, **k: None, 0, 1))

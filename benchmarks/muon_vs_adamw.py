@@ -18,7 +18,7 @@ from pathlib import Path
 from common import table
 
 from blueberry.configs import get_config
-from blueberry.training.metrics import read_metrics
+from blueberry.runs.layout import read_metrics
 from blueberry.training.run import run_training
 
 

@@ -30,7 +30,7 @@ def main() -> None:
     import torch
 
     from blueberry.inference import Engine, SamplingParams
-    from blueberry.inference.loading import load_model
+    from blueberry.runs.loading import load_model
     from blueberry.inference.speculative import check_same_tokenizer, speculative_generate
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -311,8 +311,8 @@ def test_muon_takes_the_projections_and_adamw_the_filters_and_scalars():
 def test_resume_is_bitwise_identical_for_a_hybrid(tiny, tmp_path):
     from pathlib import Path
 
-    from blueberry.training.checkpoint import read_state, resolve_checkpoint
-    from blueberry.training.metrics import read_metrics
+    from blueberry.runs.checkpoint import read_state, resolve_checkpoint
+    from blueberry.runs.layout import read_metrics
     from blueberry.training.run import run_training
 
     cfg = tiny(max_steps=6, checkpoint_every=3, eval_every=3, layers="mamba:mlp,retention:moe,mod(attn:mlp)",

@@ -212,7 +212,7 @@ def test_a_60_second_budget_holds_for_the_whole_command(tmp_path):
     assert json.loads((run / "config.json").read_text())["max_steps"] == plan["max_steps"]
     assert "Plan:" in r.stdout
     # the last checkpoint holds the plan as revised: its length, its schedule, its config
-    from blueberry.training.checkpoint import read_state, resolve_checkpoint
+    from blueberry.runs.checkpoint import read_state, resolve_checkpoint
 
     state = read_state(resolve_checkpoint(run))
     assert state["plan"]["max_steps"] == state["scheduler"]["max_steps"] == state["config"]["max_steps"] \

@@ -185,8 +185,8 @@ def test_job_peak_counts_processes_not_visible_gpus():
 # ---------------------------------------------------------------- fp16 loss scaling (item 8)
 def test_fp16_overflow_steps_are_not_failures_and_do_not_advance_the_schedule(tiny, monkeypatch):
     from blueberry.training import run_training, trainer
-    from blueberry.training.checkpoint import read_state, resolve_checkpoint
-    from blueberry.training.metrics import read_metrics
+    from blueberry.runs.checkpoint import read_state, resolve_checkpoint
+    from blueberry.runs.layout import read_metrics
     from blueberry.training.precision import Precision
 
     # a scale so high that the first steps overflow fp16 gradients, lowered 1024x per overflow

@@ -22,10 +22,10 @@ from blueberry.data.sharded_loader import ShardedLoader
 from blueberry.data.token_store import Shard
 from blueberry.errors import CheckpointError
 from blueberry.models import create_model
-from blueberry.training.checkpoint import (POINTER, clean_stale_temporaries, is_sharded_checkpoint, load_weights,
+from blueberry.runs.checkpoint import (POINTER, clean_stale_temporaries, is_sharded_checkpoint, load_weights,
                                            read_state, resolve_checkpoint)
 from blueberry.training.distributed import DistContext
-from blueberry.training.metrics import read_metrics
+from blueberry.runs.layout import read_metrics
 
 GLOBAL_BATCH = 12  # windows per step, whatever the world size (1 x 12, 2 x 6, 3 x 4, 4 x 3)
 
@@ -149,7 +149,7 @@ def _save(cfg, model, optimizers, step: int):
 
 def test_a_sharded_checkpoint_round_trips_and_commits_atomically(tiny, monkeypatch):
     from blueberry.training import sharded_checkpoint
-    from blueberry.training.dcp_reader import load_sharded_optimizers
+    from blueberry.runs.dcp_reader import load_sharded_optimizers
 
     cfg = tiny(model_type="standard")
     model, optimizers = _trained(cfg)
@@ -259,7 +259,7 @@ def test_export_generate_eval_and_init_from_read_a_sharded_checkpoint(resumed_ru
     from safetensors.torch import load_file
 
     from blueberry.cli.main import main
-    from blueberry.inference.loading import load_model
+    from blueberry.runs.loading import load_model
     from blueberry.training.init_from import load_initial_weights, source_settings
 
     full = resumed_runs["full"]

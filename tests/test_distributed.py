@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from blueberry.training.checkpoint import is_sharded_checkpoint
-from blueberry.training.metrics import read_metrics
+from blueberry.runs.checkpoint import is_sharded_checkpoint
+from blueberry.runs.layout import read_metrics
 from helpers import ROOT, TINY_FLAGS, cli_env, run_in_group
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process tests run on Linux")
@@ -157,7 +157,7 @@ def _rank_pid(torchrun_pid: int, rank: int, timeout: float = 120) -> int:
 def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(corpus_dir, tmp_path, parallel, model_type):
     import subprocess
 
-    from blueberry.training.checkpoint import read_state, resolve_checkpoint
+    from blueberry.runs.checkpoint import read_state, resolve_checkpoint
     from helpers import _kill_group
 
     run = tmp_path / "run"

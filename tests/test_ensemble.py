@@ -130,7 +130,7 @@ def mixture_bits_per_byte(runs) -> float:
     validation windows."""
     from blueberry.cli.use_cmds import _packed_loader
     from blueberry.data import load_and_cache_data
-    from blueberry.inference.loading import load_model
+    from blueberry.runs.loading import load_model
 
     loaded = [load_model(r, "cpu") for r in runs]
     config, tok = loaded[0][1], loaded[0][2]
@@ -205,7 +205,7 @@ def test_finished_runs_combine_into_an_ensemble_that_every_command_takes(ensembl
     """`blueberry ensemble RUN RUN --out DIR`: members named (not copied), the mixture scored as the float64
     reference and as `--ensemble` scored the same members; eval and generate take DIR; it does not resume."""
     from blueberry.cli.main import main
-    from blueberry.training.ensemble_dir import ensemble_members
+    from blueberry.runs.ensemble_dir import ensemble_members
 
     run, _ = ensemble_run
     runs, out = [run / "members" / "0", run / "members" / "1"], tmp_path / "combined"

@@ -161,7 +161,7 @@ def run_dir(corpus_dir, tmp_path_factory):
 
 
 def test_a_run_logs_its_task_scores_at_the_final_evaluation(run_dir):
-    from blueberry.training.metrics import read_metrics
+    from blueberry.runs.layout import read_metrics
 
     evals = [r for r in read_metrics(run_dir) if r["kind"] == "eval"]
     assert "mini/acc" not in evals[0] and 0 <= evals[-1]["mini/acc"] <= 1  # final only, by default
@@ -212,7 +212,7 @@ def test_lm_eval_backend_equals_its_hf_backend_on_the_export_and_our_scorer(run_
     from lm_eval.tasks import TaskManager
 
     import blueberry.evaluation.harness as harness
-    from blueberry.inference.loading import load_model
+    from blueberry.runs.loading import load_model
 
     lm_eval_task(tmp_path, "tiny_mc", short_items(12))
     assert run_cli("export", run_dir, tmp_path / "hf").returncode == 0

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from blueberry.training.checkpoint import resolve_checkpoint
-from blueberry.training.metrics import read_metrics
+from blueberry.runs.checkpoint import resolve_checkpoint
+from blueberry.runs.layout import read_metrics
 from test_distributed import common, evals, losses, single, torchrun
 
 pytestmark = [pytest.mark.slow,

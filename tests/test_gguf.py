@@ -44,7 +44,7 @@ def runs(corpus_dir, tmp_path_factory):
 
 
 def _load(run):
-    from blueberry.inference.loading import load_model
+    from blueberry.runs.loading import load_model
 
     model, config, tok, _ = load_model(run, "cpu", torch.float32)
     return model, tok

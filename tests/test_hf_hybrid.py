@@ -143,7 +143,7 @@ def save_hf(name, path, **changes):
 
 @pytest.mark.parametrize("name", list(hf_families()))
 def test_imported_hybrid_logits_and_greedy_decode_equal_transformers(tmp_path, name):
-    from blueberry.inference.loading import load_model
+    from blueberry.runs.loading import load_model
 
     hf = save_hf(name, tmp_path / "hf")
     r = run_cli("import", tmp_path / "hf", tmp_path / "run")
@@ -160,7 +160,7 @@ def test_imported_hybrid_logits_and_greedy_decode_equal_transformers(tmp_path, n
 def test_import_of_an_exported_hybrid_is_the_run_exactly(tmp_path, layers, extra):
     from blueberry.data.tokenizer import train_bpe
     from blueberry.export import export_hf
-    from blueberry.inference.loading import load_model
+    from blueberry.runs.loading import load_model
 
     _, model = random_model(layers, **extra)
     export_hf(model, train_bpe(["the king and the queen " * 30], 300), tmp_path / "hf")
@@ -193,7 +193,7 @@ def test_unrepresentable_hybrid_configs_are_refused_naming_the_field(tmp_path, n
 def test_cli_export_of_a_trained_hybrid_loads_in_transformers(tmp_path, corpus_dir):
     from transformers import AutoModelForCausalLM
 
-    from blueberry.inference.loading import load_model
+    from blueberry.runs.loading import load_model
 
     r = run_cli("--dataset", corpus_dir, "--cache-dir", tmp_path / "c", "--out-dir", tmp_path / "run", "--max-steps",
                 "1", "--eval-every", "1", "--no-compile", "--layers", "mamba:moe,attn:moe", "--no-qk-norm",

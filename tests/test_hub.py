@@ -45,7 +45,7 @@ def test_hf_export_has_card_and_chat_template(run, tmp_path):
     from transformers import AutoTokenizer
 
     from blueberry.data.chat_template import chat_prompt_ids
-    from blueberry.training.trained_run import run_tokenizer
+    from blueberry.runs.loading import run_tokenizer
 
     out = tmp_path / "hf"
     r = run_cli("export", run, out, "--license", "apache-2.0")

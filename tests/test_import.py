@@ -53,7 +53,7 @@ def save_family(name, path, shard=False):
 
 @pytest.mark.parametrize("name", list(families()))
 def test_imported_logits_equal_transformers(name, tmp_path):
-    from blueberry.inference.loading import load_model
+    from blueberry.runs.loading import load_model
 
     hf = save_family(name, tmp_path / "hf", shard=name == "mixtral")
     if name == "mixtral":
@@ -75,7 +75,7 @@ def test_import_of_an_export_is_the_run_exactly(tmp_path, model_type, extra):
     from blueberry.configs import AdaptiveMoEModelConfig
     from blueberry.data.tokenizer import train_bpe
     from blueberry.export import export_hf
-    from blueberry.inference.loading import load_model
+    from blueberry.runs.loading import load_model
     from blueberry.models import create_model
 
     cfg = AdaptiveMoEModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=48, max_seq_len=32, vocab_size=300,
@@ -109,8 +109,8 @@ def test_unrepresentable_configs_are_refused_naming_the_field(tmp_path, field, v
 
 
 def test_continued_pretraining_starts_from_the_imported_weights(tmp_path, corpus_dir):
-    from blueberry.inference.loading import load_model
-    from blueberry.training.metrics import read_metrics
+    from blueberry.runs.loading import load_model
+    from blueberry.runs.layout import read_metrics
 
     save_family("qwen3", tmp_path / "hf")
     assert run_cli("import", tmp_path / "hf", tmp_path / "imported").returncode == 0

@@ -188,7 +188,7 @@ def test_draft_with_another_tokenizer_is_refused(tok):
 
 # ---------------------------------------------------------------- quantization
 def test_int8_linear_matches_a_float64_dequantised_reference():
-    from blueberry.inference.quantize import Int8Linear
+    from blueberry.ops.quantize import Int8Linear
 
     lin = torch.nn.Linear(96, 80, bias=True)
     q = Int8Linear.from_linear(lin)
@@ -205,7 +205,7 @@ def test_int8_linear_matches_a_float64_dequantised_reference():
 
 @pytest.mark.parametrize("model_type", ["moe", "standard"])
 def test_int8_model_stays_close_and_keeps_generating(tok, model_type):
-    from blueberry.inference.quantize import Int8Linear, quantize_model, weight_bytes
+    from blueberry.ops.quantize import Int8Linear, quantize_model, weight_bytes
 
     model = tiny_model(model_type)
     reference = tiny_model(model_type)

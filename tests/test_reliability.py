@@ -15,9 +15,9 @@ import torch
 from blueberry.data import load_documents
 from blueberry.errors import CheckpointError, DataError
 from blueberry.models import create_model
-from blueberry.training import checkpoint as ckpt_mod
-from blueberry.training import read_state, resolve_checkpoint, run_training
-from blueberry.training.checkpoint import load_weights, save_checkpoint
+from blueberry.runs import checkpoint as ckpt_mod
+from blueberry.runs.checkpoint import load_weights, read_state, resolve_checkpoint, save_checkpoint
+from blueberry.training import run_training
 from helpers import TINY_FLAGS, popen_cli, run_cli
 
 quiet = lambda *a, **k: None  # noqa: E731
@@ -211,7 +211,7 @@ def test_random_kill_9_always_leaves_a_loadable_checkpoint(corpus_dir, tmp_path)
 
 def test_optimizer_state_with_other_parameter_groups_is_refused_clearly():
     from blueberry.errors import CheckpointError
-    from blueberry.training.checkpoint import check_optimizer_layout
+    from blueberry.runs.checkpoint import check_optimizer_layout
 
     a, b = torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4, 4))
     ours = torch.optim.AdamW([{"params": [a]}, {"params": [b]}])

@@ -60,7 +60,7 @@ def _serve(run) -> int:
     from fastapi.testclient import TestClient
 
     from blueberry.inference import Engine
-    from blueberry.inference.loading import load_model
+    from blueberry.runs.loading import load_model
     from blueberry.inference.server import create_app
 
     model, _, tok, _ = load_model(run, "cpu")

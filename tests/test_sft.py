@@ -105,7 +105,7 @@ def test_a_tokenizers_own_chat_template_is_used_and_masked(tmp_path):
 
 
 def test_sft_run_end_to_end_lowers_held_out_loss(tmp_path):
-    from blueberry.training.metrics import read_metrics
+    from blueberry.runs.layout import read_metrics
 
     path = tmp_path / "chats.jsonl"
     path.write_text("".join(json.dumps(c) + "\n" for c in chats(120)))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "blueberry"
 # Lower layers never import higher ones (errors.py and __main__ aside).
-LAYERS = ["errors", "system", "ops", "configs", "data", "models", "export", "optimizers", "training",
+LAYERS = ["errors", "system", "ops", "configs", "data", "models", "runs", "export", "optimizers", "training",
           "inference", "evaluation", "cli"]
 
 
@@ -92,3 +92,34 @@ def test_every_module_says_what_it_owns():
     missing = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
                if p.stat().st_size and ast.get_docstring(ast.parse(p.read_text(encoding="utf-8"))) is None]
     assert not missing, missing
+
+
+# What only a run writes: named in blueberry/runs/ alone. Not listed, as a search cannot tell them apart:
+# config.json and tokenizer.json (also a transformers directory's and a token store's files), model.safetensors
+# (an HF export's), hf_tokenizer/ (where data/tokenizer.py saves an HF tokenizer's own files).
+RUN_FILES = ("metrics.jsonl", "summary.json", "samples.txt", "launch.json", "ensemble.json", "quantization.json",
+             "state.pt", "checkpoints")
+READERS = ("inference", "evaluation", "export")
+
+
+def _string_constants(path: Path) -> set[str]:
+    return {node.value for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+
+
+def test_only_the_run_module_names_a_run_directorys_files():
+    """A run directory is laid out, written and read in blueberry/runs/ (its names are layout.py's constants)."""
+    named = [f"{p.relative_to(PACKAGE)}: {name!r}" for p in PACKAGE.rglob("*.py") if p.parent.name != "runs"
+             for name in RUN_FILES if name in _string_constants(p)]
+    assert not named, named
+
+
+def test_inference_evaluation_and_export_load_runs_only_through_the_run_module():
+    """They load a run with blueberry.runs; of training/ they use only what measures a model (evaluate_model and
+    the precision it runs in), and no module outside blueberry/runs/ unpickles a checkpoint's state."""
+    measuring = {"blueberry.training.evaluation", "blueberry.training.precision"}
+    wrong = [f"{m} -> {t}" for m, targets in graph().items() if m.split(".")[1:2] and m.split(".")[1] in READERS
+             for t in targets if t.startswith("blueberry.training") and t not in measuring]
+    wrong += [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+              if p.parent.name != "runs" and "torch.load(" in p.read_text(encoding="utf-8")]
+    assert not wrong, wrong

@@ -236,8 +236,8 @@ def test_a_mixture_samples_in_proportion_and_resumes_exactly(tmp_path):
 
 # ---- training on stores ----
 def test_training_on_a_mixture_logs_tokens_per_source_and_resumes_bitwise(tmp_path, tiny):
-    from blueberry.training.checkpoint import read_state, resolve_checkpoint
-    from blueberry.training.metrics import read_metrics
+    from blueberry.runs.checkpoint import read_state, resolve_checkpoint
+    from blueberry.runs.layout import read_metrics
     from blueberry.training.run import run_training
 
     write_corpus(tmp_path / "a", seed=1)

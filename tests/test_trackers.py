@@ -28,7 +28,7 @@ def tracked_run(tmp_path_factory, corpus_dir):
                     "5", "--eval-every", "5", "--no-compile", "--tracker", ",".join(trackers),
                     *TINY_FLAGS)
     assert r.returncode == 0, r.stderr
-    from blueberry.training.metrics import read_metrics
+    from blueberry.runs.layout import read_metrics
 
     records = read_metrics(root / "run")
     train = {r["step"]: r["loss"] for r in records if r["kind"] == "train"}

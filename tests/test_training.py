@@ -8,8 +8,9 @@ import torch
 from blueberry.data import create_dataloaders, load_and_cache_data
 from blueberry.errors import RunError
 from blueberry.models import create_model
-from blueberry.training import evaluate_model, read_state, resolve_checkpoint, run_training, train_model
-from blueberry.training.metrics import read_metrics
+from blueberry.runs.checkpoint import read_state, resolve_checkpoint
+from blueberry.training import evaluate_model, run_training, train_model
+from blueberry.runs.layout import read_metrics
 
 quiet = lambda *a, **k: None  # noqa: E731
 
@@ -122,7 +123,7 @@ def test_compiled_run_trains_evaluates_and_checkpoints(tiny):
     assert metrics["step"] == 4 and math.isfinite(metrics["loss"])
     state = read_state(resolve_checkpoint(cfg.out_dir))
     assert state["step"] == 4
-    from blueberry.training.checkpoint import load_weights
+    from blueberry.runs.checkpoint import load_weights
 
     load_weights(resolve_checkpoint(cfg.out_dir), create_model(cfg))  # plain names, no _orig_mod prefix
 

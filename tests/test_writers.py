@@ -210,9 +210,9 @@ def test_compare_refuses_a_file_it_did_not_write_and_replaces_its_own(single_run
 
 
 # ---- removal calls touch only what the command wrote ----
-WRITERS = ["atomic.py", "data/prepare.py", "data/token_store.py", "training/checkpoint.py",
-           "training/sharded_checkpoint.py", "training/combine_runs.py", "training/run_dir.py",
-           "training/ensemble.py", "training/ensemble_dir.py", "inference/quantize_run.py", "export/huggingface.py",
+WRITERS = ["atomic.py", "data/prepare.py", "data/token_store.py", "runs/checkpoint.py",
+           "training/sharded_checkpoint.py", "training/combine_runs.py", "runs/layout.py",
+           "training/ensemble.py", "runs/ensemble_dir.py", "inference/quantize_run.py", "export/huggingface.py",
            "training/init_from.py", "evaluation/compare.py", "cli/use_cmds.py", "cli/prepare_cmd.py"]
 # each removal in the writers, and what makes it provably the command's own
 REMOVALS = {
@@ -225,13 +225,13 @@ REMOVALS = {
                         "shutil.rmtree(p, ignore_errors=True)"],  # .shard-* mkdtemp temporaries
     "data/token_store.py": ["shutil.rmtree(final)",  # shard-NNNNN of a claimed store, being rewritten
                             "shutil.rmtree(self.tmp, ignore_errors=True)"],  # its own mkdtemp
-    "training/checkpoint.py": ["shutil.rmtree(final)", "shutil.rmtree(tmp, ignore_errors=True)",
+    "runs/checkpoint.py": ["shutil.rmtree(final)", "shutil.rmtree(tmp, ignore_errors=True)",
                                "shutil.rmtree(old)", "shutil.rmtree(old, ignore_errors=True)",
                                "tmp.unlink(missing_ok=True)",  # checkpoints/ step_*, .step_*, .best.*, .latest.*
                                "shutil.rmtree(other, ignore_errors=True)"],  # the same step_N in the other format
     # .step_N.dcp.partial in the run's own checkpoints/ (the run directory was checked as this run's at start)
     "training/sharded_checkpoint.py": ["shutil.rmtree(tmp, ignore_errors=True)"],
-    "training/run_dir.py": ["probe.unlink()"],  # its own .write-test-PID
+    "runs/layout.py": ["probe.unlink()"],  # its own .write-test-PID
 }
 
 

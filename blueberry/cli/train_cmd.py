@@ -79,8 +79,8 @@ def exit_code(metrics: dict) -> int:
 
 
 def _resume(args) -> int:
-    from ..training.checkpoint import read_state, resolve_checkpoint, resolve_run, run_dir_of
-    from ..training.ensemble_dir import is_ensemble
+    from ..runs.checkpoint import read_state, resolve_checkpoint, resolve_run, run_dir_of
+    from ..runs.ensemble_dir import is_ensemble
     from ..training.run import run_training
     from .args import overrides_from
 
@@ -106,13 +106,12 @@ def _resume(args) -> int:
 
 def _resume_ensemble(args) -> int:
     """Finish a stopped ensemble run: the members it has not finished continue (see training.ensemble)."""
-    import json
-    from pathlib import Path
 
     from ..evaluation.run_tasks import task_scorer_factory
-    from ..training.checkpoint import resolve_run
+    from ..runs.checkpoint import resolve_run
+    from ..runs.ensemble_dir import refuse_to_resume_combined
+    from ..runs.layout import read_config
     from ..training.ensemble import run_ensemble
-    from ..training.ensemble_dir import refuse_to_resume_combined
     from .args import overrides_from
 
     run_dir = resolve_run(args.resume_from, run_dir=getattr(args, "out_dir", None))
@@ -121,7 +120,7 @@ def _resume_ensemble(args) -> int:
     if extra:
         raise ConfigError(extra[0], "an ensemble resumes with its own settings: drop the "
                           "flag (or resume one member's run directory with it)")
-    config = AdaptiveMoEModelConfig.from_dict(json.loads((Path(run_dir) / "config.json").read_text()))
+    config = read_config(run_dir)
     print(f"Resuming the ensemble {run_dir}")
     _, metrics = run_ensemble(config.replace(out_dir=str(run_dir)).validate(), resuming=True,
                               task_scorer_factory=task_scorer_factory)

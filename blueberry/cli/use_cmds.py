@@ -131,7 +131,7 @@ def _params(args, stop=()):
 
 
 def _load(args):
-    from ..inference.loading import load_model
+    from ..runs.loading import load_model
 
     return load_model(args.checkpoint, args.device, DTYPES[args.dtype])
 
@@ -159,7 +159,7 @@ def _speculative(args, model, tok, ids, params) -> int:
     import time
 
     from ..inference import ContextLengthError
-    from ..inference.loading import load_model
+    from ..runs.loading import load_model
     from ..inference.speculative import check_same_tokenizer, speculative_generate
 
     draft, _, draft_tok, _ = load_model(args.draft, args.device, DTYPES[args.dtype])
@@ -214,7 +214,7 @@ def eval_command(args) -> int:
     from ..data.corpus import encode_documents
     from ..data.held_out import held_out_texts, validation_loader
     from ..evaluation.tasks import evaluate_tasks, markdown_table
-    from ..training.checkpoint import run_dir_of
+    from ..runs.checkpoint import run_dir_of
     from ..training.evaluation import evaluate_model
 
     _check_bertscore_flags(args)
@@ -318,8 +318,8 @@ def ensemble_command(args) -> int:
 
 def export_command(args) -> int:
     from ..export import export_hf
-    from ..inference.loading import load_model, quantization_of
-    from ..training.checkpoint import resolve_checkpoint, run_dir_of
+    from ..runs.loading import load_model, quantization_of
+    from ..runs.checkpoint import resolve_checkpoint, run_dir_of
 
     if quantization_of(resolve_checkpoint(args.run)):
         raise UsageError(f"{args.run} is a quantized run; export the run it was made from")
@@ -343,8 +343,8 @@ def push_command(args) -> int:
 
     from ..export import export_hf
     from ..export.push import check_repo_id, is_export, upload
-    from ..inference.loading import load_model, quantization_of
-    from ..training.checkpoint import resolve_checkpoint, run_dir_of
+    from ..runs.loading import load_model, quantization_of
+    from ..runs.checkpoint import resolve_checkpoint, run_dir_of
 
     check_repo_id(args.repo_id)
     source = Path(args.source)
@@ -379,7 +379,7 @@ def serve_command(args) -> int:
     require("fastapi", "serve", "blueberry serve")
     from ..inference import Engine
     from ..inference.server import create_app
-    from ..training.checkpoint import run_dir_of
+    from ..runs.checkpoint import run_dir_of
 
     if not 0 < args.port < 65536 or args.slots <= 0:
         raise UsageError("--port must be in 1..65535 and --slots positive")

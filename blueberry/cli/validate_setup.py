@@ -32,7 +32,7 @@ def _check_dependencies(config):
 
 
 def validate_setup(config) -> int:
-    from ..training.checkpoint import load_weights, save_checkpoint, resolve_checkpoint
+    from ..runs.checkpoint import load_weights, save_checkpoint, resolve_checkpoint
     from ..training.precision import choose_precision
     from ..training.run import build_everything, resolve_device
     from ..optimizers import setup_optimizers

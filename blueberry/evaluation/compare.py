@@ -7,7 +7,6 @@ ensemble run is one row: its summary's figures, its members' parameters together
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import matplotlib
@@ -17,24 +16,23 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from ..atomic import atomic_write_bytes  # noqa: E402
-from ..configs import AdaptiveMoEModelConfig  # noqa: E402
 from ..errors import UsageError  # noqa: E402
 from ..models import create_model  # noqa: E402
-from ..training.ensemble_dir import ensemble_members, is_ensemble  # noqa: E402
-from ..training.metrics import read_metrics  # noqa: E402
+from ..runs.ensemble_dir import ensemble_members, is_ensemble  # noqa: E402
+from ..runs.layout import CONFIG, METRICS, read_config, read_metrics, read_summary  # noqa: E402
 
 
 def load_run(path: str | Path) -> dict:
     run = Path(path)
     if is_ensemble(run):
         return _load_ensemble_run(run)
-    if not (run / "metrics.jsonl").exists() or not (run / "config.json").exists():
-        raise UsageError(f"{run} is not a run directory (it needs metrics.jsonl and config.json)")
+    if not (run / METRICS).exists() or not (run / CONFIG).exists():
+        raise UsageError(f"{run} is not a run directory (it needs {METRICS} and {CONFIG})")
     records = read_metrics(run)
-    config = AdaptiveMoEModelConfig.from_dict(json.loads((run / "config.json").read_text()))
+    config = read_config(run)
     with torch.device("meta"):
         report = create_model(config).parameter_report()
-    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
+    summary = read_summary(run)
     evals = [r for r in records if r["kind"] == "eval"]
     train = [r for r in records if r["kind"] == "train"]
     return {"name": run.name, "path": run, "config": config, "params": report, "summary": summary,
@@ -43,7 +41,7 @@ def load_run(path: str | Path) -> dict:
 
 def _load_ensemble_run(run: Path) -> dict:
     members = [load_run(m) for m in ensemble_members(run)]
-    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
+    summary = read_summary(run)
     final = {k: v for k, v in summary.items() if k in ("loss", "bits_per_byte") or "/acc" in k}
     params = {k: sum(m["params"][k] for m in members) for k in members[0]["params"]}
     return {**members[0], "name": f"{run.name} (ensemble of {len(members)})", "path": run, "params": params,

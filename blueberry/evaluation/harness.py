@@ -44,7 +44,7 @@ class BlueberryLM(LM):
         super().__init__()
         import torch
 
-        from ..inference.loading import load_model
+        from ..runs.loading import load_model
 
         dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
         if device and str(device).startswith("cuda") and not torch.cuda.is_available():

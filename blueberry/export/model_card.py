@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..runs.layout import CONFIG, SUMMARY
+
 
 def _read_json(path: Path) -> dict:
     try:
@@ -103,8 +105,8 @@ def model_card(run_dir: Path | None, arch: str, params: dict, license: str, name
     """README.md text for an export of the run in `run_dir` (its config.json, summary.json, eval.json);
     `repo`, the Hub id it is pushed to, goes into the loading examples (else a placeholder path)."""
     run_dir = Path(run_dir) if run_dir else None
-    config = _read_json(run_dir / "config.json") if run_dir else {}
-    summary = _read_json(run_dir / "summary.json") if run_dir else {}
+    config = _read_json(run_dir / CONFIG) if run_dir else {}
+    summary = _read_json(run_dir / SUMMARY) if run_dir else {}
     evaluation = _read_json(run_dir / "eval.json") if run_dir else {}
     title = name or (run_dir.name if run_dir else "model")
     dataset = config.get("dataset")

@@ -13,12 +13,13 @@ import os
 from pathlib import Path
 
 from ..errors import UsageError
+from ..runs.layout import CHECKPOINTS
 
 
 def is_export(path: Path) -> bool:
     """A directory written by `export --format hf` (a run directory keeps its weights under checkpoints/)."""
     return path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file() \
-        and not (path / "checkpoints").exists()
+        and not (path / CHECKPOINTS).exists()
 
 
 def check_repo_id(repo_id: str) -> None:

@@ -4,8 +4,6 @@ ensemble run: every member, into an ensemble run of the quantized members)."""
 from __future__ import annotations
 
 import copy
-import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -13,11 +11,13 @@ import torch
 from ..atomic import building_dir, refuse_non_empty
 from ..data.held_out import validation_loader
 from ..errors import UsageError
-from ..training.checkpoint import read_state, resolve_run
-from ..training.ensemble_dir import ensemble_members, is_ensemble, member_dir, write_ensemble_file
+from ..runs.checkpoint import read_state, resolve_run
+from ..runs.ensemble_dir import ensemble_members, is_ensemble, member_dir, write_ensemble_file
 from ..training.evaluation import evaluate_model
-from .loading import load_model, quantization_of
-from .quantize import quantize_model, save_quantized_run, weight_bytes
+from ..ops.quantize import quantize_model, weight_bytes
+from ..runs.layout import CONFIG, copy_tokenizer, read_config, write_config, write_report
+from ..runs.loading import load_model, quantization_of
+from ..runs.quantized import save_quantized_run
 
 
 def validation_bits_per_byte(model, config, tokenizer, batches: int) -> float:
@@ -55,14 +55,14 @@ def _quantize_ensemble(run: Path, out: Path, method: str, device: str | None, ev
         for i, member in enumerate(members):
             quantize_run(str(member), str(member_dir(tmp, i)), method, device, eval_batches)
         write_ensemble_file(tmp, len(members))
-        for name in ("config.json", "tokenizer.json"):
-            if (run / name).exists():
-                shutil.copy2(run / name, tmp / name)
+        if (run / CONFIG).exists():
+            write_config(tmp, read_config(run))
+        copy_tokenizer(run, tmp)
         report = {}
         for when, path in (("before", run), ("after", tmp)):
             model, config, tokenizer, _ = load_model(path, device)
             report[f"weight_bytes_{when}"] = weight_bytes(model)
             report[f"bits_per_byte_{when}"] = validation_bits_per_byte(model, config, tokenizer, eval_batches)
         report["bits_per_byte_change_percent"] = 100 * (report["bits_per_byte_after"] / report["bits_per_byte_before"] - 1)
-        (tmp / "quantization.json").write_text(json.dumps({"method": method, **report}, indent=2) + "\n")
+        write_report(tmp, {"method": method, **report})
     return report

@@ -198,7 +198,7 @@ class MixtureOfExperts(nn.Module):
 
     def expert_weight(self, name: str, dtype: torch.dtype, index: torch.Tensor | int | None = None) -> torch.Tensor:
         """`w_up`/`w_down` in `dtype` (the experts at `index` only, when given). A quantized model stores
-        int8 weights with per-expert, per-output-row scales `<name>_scale` (inference/quantize.py)."""
+        int8 weights with per-expert, per-output-row scales `<name>_scale` (ops/quantize.py)."""
         weight = getattr(self, name)
         scale = getattr(self, name + "_scale", None)
         if index is not None:

@@ -16,21 +16,20 @@ a temporary name beside it and renamed when complete (atomic.building_dir).
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..atomic import atomic_write_text, building_dir
-from ..configs import AdaptiveMoEModelConfig, save_config
+from ..atomic import building_dir
+from ..configs import AdaptiveMoEModelConfig
 from ..errors import BlueberryError, UsageError
-from .checkpoint import read_state, resolve_checkpoint, run_dir_of
+from ..runs.checkpoint import read_state, resolve_checkpoint, run_dir_of
+from ..runs.ensemble_dir import ENSEMBLE_FILE, is_ensemble, write_ensemble_file
+from ..runs.layout import copy_tokenizer, read_summary, write_config, write_summary
+from ..runs.loading import load_model, run_tokenizer
 from .distributed import DistContext
 from .ensemble import score_mixture
-from .ensemble_dir import ENSEMBLE_FILE, FORMAT, is_ensemble
 from .test_split import score_test_split
-from .trained_run import load_trained, run_tokenizer
 
 
 @dataclass
@@ -54,7 +53,7 @@ def combine_runs(runs: list[str], out: str | Path, device: str | None = None, lo
     check_out(out, members)
     scoring = members[0].config if device is None else members[0].config.replace(device=device)
     dev = resolve_device(scoring)
-    models = [load_trained(m.checkpoint, str(dev))[0] for m in members]
+    models = [load_model(m.checkpoint, str(dev))[0] for m in members]
     start = time.perf_counter()
     ensemble, tokenizer, mixture, each = score_mixture(scoring, models, DistContext(), each=True,
                                                        expected_tokenizer=members[0].tokenizer.content_id)
@@ -88,7 +87,7 @@ def check_member(run: str | Path) -> Member:
         raise UsageError(f"{run} is a quantized ({method}) copy; combine the runs it was made from")
     config = AdaptiveMoEModelConfig.from_dict(state["config"])
     try:
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = read_summary(run_dir)
     except (OSError, ValueError):
         summary = None
     ended = isinstance(summary, dict) and (summary.get("step") == config.max_steps or summary.get("stopped_by_budget"))
@@ -145,14 +144,10 @@ def _summary(members: list[Member], mixture: dict, each: list[dict], seconds: fl
 def _write(tmp: Path, out: Path, members: list[Member], metrics: dict) -> None:
     """OUT's files, into `tmp` (renamed to OUT when complete)."""
     first = members[0]
-    spec = {"format": FORMAT, "members": [str(m.run_dir) for m in members], "combined": True}
-    atomic_write_text(tmp / ENSEMBLE_FILE, json.dumps(spec, indent=2) + "\n")
-    save_config(first.config.replace(ensemble=len(members), out_dir=str(out.resolve())), tmp / "config.json")
-    if (first.run_dir / "hf_tokenizer").is_dir():  # the tokenizer's own files, as run_tokenizer reads them
-        shutil.copytree(first.run_dir / "hf_tokenizer", tmp / "hf_tokenizer")
-    else:
-        shutil.copy2(first.run_dir / "tokenizer.json", tmp / "tokenizer.json")
-    atomic_write_text(tmp / "summary.json", json.dumps(metrics, indent=2, default=str))
+    write_ensemble_file(tmp, [m.run_dir for m in members], combined=True)
+    write_config(tmp, first.config.replace(ensemble=len(members), out_dir=str(out.resolve())))
+    copy_tokenizer(first.run_dir, tmp)
+    write_summary(tmp, metrics)
 
 
 def _print_table(out: Path, members: list[Member], metrics: dict, config, log) -> None:

@@ -11,7 +11,6 @@ finished members are kept, the others resume from their last checkpoints.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -21,18 +20,18 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_write_text
-from ..configs import AdaptiveMoEModelConfig, save_config
+from ..configs import AdaptiveMoEModelConfig
 from ..errors import BlueberryError, RunError, UsageError
 from ..models.ensemble import EnsembleLM
-from .checkpoint import POINTER, read_state, resolve_checkpoint
+from ..runs.checkpoint import POINTER, read_state, resolve_checkpoint
 from .distributed import init_distributed, teardown
-from .ensemble_dir import member_dir, refuse_to_resume_combined, write_ensemble_file
+from ..runs.ensemble_dir import member_dir, refuse_to_resume_combined, write_ensemble_file
 from .evaluation import evaluate_model
 from .precision import choose_precision
-from .run_dir import check_new_run_dir, default_run_dir, prepare_run_dir
+from ..runs.layout import (CHECKPOINTS, LAUNCH, TOKENIZER, check_new_run_dir, default_run_dir, prepare_run_dir,
+                           read_config, read_summary, write_config, write_summary)
 from .test_split import score_test_split
-from .trained_run import load_trained
+from ..runs.loading import load_model
 
 # A member process: pinned before anything reads the core count; on Linux it is sent SIGTERM (save and stop)
 # if this process dies without passing on a signal (e.g. SIGKILL), so that no member outlives its ensemble.
@@ -102,7 +101,7 @@ def _side_by_side(config) -> bool:
 
 def _announce(config, run_dir: Path, how: str, log) -> None:
     write_ensemble_file(run_dir, config.ensemble)
-    save_config(config, run_dir / "config.json")
+    write_config(run_dir, config)
     log(f"Ensemble of {config.ensemble} runs (seeds {config.seed}..{config.seed + config.ensemble - 1}), {how}: "
         f"{run_dir}")
 
@@ -115,16 +114,15 @@ def _prepare_data(config, log) -> None:
 
 
 def _finished(member) -> bool:
-    path = Path(member.out_dir) / "summary.json"
-    if not path.exists():
+    summary = read_summary(member.out_dir)
+    if not summary:
         return False
-    summary = json.loads(path.read_text())
     return summary.get("step") == member.max_steps and not summary.get("stopped_by_signal")
 
 
 def _resume_point(member):
     """(checkpoint state, checkpoint) to continue `member` from, or (None, None) to start it."""
-    if not (Path(member.out_dir) / "checkpoints" / POINTER).exists():
+    if not (Path(member.out_dir) / CHECKPOINTS / POINTER).exists():
         return None, None
     ckpt = resolve_checkpoint(member.out_dir)
     return read_state(ckpt), ckpt
@@ -148,7 +146,7 @@ def _train_side_by_side(members, log) -> dict | None:
         if _finished(member):
             continue
         Path(member.out_dir).mkdir(parents=True, exist_ok=True)
-        save_config(member, Path(member.out_dir) / "launch.json")
+        write_config(member.out_dir, member, LAUNCH)
         env_i = {**env, "OMP_NUM_THREADS": str(len(cores)), "BLUEBERRY_PROGRESS": "1" if not procs else "0"}
         procs[i] = subprocess.Popen([sys.executable, "-c", _CHILD, member.out_dir, str(i), ",".join(map(str, cores)),
                                      str(os.getpid())],
@@ -177,16 +175,15 @@ def _train_side_by_side(members, log) -> dict | None:
     stopped = [i for i, c in codes.items() if c]
     if not stopped:
         return None
-    summary = Path(members[stopped[0]].out_dir) / "summary.json"  # absent when stopped before its first step
-    signum = codes[stopped[0]] - 128
-    return json.loads(summary.read_text()) if summary.exists() else {"stopped_by_signal": True, "stop_signal": signum}
+    summary = read_summary(members[stopped[0]].out_dir)  # {} when stopped before its first step
+    return summary or {"stopped_by_signal": True, "stop_signal": codes[stopped[0]] - 128}
 
 
 def member_main(out_dir: str, index: str) -> int:
     """The process of one side-by-side member: train (or resume) the run described by OUT_DIR/launch.json."""
     from .run import run_training
 
-    config = AdaptiveMoEModelConfig.from_dict(json.loads((Path(out_dir) / "launch.json").read_text()))
+    config = read_config(out_dir, LAUNCH)
     state, ckpt = _resume_point(config)
 
     def log(*args, **kwargs):
@@ -214,9 +211,9 @@ def _score(config, members, ctx, start: float, log, task_scorer_factory) -> tupl
     device = resolve_device(config)
     if ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
-    models = [load_trained(m.out_dir, str(device))[0] for m in members]
+    models = [load_model(m.out_dir, str(device))[0] for m in members]
     ensemble, tokenizer, result, _ = score_mixture(config, models, ctx)
-    summaries = [json.loads((Path(m.out_dir) / "summary.json").read_text()) for m in members]
+    summaries = [read_summary(m.out_dir) for m in members]
     metrics = {**result, "ensemble": len(members),
                "step": config.max_steps, "elapsed": time.perf_counter() - start,
                "stopped_by_signal": False, "stop_signal": None,
@@ -228,8 +225,8 @@ def _score(config, members, ctx, start: float, log, task_scorer_factory) -> tupl
         scorer = task_scorer_factory(config, tokenizer) if task_scorer_factory else None
         if scorer is not None:
             metrics.update(scorer(ensemble))
-        tokenizer.save(run_dir / "tokenizer.json")
-        atomic_write_text(run_dir / "summary.json", json.dumps(metrics, indent=2, default=str))
+        tokenizer.save(run_dir / TOKENIZER)
+        write_summary(run_dir, metrics)
         _print_summary(metrics, run_dir, log)
     if config.test_fraction > 0:
         score_test_split(ensemble, config, tokenizer, ctx, run_dir, metrics, log=log)

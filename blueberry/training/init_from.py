@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 
-from ..configs import AdaptiveMoEModelConfig, save_config
+from ..configs import AdaptiveMoEModelConfig
 from ..errors import UsageError
 from ..export.huggingface import ImportRefused, is_hf_dir, model_fields_from_hf, read_hf_weights
-from .checkpoint import load_weights, read_state, resolve_checkpoint, run_dir_of, save_checkpoint
+from ..runs.checkpoint import load_weights, read_state, resolve_checkpoint, run_dir_of, save_checkpoint
+from ..runs.layout import HF_TOKENIZER, TOKENIZER, write_config
 
 MODEL_FIELDS = ("model_type", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "qkv_bias",
                 "d_ff", "mlp_type", "qk_norm", "tie_embeddings", "rope_theta", "norm_eps", "num_experts",
@@ -29,7 +30,7 @@ def source_settings(source: str) -> dict:
     run = run_dir_of(checkpoint)
     tokenizer = saved.get("tokenizer")
     if tokenizer is None:  # a BPE trained by that run: its file
-        tokenizer = str((run / "tokenizer.json").resolve())
+        tokenizer = str((run / TOKENIZER).resolve())
     return {**{k: saved[k] for k in MODEL_FIELDS if k in saved}, "tokenizer": tokenizer}
 
 
@@ -69,17 +70,17 @@ def import_hf_run(hf_dir: str, run_dir: str, seq_len: int | None = None) -> Path
     fields = model_fields_from_hf(hf_dir)
     if seq_len:
         fields["max_seq_len"] = seq_len
-    tokenizer_dir = (out / "hf_tokenizer").resolve()
+    tokenizer_dir = (out / HF_TOKENIZER).resolve()
     config = AdaptiveMoEModelConfig(**fields, tokenizer=str(tokenizer_dir), use_fp8=False)
     weights = read_hf_weights(hf_dir, config.model)
     from ..atomic import building_dir
 
     with building_dir(out, "run directory") as tmp:  # renamed to `out` when complete: a kill leaves no half
-        AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True).save_pretrained(str(tmp / "hf_tokenizer"))
+        AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True).save_pretrained(str(tmp / HF_TOKENIZER))
         # its identity names the directory it is loaded from: the final one, as a later load will see it
-        identity = load_tokenizer(str(tmp / "hf_tokenizer")).identity.replace(str(tmp / "hf_tokenizer"),
+        identity = load_tokenizer(str(tmp / HF_TOKENIZER)).identity.replace(str(tmp / HF_TOKENIZER),
                                                                                str(tokenizer_dir), 1)
-        save_config(config, tmp / "config.json")
+        write_config(tmp, config)
         save_checkpoint(tmp, 0, weights, {"config": config.to_dict(), "tokenizer": identity,
                                           "world_size": 1, "imported_from": str(hf_dir)}, keep=1)
     return out

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..runs.layout import metrics_path
+
 
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True,
@@ -24,7 +26,7 @@ class MetricsLogger:
             names = (["tensorboard"] if tensorboard else []) if trackers is None else trackers
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.trackers = [create_tracker(name, self.run_dir, self.run_dir.name) for name in names]
-            self._file = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
+            self._file = open(metrics_path(self.run_dir), "a", encoding="utf-8")
 
     def log_config(self, config: dict) -> None:
         for tracker in self.trackers:
@@ -60,16 +62,3 @@ def _jsonable(x):
     if hasattr(x, "tolist"):
         return x.tolist()
     return str(x)
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill
-    return out

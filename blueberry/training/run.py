@@ -5,7 +5,6 @@ This is what `python train.py` calls; an LR sweep calls it once per learning rat
 
 from __future__ import annotations
 
-import json
 import time
 import traceback
 from pathlib import Path
@@ -13,8 +12,6 @@ from pathlib import Path
 import torch
 import torch._dynamo
 
-from ..atomic import atomic_write_text
-from ..configs import save_config
 from ..data import create_dataloaders, load_and_cache_data
 from ..data.stores import uses_token_store
 from ..errors import CheckpointError, UsageError
@@ -23,12 +20,12 @@ from ..system import set_cpu_threads
 from .activation_checkpointing import apply_activation_checkpointing
 from .expert_parallel import apply_expert_parallel, check_expert_parallel, expert_parallel_of
 from .budget import StepPlanner, budget_seconds, planning, run_started
-from .checkpoint import clean_stale_temporaries, load_weights
+from ..runs.checkpoint import clean_stale_temporaries, load_weights
 from .distributed import init_distributed, teardown, wrap_model
 from .float8 import apply_float8
 from .init_from import load_initial_weights
 from .memory import check_fits, choose_checkpointing
-from .run_dir import default_run_dir, prepare_run_dir
+from ..runs.layout import TOKENIZER, default_run_dir, prepare_run_dir, write_config, write_summary
 from .size_plan import plan_size
 from .test_split import score_test_split
 from .trainer import train_model
@@ -148,8 +145,8 @@ def train_in_group(config, ctx, resume_state, resume_checkpoint, log, task_score
         _settle_machine_choices(model, config, device, ctx, say)
     config.validate()
     if ctx.is_main:
-        save_config(config, run_dir / "config.json")
-        tokenizer.save(run_dir / "tokenizer.json")
+        write_config(run_dir, config)
+        tokenizer.save(run_dir / TOKENIZER)
         rep = model.parameter_report()
         say(f"Model: {rep['total']:,} parameters, {rep['active_per_token']:,} active per token")
     check_fits(model, config, device, ctx.world_size, log=say)
@@ -174,7 +171,7 @@ def train_in_group(config, ctx, resume_state, resume_checkpoint, log, task_score
         score_test_split(model, config, tokenizer, ctx, run_dir, metrics, log=say)
     if planner is not None and ctx.is_main:  # the whole command's wall beside the plan's
         metrics["wall_s"] = time.time() - planner.started
-        atomic_write_text(run_dir / "summary.json", json.dumps(metrics, indent=2, default=str))
+        write_summary(run_dir, metrics)
         say(f"Wall time {metrics['wall_s']:.0f} s of the {planner.budget:.0f} s budget "
             f"(planned {planner.plan.get('planned_wall_s', float('nan')):.0f} s)")
     return model, metrics

@@ -13,7 +13,7 @@ next start. With `--async-checkpoint` the shards are copied in memory and writte
 (over a gloo process group of its own) while training goes on; the commit happens when the write is done.
 
 Tied weights (lm_head = embed) are stored once. Reading, in any process and at any world size, without
-running code: dcp_reader.py.
+running code: runs/dcp_reader.py.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 
 from ..errors import CheckpointError
-from .checkpoint import DCP_SUFFIX, FORMAT, STATE, commit_checkpoint
-from .dcp_reader import single_process_quiet, split_tensors, tied_names
+from ..runs.checkpoint import DCP_SUFFIX, FORMAT, STATE, commit_checkpoint
+from ..runs.dcp_reader import single_process_quiet, split_tensors, tied_names
+from ..runs.layout import CHECKPOINTS
 
 
 def _checkpoint_tensors(model, optimizers) -> tuple[dict, list]:
@@ -49,7 +50,7 @@ class ShardedCheckpointer:
     With `asynchronous`, `save` returns once the shards are copied; `poll` (each step) and `wait` commit."""
 
     def __init__(self, run_dir, ctx, asynchronous: bool = False):
-        self.root, self.ctx, self.asynchronous = Path(run_dir) / "checkpoints", ctx, asynchronous
+        self.root, self.ctx, self.asynchronous = Path(run_dir) / CHECKPOINTS, ctx, asynchronous
         self._pending = None  # (future, partial dir, name, state, keep, best)
         self._group = None
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .metrics import read_metrics
+from ..runs.layout import read_metrics
 from .plots import plot_sweep
 from .run import run_training
-from .run_dir import default_run_dir
+from ..runs.layout import default_run_dir
 
 
 def run_lr_sweep(config, lrs: list[float], log=print, **run_kwargs) -> list[dict]:

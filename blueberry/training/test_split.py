@@ -4,13 +4,12 @@ on text nothing was tuned on. Added to summary.json as test_loss / test_bits_per
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from ..atomic import atomic_write_text
 from ..data import BatchLoader, create_dataset
 from ..data.corpus import encode_documents, run_documents, test_documents
 from ..errors import DataError
+from ..runs.layout import write_summary
 from .evaluation import evaluate_model
 from .precision import choose_precision
 
@@ -39,5 +38,5 @@ def score_test_split(model, config, tokenizer, ctx, run_dir: Path, metrics: dict
     log(f"  test split     bits per byte {result['bits_per_byte']:.4f} ({len(docs)} documents never trained or "
         "validated on)")
     if ctx.is_main:
-        atomic_write_text(run_dir / "summary.json", json.dumps(metrics, indent=2, default=str))
+        write_summary(run_dir, metrics)
     return metrics

@@ -7,14 +7,13 @@ step. An fp16 loss-scaler overflow is not a failure: the scaler lowers its scale
 again on the next batch (the schedule does not advance). Every step is logged; every `eval_every` steps
 the model is evaluated, samples written and plots redrawn; every `checkpoint_every` steps (and at the
 end, and when any rank receives SIGINT/SIGTERM) a checkpoint is written atomically: one file set by rank 0
-(checkpoint.py), or under FSDP2 each rank's shards (sharded_checkpoint.py, optionally in the background).
+(runs/checkpoint.py), or under FSDP2 each rank's shards (sharded_checkpoint.py, optionally in the background).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import random
 import signal
@@ -24,14 +23,13 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_write_text
 from ..errors import CheckpointError, ConfigError, RunError
 from ..models.adaptive_llm import MOE_STATS
 from ..models.generation import generate_text
 from ..optimizers import get_lr_scheduler, setup_optimizers
-from ..configs import save_config
 from .budget import measure_costs
-from .checkpoint import check_optimizer_layout, is_sharded_checkpoint, save_checkpoint
+from ..runs.checkpoint import check_optimizer_layout, is_sharded_checkpoint, save_checkpoint
+from ..runs.layout import samples_path, write_config, write_summary
 from .expert_parallel import expert_parallel_of
 from .distributed import DistContext, is_sharded, keyed_by_index, load_full_optimizer_states, no_sync, scalar, unwrap
 from .evaluation import evaluate_model
@@ -192,7 +190,7 @@ def _write_samples(model, tokenizer, corpus_prompts, run_dir: Path, step: int, c
         texts.append(prompt + cont)
     if not write:
         return texts
-    with open(run_dir / "samples.txt", "a", encoding="utf-8") as f:
+    with open(samples_path(run_dir), "a", encoding="utf-8") as f:
         f.write(f"===== step {step} =====\n")
         for t in texts:
             f.write(t.strip() + "\n-----\n")
@@ -251,7 +249,7 @@ class _Run:
             bar.total = self.config.max_steps
             bar.refresh()
         if self.ctx.is_main:
-            save_config(self.config, self.run_dir / "config.json")
+            write_config(self.run_dir, self.config)
             self.logger.log("plan", loop.step, self.planner.plan)
         self.plan_unsaved = True
 
@@ -274,7 +272,7 @@ class _Run:
         if self.experts is not None and (sharded or not all(keyed_by_index(sd) for sd in state["optimizers"])):
             raise CheckpointError(f"{checkpoint} was written by an FSDP2 run: resume it without --expert-parallel")
         if checkpoint is not None and is_sharded_checkpoint(checkpoint):
-            from .dcp_reader import load_sharded_optimizers
+            from ..runs.dcp_reader import load_sharded_optimizers
 
             load_sharded_optimizers(checkpoint, self.core, self.optimizers, state["optimizers"])
         elif self.sharded or not all(keyed_by_index(sd) for sd in state["optimizers"]):
@@ -450,7 +448,7 @@ def _precision_for(model, config, caps) -> Precision:
 def _run_dir(config, run_dir) -> Path:
     """The run directory given, else the config's (a default one named for the run when it has none)."""
     if run_dir is None and config.out_dir is None:
-        from .run_dir import default_run_dir
+        from ..runs.layout import default_run_dir
 
         config.derive(out_dir=str(default_run_dir(config)))
     return Path(run_dir or config.out_dir)
@@ -528,7 +526,7 @@ def _finish(loop: LoopState, run: _Run, tok_rate, log) -> dict:
     if run.ctx.is_main:
         if run.logger.records:
             plot_run(run.logger.records, run_dir)
-        atomic_write_text(run_dir / "summary.json", json.dumps(metrics, indent=2, default=str))
+        write_summary(run_dir, metrics)
     run.logger.log_summary(metrics)
     run.logger.close()
     return metrics

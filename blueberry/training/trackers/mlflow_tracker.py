@@ -40,7 +40,7 @@ class MlflowTracker(Tracker):
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in scalars.items()])
 
     def log_summary(self, summary: dict) -> None:
-        self.client.log_dict(self.run_id, summary, "summary.json")
+        self.client.log_dict(self.run_id, summary, SUMMARY)  # as in the run directory
 
     def close(self) -> None:
         self.client.set_terminated(self.run_id)

@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..atomic import atomic_write_text
 from ..errors import CheckpointError, UsageError
-
-ENSEMBLE_FILE = "ensemble.json"
+from .layout import ENSEMBLE as ENSEMBLE_FILE
 FORMAT = 1
 
 
@@ -28,11 +28,13 @@ def is_ensemble(path: str | Path) -> bool:
     return (Path(path) / ENSEMBLE_FILE).is_file()
 
 
-def write_ensemble_file(run_dir: Path, members: int) -> None:
-    members_list = [str(member_dir(Path("."), i)) for i in range(members)]
-    tmp = Path(run_dir) / (ENSEMBLE_FILE + ".tmp")
-    tmp.write_text(json.dumps({"format": FORMAT, "members": members_list}, indent=2) + "\n")
-    tmp.replace(Path(run_dir) / ENSEMBLE_FILE)
+def write_ensemble_file(run_dir: Path, members: int | list[Path], combined: bool = False) -> None:
+    """RUN/ensemble.json naming `members` run directories: RUN/members/<i> for a count, else the paths given
+    (`combined`: an ensemble of finished runs, which `blueberry ensemble` made and nothing resumes)."""
+    listed = [str(member_dir(Path("."), i)) for i in range(members)] if isinstance(members, int) else \
+        [str(m) for m in members]
+    spec = {"format": FORMAT, "members": listed, **({"combined": True} if combined else {})}
+    atomic_write_text(Path(run_dir) / ENSEMBLE_FILE, json.dumps(spec, indent=2) + "\n")
 
 
 def refuse_to_resume_combined(run_dir: str | Path) -> None:

@@ -8,8 +8,8 @@ It is written to a temporary directory, fsynced and renamed into place; only the
 `RUN/checkpoints/latest` replaced (also by rename). A kill at any moment therefore leaves `latest`
 naming a complete checkpoint. `best` is a copy of the checkpoint with the lowest validation loss.
 
-FSDP2 runs write sharded checkpoints instead, `step_000123.dcp/` (sharded_checkpoint.py: every rank its
-own shards; dcp_reader.py reads them in any process, at any world size), committed by the same
+FSDP2 runs write sharded checkpoints instead, `step_000123.dcp/` (training/sharded_checkpoint.py: every rank
+its own shards; dcp_reader.py reads them in any process, at any world size), committed by the same
 rename-then-pointer steps (`commit_checkpoint`). Every reader here (`resolve_checkpoint`, `read_state`,
 `load_weights`) takes both.
 """
@@ -29,6 +29,7 @@ from safetensors.torch import load_model, save_file, save_model
 from ..atomic import atomic_write_text, fsync_dir
 from ..errors import CheckpointError, UsageError
 from .ensemble_dir import ENSEMBLE_FILE, ensemble_members, is_ensemble
+from .layout import CHECKPOINTS
 
 FORMAT = 1
 WEIGHTS, STATE, POINTER = "model.safetensors", "state.pt", "latest"
@@ -49,7 +50,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module | dic
     """Write checkpoint `step_{step}` atomically, point `latest` at it, keep the newest `keep`.
 
     `model` is a module, or a full state dict already gathered from FSDP2 shards."""
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
@@ -115,7 +116,7 @@ def _prune(root: Path, keep: int, current: str) -> None:
 
 def clean_stale_temporaries(run_dir: str | Path) -> None:
     """Remove half-written checkpoints left by a killed process (never complete ones)."""
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS
     for tmp in root.glob(".*"):
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -137,12 +138,12 @@ def resolve_checkpoint(path: str | Path, runs_root: str | Path = "runs", run_dir
 def resolve_run(path: str | Path, runs_root: str | Path = "runs", run_dir: str | Path | None = None) -> Path:
     """Like `resolve_checkpoint`, but an ensemble run directory (`--ensemble`) is returned as it is."""
     if str(path) == "latest" and run_dir is not None:
-        if not is_ensemble(run_dir) and not (Path(run_dir) / "checkpoints" / POINTER).exists():
+        if not is_ensemble(run_dir) and not (Path(run_dir) / CHECKPOINTS / POINTER).exists():
             raise CheckpointError(f"--resume-from latest: {run_dir} (--out-dir) has no checkpoint yet; give "
                                   "the run directory that holds one")
         path = run_dir
     elif str(path) == "latest":
-        candidates = sorted([*Path(runs_root).glob(f"*/checkpoints/{POINTER}"),
+        candidates = sorted([*Path(runs_root).glob(f"*/{CHECKPOINTS}/{POINTER}"),
                              *Path(runs_root).glob(f"*/{ENSEMBLE_FILE}")], key=lambda p: p.stat().st_mtime)
         if not candidates:
             raise CheckpointError(f"--resume-from latest: no run with a checkpoint under {runs_root}/; "
@@ -157,8 +158,8 @@ def resolve_run(path: str | Path, runs_root: str | Path = "runs", run_dir: str |
                               "directory, or 'latest'")
     if is_ensemble(p):
         return p
-    if (p / "checkpoints" / POINTER).exists():
-        p = p / "checkpoints"
+    if (p / CHECKPOINTS / POINTER).exists():
+        p = p / CHECKPOINTS
     if (p / POINTER).exists():
         name = (p / POINTER).read_text().strip()
         p = p / name

@@ -116,29 +116,3 @@ def weight_bytes(model: nn.Module) -> int:
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
     return total
-
-
-def save_quantized_run(model: nn.Module, state: dict, tokenizer, out_dir, method: str, report: dict):
-    """Write a run directory holding the quantized model as its one checkpoint (loadable by generate, eval,
-    serve and chat), its config and tokenizer, and `quantization.json` with the quality report."""
-    import json
-    from pathlib import Path
-
-    from ..configs import save_config
-    from ..configs.adaptive_moe_config import AdaptiveMoEModelConfig
-    from ..training.checkpoint import save_checkpoint
-
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise UsageError(f"{out} exists and is not empty; choose a new output directory")
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(AdaptiveMoEModelConfig.from_dict(state["config"]), out / "config.json")
-    tokenizer.save(out / "tokenizer.json")
-    weights = {k: v for k, v in model.state_dict().items()}
-    if method == "int4":  # packed at load time on the GPU (see the module docstring)
-        weights = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in weights.items()}
-    meta = {"config": state["config"], "tokenizer": state.get("tokenizer"), "quantization": {"method": method},
-            "world_size": 1}
-    save_checkpoint(out, state.get("step", 0), weights, meta, keep=1)
-    (out / "quantization.json").write_text(json.dumps({"method": method, **report}, indent=2) + "\n")
-    return out
