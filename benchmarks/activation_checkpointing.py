@@ -49,7 +49,7 @@ def worker(mode: str, preset: str, batch_size: int | None, n_layers: int | None,
     set_cpu_threads()
     torch.manual_seed(0)
     model = apply_activation_checkpointing(create_model(cfg).to(device).train(), mode)
-    optimizers = setup_optimizers(model, cfg, log=lambda *a: None)
+    optimizers = setup_optimizers(model, cfg)
     idx = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.max_seq_len), device=device)
     amp = cfg.capabilities().autocast_dtype if cfg.use_amp else None
 

@@ -80,7 +80,7 @@ def build(args, ctx):
     model = create_model(cfg)
     params = model.parameter_report()["total"]
     wrap_model(model, ctx, "fsdp")
-    optimizers = setup_optimizers(model, cfg, log=lambda *a: None, distributed=True)
+    optimizers = setup_optimizers(model, cfg, distributed=True)
     x = torch.randint(0, cfg.vocab_size, (1, 64))
     model(x, x).loss.backward()
     for opt in optimizers:

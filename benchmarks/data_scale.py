@@ -85,7 +85,7 @@ def cache_hit_seconds(source: Path, store: Path, workers: int) -> float:
     from blueberry.data.prepare import PrepareSettings, prepare
 
     t0 = time.perf_counter()
-    manifest = prepare(PrepareSettings(str(source), workers=workers, bpe_sample_mb=32), store, log=lambda *a: None)
+    manifest = prepare(PrepareSettings(str(source), workers=workers, bpe_sample_mb=32), store)
     assert manifest["complete"]
     return time.perf_counter() - t0
 

@@ -65,7 +65,7 @@ def main() -> None:
             raise SystemExit("these runs have no test split (--test-fraction)")
         loader, _ = held_out_test_loader(config, tokenizer)
     else:
-        _, _, corpus = load_and_cache_data(config, log=lambda *a: None)
+        _, _, corpus = load_and_cache_data(config)
         loader = _packed_loader(corpus.val, config, args.batches or config.eval_batches)
     alone, together = scores(models, loader, tokenizer.token_bytes(), choose_precision(config, config.capabilities()))
     rows = []

@@ -44,7 +44,7 @@ def _worker(args) -> None:
         model = create_model(config)
         ep = apply_expert_parallel(model, ctx.world_size) if variant == "ep" else None
         wrapped = wrap_model(model, ctx, "ddp")
-        optimizers = setup_optimizers(model, config, log=lambda *a: None, distributed=True)
+        optimizers = setup_optimizers(model, config, distributed=True)
         params = [p for p in model.parameters() if p.requires_grad]
         generator = torch.Generator().manual_seed(ctx.rank)
         for step in range(args.steps):

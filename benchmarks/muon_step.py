@@ -47,7 +47,7 @@ def measure(preset: str, repeats: int) -> list:
     model = create_model(cfg).to(device)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
-    optimizers = setup_optimizers(model, cfg, log=lambda *a, **k: None)
+    optimizers = setup_optimizers(model, cfg)
     muons = [opt for opt in optimizers if isinstance(opt, Muon)]
     results = {}
     for joined in (False, True):

@@ -35,7 +35,7 @@ def main():
         run_dir = out / f"{name}-{stamp}"
         cfg = get_config("cpu", optimizer=name, max_steps=args.max_steps, eval_every=args.eval_every,
                          checkpoint_every=args.max_steps, out_dir=str(run_dir))
-        run_training(cfg, log=lambda *a, **k: None)
+        run_training(cfg)
         evals = [r for r in read_metrics(run_dir) if r["kind"] == "eval"]
         curves[name] = [(r["step"], r["loss"]) for r in evals]
         elapsed = 0.0

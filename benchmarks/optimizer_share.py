@@ -28,7 +28,7 @@ def step_costs(preset: str, layers: int, rows: int, ns_steps: int) -> tuple[floa
     cfg = get_config(preset, device="cpu", use_fp8=False, n_layers=layers, compile=False).validate()
     torch.manual_seed(0)
     model = create_model(cfg)
-    optimizers = setup_optimizers(model, cfg, log=lambda *a, **k: None)
+    optimizers = setup_optimizers(model, cfg)
     for opt in optimizers:
         for group in opt.param_groups:
             if "ns_steps" in group:

@@ -32,7 +32,7 @@ def step_time(steps: int) -> float:
     set_cpu_threads()
     config = get_config("cpu", ensemble=1)
     model = create_model(config)
-    optimizers = setup_optimizers(model, config, log=lambda *a: None)
+    optimizers = setup_optimizers(model, config)
     precision = choose_precision(config, config.capabilities())
     compiled = torch.compile(model)
     x = torch.randint(0, config.vocab_size, (config.batch_size, config.max_seq_len))

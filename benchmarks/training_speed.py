@@ -70,7 +70,7 @@ def worker(variant: str, model_type: str, preset: str, steps: int, n_layers: int
     if variant == "pytorch-fp32":
         optimizers = [torch.optim.AdamW(params, lr=1e-3, foreach=False, fused=False)]
     elif variant in ("blueberry", "blueberry-nofp8"):
-        optimizers = setup_optimizers(model, cfg, log=lambda *a: None)
+        optimizers = setup_optimizers(model, cfg)
     else:
         optimizers = [torch.optim.AdamW(params, lr=1e-3, fused=True)]
     idx = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.max_seq_len), device=device)

@@ -71,7 +71,7 @@ def served_run(corpus_dir, tmp_path_factory) -> Path:
 # few in-process steps. Every other module is end-to-end and marked slow; `make test` runs both.
 FAST_MODULES = {"test_configs", "test_cross_entropy", "test_data", "test_fast_encode", "test_inference_safety",
                 "test_models", "test_ops", "test_optimizers", "test_plan", "test_step_efficiency",
-                "test_structure", "test_system", "test_activation_checkpointing"}
+                "test_structure", "test_system", "test_activation_checkpointing", "test_logs"}
 
 
 def pytest_collection_modifyitems(config, items):

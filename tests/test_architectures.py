@@ -317,12 +317,12 @@ def test_resume_is_bitwise_identical_for_a_hybrid(tiny, tmp_path):
 
     cfg = tiny(max_steps=6, checkpoint_every=3, eval_every=3, layers="mamba:mlp,retention:moe,mod(attn:mlp)",
                n_layers=3, ssm_head_dim=16, ssm_state=8, scan_chunk=16, mod_capacity=0.5)
-    run_training(cfg, log=lambda *a, **k: None)
+    run_training(cfg)
     losses = lambda d: {r["step"]: r["loss"] for r in read_metrics(d) if r["kind"] == "train"}  # noqa: E731
     straight = losses(cfg.out_dir)
     ckpt = resolve_checkpoint(Path(cfg.out_dir) / "checkpoints" / "step_000003")
     resumed_cfg = cfg.replace(out_dir=str(tmp_path / "resumed"))
-    run_training(resumed_cfg, resume_state=read_state(ckpt), resume_checkpoint=ckpt, log=lambda *a, **k: None)
+    run_training(resumed_cfg, resume_state=read_state(ckpt), resume_checkpoint=ckpt)
     resumed = losses(resumed_cfg.out_dir)
     assert [resumed[s] for s in (4, 5, 6)] == [straight[s] for s in (4, 5, 6)]
     assert all(math.isfinite(v) for v in straight.values())

@@ -154,7 +154,7 @@ def _simulate(monkeypatch, probe_step: float, step: float, eval_s: float, revise
     monkeypatch.setattr(budget.time, "time", lambda: clock["t"])
     config = AdaptiveMoEModelConfig(device="cpu", time_budget="100s")
     plan = {"time_budget_s": 100.0, "data_steps": 10 ** 6, "tokens_per_step": 1024, "unique_tokens": 10 ** 9}
-    planner = budget.StepPlanner(config, plan, 0.0, lambda *a: None)
+    planner = budget.StepPlanner(config, plan, 0.0)
     costs = {"eval": 1.0, "final": 5.0, "save": 0.2}
     done = 0
     while done < config.max_steps:

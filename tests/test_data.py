@@ -12,7 +12,6 @@ from blueberry.data import (BatchLoader, DocumentDataset, PackedDataset, RandomC
 from blueberry.data.sources import markdown_to_text
 from blueberry.errors import DataError
 
-quiet = lambda *a, **k: None  # noqa: E731
 
 
 def test_builtin_corpora():
@@ -67,7 +66,7 @@ def test_split_is_by_whole_documents_and_seeded(corpus_dir):
 
 def test_no_validation_sequence_appears_in_training(tiny):
     cfg = tiny(max_seq_len=16)
-    _, _, corpus = load_and_cache_data(cfg, log=quiet)
+    _, _, corpus = load_and_cache_data(cfg)
     train = np.asarray(corpus.train)
     windows = {tuple(train[i:i + 16]) for i in range(len(train) - 16)}
     val = np.asarray(corpus.val)
@@ -76,21 +75,18 @@ def test_no_validation_sequence_appears_in_training(tiny):
 
 
 def test_cache_hit_and_rebuilds(tiny, capsys):
-    logs = []
     cfg = tiny()
-    load_and_cache_data(cfg, log=logs.append)
-    assert not any("cache hit" in m for m in logs)
-    logs.clear()
-    _, _, c1 = load_and_cache_data(cfg, log=logs.append)
-    assert any("cache hit" in m for m in logs)
+    load_and_cache_data(cfg)
+    assert "cache hit" not in capsys.readouterr().out
+    _, _, c1 = load_and_cache_data(cfg)
+    assert "cache hit" in capsys.readouterr().out
     for change in (dict(max_tokens=3000), dict(num_documents=10), dict(val_fraction=0.2), dict(split_seed=9),
                    dict(vocab_size=320)):
-        logs.clear()
-        load_and_cache_data(tiny(**change), log=logs.append)
-        assert not any("cache hit" in m for m in logs), change
+        load_and_cache_data(tiny(**change))
+        assert "cache hit" not in capsys.readouterr().out, change
 
 
-def test_cache_rebuilds_when_content_changes(tmp_path, corpus_dir):
+def test_cache_rebuilds_when_content_changes(tmp_path, corpus_dir, capsys):
     import shutil
 
     from conftest import tiny_config
@@ -98,17 +94,17 @@ def test_cache_rebuilds_when_content_changes(tmp_path, corpus_dir):
     data = tmp_path / "data"
     shutil.copytree(corpus_dir, data)
     cfg = tiny_config(tmp_path, data)
-    _, _, c1 = load_and_cache_data(cfg, log=quiet)
+    _, _, c1 = load_and_cache_data(cfg)
     (data / "doc00.txt").write_text("completely new words in this file\n" * 50)
-    logs = []
-    _, _, c2 = load_and_cache_data(cfg, log=logs.append)
-    assert not any("cache hit" in m for m in logs)
+    capsys.readouterr()
+    _, _, c2 = load_and_cache_data(cfg)
+    assert "cache hit" not in capsys.readouterr().out
     assert c1.meta["key"] != c2.meta["key"]
 
 
 def test_corrupted_cache_is_rebuilt_with_warning(tiny):
     cfg = tiny()
-    _, _, c1 = load_and_cache_data(cfg, log=quiet)
+    _, _, c1 = load_and_cache_data(cfg)
     original = np.array(c1.train)
     entry = __import__("pathlib").Path(cfg.cache_dir) / c1.meta["key"]
     train_bin = entry / "train.bin"
@@ -116,25 +112,25 @@ def test_corrupted_cache_is_rebuilt_with_warning(tiny):
     data[10] ^= 0xFF
     train_bin.write_bytes(bytes(data))
     with pytest.warns(UserWarning, match="rebuilding"):
-        _, _, c2 = load_and_cache_data(cfg, log=quiet)
+        _, _, c2 = load_and_cache_data(cfg)
     assert np.array_equal(original, np.asarray(c2.train))  # rebuilt to the same tokens
     with open(train_bin, "r+b") as f:  # truncated
         f.truncate(100)
     with pytest.warns(UserWarning, match="rebuilding"):
-        _, _, c3 = load_and_cache_data(cfg, log=quiet)
+        _, _, c3 = load_and_cache_data(cfg)
     assert len(c3.train) == c3.meta["n_train"]
 
 
 def test_num_documents_and_max_tokens_are_exact(tiny):
     cfg = tiny(num_documents=8, max_tokens=5000, val_fraction=0.25)
-    _, _, corpus = load_and_cache_data(cfg, log=quiet)
+    _, _, corpus = load_and_cache_data(cfg)
     assert len(corpus.train) + len(corpus.val) == 5000
     assert len(corpus.val) == 1250
     assert corpus.meta["n_train_documents"] + corpus.meta["n_val_documents"] <= 8
 
 
 def test_tokens_are_uint16_memmaps_with_eot_between_documents(tiny):
-    _, tok, corpus = load_and_cache_data(tiny(), log=quiet)
+    _, tok, corpus = load_and_cache_data(tiny())
     assert isinstance(corpus.train, np.memmap) and corpus.train.dtype == np.uint16
     starts = corpus.train_doc_starts
     assert all(corpus.train[s] == tok.eot_id for s in starts)
@@ -188,7 +184,7 @@ def test_ranks_read_disjoint_samples():
 
 def test_dataloaders_and_document_mask(tiny):
     cfg = tiny(dataset_type="document", document_mask=True)
-    _, _, corpus = load_and_cache_data(cfg, log=quiet)
+    _, _, corpus = load_and_cache_data(cfg)
     train, val = create_dataloaders(cfg, corpus)
     batch = train.next_batch()
     assert len(batch) == 3 and batch[2].shape == batch[0].shape
@@ -200,13 +196,13 @@ def test_external_tokenizer_file(tiny, tmp_path):
 
     tok = train_bpe(["alpha beta gamma delta " * 50], 280)
     tok.save(tmp_path / "tok.json")
-    _, loaded, corpus = load_and_cache_data(tiny(tokenizer=str(tmp_path / "tok.json")), log=quiet)
+    _, loaded, corpus = load_and_cache_data(tiny(tokenizer=str(tmp_path / "tok.json")))
     assert loaded.vocab_size == tok.vocab_size and loaded.identity.startswith("file:")
 
 
 def test_bad_tokenizer_message(tiny, tmp_path):
     with pytest.raises(DataError, match="cannot be loaded offline"):
-        load_and_cache_data(tiny(tokenizer=str(tmp_path / "nowhere")), log=quiet)
+        load_and_cache_data(tiny(tokenizer=str(tmp_path / "nowhere")))
 
 
 def test_the_test_split_is_held_out_of_training_and_validation_and_scored_at_the_end(tiny, corpus_dir):
@@ -217,13 +213,13 @@ def test_the_test_split_is_held_out_of_training_and_validation_and_scored_at_the
     from blueberry.training.run import run_training
 
     cfg = tiny(test_fraction=0.2, max_steps=2)
-    docs = run_documents(cfg, log=lambda *a: None)
+    docs = run_documents(cfg)
     train, val = split_documents(docs, cfg.val_fraction, cfg.split_seed, cfg.test_fraction)
     test = test_documents(docs, cfg.val_fraction, cfg.split_seed, cfg.test_fraction)
     names = lambda ds: {d.name for d in ds}  # noqa: E731
     assert test and not names(test) & (names(train) | names(val))
     assert names(train) | names(val) | names(test) == names(docs)
     assert val == split_documents(docs, cfg.val_fraction, cfg.split_seed)[1]  # validation does not move
-    run_training(cfg, log=lambda *a, **k: None)
+    run_training(cfg)
     summary = json.loads((Path(cfg.out_dir) / "summary.json").read_text())
     assert summary["test_documents"] == len(test) and 0 < summary["test_bits_per_byte"] < 20

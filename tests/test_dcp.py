@@ -129,7 +129,7 @@ def _trained(cfg, steps: int = 2):
 
     torch.manual_seed(0)
     model = create_model(cfg)
-    optimizers = setup_optimizers(model, cfg, log=lambda *a: None)
+    optimizers = setup_optimizers(model, cfg)
     x = torch.randint(0, cfg.vocab_size, (2, cfg.max_seq_len))
     for _ in range(steps):
         model(x, x).loss.backward()

@@ -134,7 +134,7 @@ def mixture_bits_per_byte(runs) -> float:
 
     loaded = [load_model(r, "cpu") for r in runs]
     config, tok = loaded[0][1], loaded[0][2]
-    _, _, corpus = load_and_cache_data(config, log=lambda *a: None)
+    _, _, corpus = load_and_cache_data(config)
     tb = torch.as_tensor(tok.token_bytes(), dtype=torch.float64)
     nats = nbytes = 0.0
     with torch.no_grad():
@@ -272,7 +272,7 @@ def test_more_members_than_cores_train_one_after_another(tiny):
 
     n = len(os.sched_getaffinity(0)) + 1
     config = tiny(model_type="standard", ensemble=n, compile=False, eval_tasks="none")
-    ensemble, metrics = run_ensemble(config, log=lambda *a, **k: None)
+    ensemble, metrics = run_ensemble(config)
     assert len(ensemble.members) == n and len(metrics["members"]) == n
     first = [p for p in ensemble.members[0].parameters()][0]
     assert all(not torch.equal(first, list(m.parameters())[0]) for m in ensemble.members[1:])

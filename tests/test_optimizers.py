@@ -117,7 +117,7 @@ def test_hybrid_setup_splits_gated_expert_up_projections():
     cfg = AdaptiveMoEModelConfig(model_type="moe", vocab_size=300, d_model=32, n_layers=2, n_heads=2,
                                  num_experts=4, max_seq_len=16, device="cpu").validate()
     model = create_model(cfg)
-    muon = setup_optimizers(model, cfg, log=lambda *a: None)[0]
+    muon = setup_optimizers(model, cfg)[0]
     blocks = {id(q): g["row_blocks"] for g in muon.param_groups for q in g["params"]}
     for block in model.blocks:
         assert blocks[id(block.ffn.w_up)] == 2 and blocks[id(block.ffn.w_down)] == 1
@@ -229,7 +229,7 @@ def test_hybrid_setup_assigns_roles():
                                  vocab_size=300, num_experts=4, device="cpu", use_fp8=False,
                                  tie_embeddings=False).validate()
     model = create_model(cfg)
-    muon, adamw = setup_optimizers(model, cfg, log=lambda *a: None)
+    muon, adamw = setup_optimizers(model, cfg)
     muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}
     adam_ids = {id(p) for g in adamw.param_groups for p in g["params"]}
     assert not muon_ids & adam_ids
@@ -245,7 +245,7 @@ def test_single_optimizers_train(name):
     cfg = AdaptiveMoEModelConfig(d_model=32, n_layers=1, n_heads=4, max_seq_len=16, vocab_size=300,
                                  num_experts=2, device="cpu", use_fp8=False, optimizer=name).validate()
     model = create_model(cfg)
-    (opt,) = setup_optimizers(model, cfg, log=lambda *a: None)
+    (opt,) = setup_optimizers(model, cfg)
     idx = torch.randint(0, 300, (4, 16))
     first = None
     for _ in range(15):

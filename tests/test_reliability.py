@@ -20,7 +20,6 @@ from blueberry.runs.checkpoint import load_weights, read_state, resolve_checkpoi
 from blueberry.training import run_training
 from helpers import TINY_FLAGS, popen_cli, run_cli
 
-quiet = lambda *a, **k: None  # noqa: E731
 
 
 # ---------------------------------------------------------------- data
@@ -64,14 +63,14 @@ def test_corpus_too_small_says_how_many_tokens(tiny, tmp_path):
         (small / f"{i}.txt").write_text("a few words\n")
     cfg = tiny(dataset=str(small), max_seq_len=64)
     with pytest.raises(DataError, match=r"need at least 65 tokens .* have \d+"):
-        run_training(cfg, log=quiet)
+        run_training(cfg)
 
 
 # ---------------------------------------------------------------- checkpoints
 @pytest.fixture
 def trained_run(tiny):
     cfg = tiny(max_steps=4, checkpoint_every=2, eval_every=2)
-    run_training(cfg, log=quiet)
+    run_training(cfg)
     return cfg
 
 
@@ -120,7 +119,7 @@ def test_different_tokenizer_is_refused(trained_run, tmp_path):
     state["tokenizer"] = "bpe:300:somethingelse"
     with pytest.raises(CheckpointError, match="different tokenizer"):
         run_training(trained_run.replace(out_dir=str(tmp_path / "r2")), resume_state=state,
-                     resume_checkpoint=ck, log=quiet)
+                     resume_checkpoint=ck)
 
 
 def test_failed_checkpoint_write_keeps_previous(trained_run, monkeypatch):

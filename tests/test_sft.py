@@ -125,7 +125,7 @@ def test_memory_estimate_matches_real_optimizer_states_and_refuses_what_cannot_f
     for optimizer in ("adamw", "muon"):
         cfg = tiny(optimizer=optimizer, use_amp=False)
         model = create_model(cfg)
-        opts = setup_optimizers(model, cfg, log=lambda *a: None)
+        opts = setup_optimizers(model, cfg)
         model(torch.randint(0, 300, (2, 8)), torch.randint(0, 300, (2, 8))).loss.backward()
         for o in opts:
             o.step()
@@ -136,7 +136,7 @@ def test_memory_estimate_matches_real_optimizer_states_and_refuses_what_cannot_f
         assert estimate["weights"] == sum(p.numel() * 4 for p in model.parameters())
     monkeypatch.setattr(memory, "available_bytes", lambda device: 1e5)
     with pytest.raises(Exception, match="lower --batch-size"):
-        memory.check_fits(model, cfg, torch.device("cpu"), log=lambda *a: None)
+        memory.check_fits(model, cfg, torch.device("cpu"))
 
 
 LLAMA3_TEMPLATE = (  # Llama 3's own: contents trimmed, the header's blank line before them
@@ -198,10 +198,10 @@ def test_sft_refusals_name_the_file_and_line(tmp_path, tiny):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     config = tiny(task="sft", dataset=str(path), tokenizer=str(tmp_path / "tok"), val_fraction=0.5)
     with pytest.raises(DataError, match=r"chats.jsonl:7: .*no system role"):
-        load_sft_data(config, log=lambda *a: None)
+        load_sft_data(config)
     del records[6]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    _, corpus = load_sft_data(config, log=lambda *a: None)
+    _, corpus = load_sft_data(config)
     assert corpus.train_mask.sum() > 0
 
 

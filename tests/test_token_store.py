@@ -23,7 +23,6 @@ from blueberry.data.tokenizer import load_tokenizer
 from conftest import make_text
 from helpers import TINY_FLAGS, run_cli
 
-quiet = lambda *a, **k: None  # noqa: E731
 
 
 def write_corpus(root: Path, files: int = 4, docs_per_file: int = 60, seed: int = 0) -> list[str]:
@@ -62,7 +61,7 @@ def store_bytes(store: Path) -> list[bytes]:
 
 def test_prepare_holds_every_document_once_tokenized_alone(tmp_path):
     texts = write_corpus(tmp_path / "src")
-    manifest = prepare(settings(tmp_path / "src"), tmp_path / "store", log=quiet)
+    manifest = prepare(settings(tmp_path / "src"), tmp_path / "store")
     assert manifest["complete"] and len(manifest["shards"]) > 3  # several shards
     tok = load_tokenizer(str(tmp_path / "store" / "tokenizer.json"))
     stored = stored_documents(tmp_path / "store")
@@ -76,10 +75,10 @@ def test_the_split_is_stable_as_the_corpus_grows_and_duplicates_stay_together(tm
     write_corpus(tmp_path / "small", files=2)
     write_corpus(tmp_path / "big", files=4)  # the same first two files, then two more
     tok = tmp_path / "tok.json"
-    prepare(settings(tmp_path / "small"), tmp_path / "s1", log=quiet)
+    prepare(settings(tmp_path / "small"), tmp_path / "s1")
     (tmp_path / "s1" / "tokenizer.json").rename(tok)
-    prepare(settings(tmp_path / "small", tokenizer=str(tok)), tmp_path / "s1b", log=quiet)
-    prepare(settings(tmp_path / "big", tokenizer=str(tok)), tmp_path / "s2", log=quiet)
+    prepare(settings(tmp_path / "small", tokenizer=str(tok)), tmp_path / "s1b")
+    prepare(settings(tmp_path / "big", tokenizer=str(tok)), tmp_path / "s2")
     small, big = stored_documents(tmp_path / "s1b"), stored_documents(tmp_path / "s2")
     assert set(map(tuple, small["val"])) <= set(map(tuple, big["val"]))
     assert set(map(tuple, small["train"])) <= set(map(tuple, big["train"]))
@@ -88,16 +87,16 @@ def test_the_split_is_stable_as_the_corpus_grows_and_duplicates_stay_together(tm
 
 def test_two_workers_write_the_same_bytes_as_one(tmp_path):
     write_corpus(tmp_path / "src")
-    prepare(settings(tmp_path / "src"), tmp_path / "one", log=quiet)
+    prepare(settings(tmp_path / "src"), tmp_path / "one")
     tok = str(tmp_path / "one" / "tokenizer.json")
-    prepare(settings(tmp_path / "src", tokenizer=tok), tmp_path / "a", log=quiet)
-    prepare(settings(tmp_path / "src", tokenizer=tok, workers=2), tmp_path / "b", log=quiet)
+    prepare(settings(tmp_path / "src", tokenizer=tok), tmp_path / "a")
+    prepare(settings(tmp_path / "src", tokenizer=tok, workers=2), tmp_path / "b")
     assert store_bytes(tmp_path / "a") == store_bytes(tmp_path / "b")
 
 
-def test_an_interrupted_prepare_resumes_after_its_last_complete_shard(tmp_path, monkeypatch):
+def test_an_interrupted_prepare_resumes_after_its_last_complete_shard(tmp_path, monkeypatch, capsys):
     write_corpus(tmp_path / "src")
-    prepare(settings(tmp_path / "src"), tmp_path / "clean", log=quiet)
+    prepare(settings(tmp_path / "src"), tmp_path / "clean")
     real = prepare_module.iter_documents
 
     def dies_after(n):
@@ -112,41 +111,41 @@ def test_an_interrupted_prepare_resumes_after_its_last_complete_shard(tmp_path, 
     monkeypatch.setattr(prepare_module, "BATCH_DOCUMENTS", 16)  # small batches: some shards seal before the stop
     monkeypatch.setattr(prepare_module, "iter_documents", dies_after(150))
     with pytest.raises(KeyboardInterrupt):
-        prepare(settings(tmp_path / "src", tokenizer=tok), tmp_path / "store", log=quiet)
+        prepare(settings(tmp_path / "src", tokenizer=tok), tmp_path / "store")
     partial = read_manifest(tmp_path / "store")
     assert not partial["complete"] and partial["shards"] and 0 < partial["documents"] < 150
     assert not list((tmp_path / "store").glob(".shard-*"))  # the shard being written was removed
     monkeypatch.setattr(prepare_module, "iter_documents", real)
-    lines = []
-    prepare(settings(tmp_path / "src", tokenizer=tok), tmp_path / "store", log=lines.append)
-    assert any(line.startswith("Resuming") for line in lines)
+    capsys.readouterr()
+    prepare(settings(tmp_path / "src", tokenizer=tok), tmp_path / "store")
+    assert any(line.startswith("Resuming") for line in capsys.readouterr().out.splitlines())
     assert store_bytes(tmp_path / "store") == store_bytes(tmp_path / "clean")
 
 
 def test_a_cache_hit_reads_no_document_and_a_changed_file_is_caught(tmp_path, monkeypatch):
     write_corpus(tmp_path / "src")
-    prepare(settings(tmp_path / "src"), tmp_path / "store", log=quiet)
+    prepare(settings(tmp_path / "src"), tmp_path / "store")
 
     def forbidden(*a, **k):
         raise AssertionError("a cache hit must not read the documents")
 
     monkeypatch.setattr(prepare_module, "iter_documents", forbidden)
-    prepare(settings(tmp_path / "src"), tmp_path / "store", log=quiet)
+    prepare(settings(tmp_path / "src"), tmp_path / "store")
     f = tmp_path / "src" / "part01.jsonl"
     os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))  # touched, not changed: still a hit
-    prepare(settings(tmp_path / "src"), tmp_path / "store", log=quiet)
+    prepare(settings(tmp_path / "src"), tmp_path / "store")
     data = f.read_bytes()
     f.write_bytes(data.replace(b"king", b"sing", 1))  # same size, other content
     with pytest.raises(AssertionError, match="must not read"):
-        prepare(settings(tmp_path / "src"), tmp_path / "store", log=quiet)
+        prepare(settings(tmp_path / "src"), tmp_path / "store")
 
 
 def test_two_machines_prepare_parts_that_merge_into_one_store(tmp_path):
     texts = write_corpus(tmp_path / "src", files=5)
-    prepare(settings(tmp_path / "src"), tmp_path / "whole", log=quiet)
+    prepare(settings(tmp_path / "src"), tmp_path / "whole")
     tok = str(tmp_path / "whole" / "tokenizer.json")
     for i in range(2):
-        prepare(settings(tmp_path / "src", tokenizer=tok, shard_index=i, num_shards=2), tmp_path / f"p{i}", log=quiet)
+        prepare(settings(tmp_path / "src", tokenizer=tok, shard_index=i, num_shards=2), tmp_path / f"p{i}")
     merge_stores(tmp_path / "merged", [tmp_path / "p1", tmp_path / "p0"])
     merged = stored_documents(tmp_path / "merged")
     whole = stored_documents(tmp_path / "whole")
@@ -170,7 +169,7 @@ def test_a_stream_is_read_to_the_end_without_a_hidden_cap(tmp_path, monkeypatch)
 # ---- the loader ----
 def test_ranks_read_disjoint_windows_that_cover_the_store(tmp_path):
     write_corpus(tmp_path / "src")
-    prepare(settings(tmp_path / "src"), tmp_path / "store", log=quiet)
+    prepare(settings(tmp_path / "src"), tmp_path / "store")
     shards = open_split(tmp_path / "store", "train")
     loaders = [ShardedLoader(shards, 16, 4, seed=3, rank=r, world_size=2) for r in range(2)]
     seen = [set(), set()]
@@ -185,7 +184,7 @@ def test_ranks_read_disjoint_windows_that_cover_the_store(tmp_path):
 @pytest.mark.parametrize("prefetch", [0, 3])
 def test_the_loader_resumes_exactly_across_shards_and_epochs(tmp_path, prefetch):
     write_corpus(tmp_path / "src")
-    prepare(settings(tmp_path / "src"), tmp_path / "store", log=quiet)
+    prepare(settings(tmp_path / "src"), tmp_path / "store")
     shards = open_split(tmp_path / "store", "train")
     assert len(shards) > 3
 
@@ -212,9 +211,9 @@ def test_the_loader_resumes_exactly_across_shards_and_epochs(tmp_path, prefetch)
 def test_a_mixture_samples_in_proportion_and_resumes_exactly(tmp_path):
     write_corpus(tmp_path / "a", seed=1)
     write_corpus(tmp_path / "b", seed=2)
-    prepare(settings(tmp_path / "a"), tmp_path / "sa", log=quiet)
+    prepare(settings(tmp_path / "a"), tmp_path / "sa")
     tok = str(tmp_path / "sa" / "tokenizer.json")
-    prepare(settings(tmp_path / "b", tokenizer=tok), tmp_path / "sb", log=quiet)
+    prepare(settings(tmp_path / "b", tokenizer=tok), tmp_path / "sb")
 
     def make():
         parts = {"a": ShardedLoader(open_split(tmp_path / "sa", "train"), 16, 1, seed=0),
@@ -244,13 +243,13 @@ def test_training_on_a_mixture_logs_tokens_per_source_and_resumes_bitwise(tmp_pa
     write_corpus(tmp_path / "b", seed=2)
     cfg = tiny(dataset=f"{tmp_path / 'a'}:0.7,{tmp_path / 'b'}:0.3", shard_tokens=3000, max_steps=8,
                checkpoint_every=4, eval_every=4, prepare_workers=1)
-    run_training(cfg, log=quiet)
+    run_training(cfg)
     train = [r for r in read_metrics(cfg.out_dir) if r["kind"] == "train"]
     assert train[-1][f"tokens/{tmp_path / 'a'}"] + train[-1][f"tokens/{tmp_path / 'b'}"] == 8 * 4 * 32
     assert all(r["data_time"] >= 0 and 0 < r["optimizer_share"] < 1 for r in train)
     ckpt = resolve_checkpoint(Path(cfg.out_dir) / "checkpoints" / "step_000004")
     resumed = cfg.replace(out_dir=str(tmp_path / "resumed"))
-    run_training(resumed, resume_state=read_state(ckpt), resume_checkpoint=ckpt, log=quiet)
+    run_training(resumed, resume_state=read_state(ckpt), resume_checkpoint=ckpt)
     again = [r["loss"] for r in read_metrics(resumed.out_dir) if r["kind"] == "train"]
     assert again == [r["loss"] for r in train][4:]
 
@@ -276,7 +275,7 @@ def test_train_on_a_prepared_store_from_the_command_line(tmp_path):
 def test_a_store_loader_batch_matches_the_tokens_on_disk(tmp_path):
     """Independent of the loader: window w of shard s is tokens[w*L : w*L+L+1] of that shard's file."""
     write_corpus(tmp_path / "src")
-    prepare(settings(tmp_path / "src"), tmp_path / "store", log=quiet)
+    prepare(settings(tmp_path / "src"), tmp_path / "store")
     shards = open_split(tmp_path / "store", "train")
     loader = ShardedLoader(shards, 16, 4, shuffle=False)
     x, y = next(iter(loader))

@@ -12,7 +12,6 @@ from blueberry.runs.checkpoint import read_state, resolve_checkpoint
 from blueberry.training import evaluate_model, run_training, train_model
 from blueberry.runs.layout import read_metrics
 
-quiet = lambda *a, **k: None  # noqa: E731
 
 
 def train_losses(run_dir):
@@ -23,12 +22,12 @@ def train_losses(run_dir):
 def test_resume_is_bitwise_identical(tiny, tmp_path, accum, model_type):
     cfg = tiny(max_steps=8, checkpoint_every=4, eval_every=4, keep_checkpoints=5, grad_accum_steps=accum,
                model_type=model_type, router_noise=0.1 if model_type == "moe" else 0.0, dropout=0.1)
-    run_training(cfg, log=quiet)
+    run_training(cfg)
     straight = train_losses(cfg.out_dir)
     ckpt = resolve_checkpoint(Path(cfg.out_dir) / "checkpoints" / "step_000004")
     state = read_state(ckpt)
     resumed_cfg = cfg.replace(out_dir=str(tmp_path / "resumed"))
-    run_training(resumed_cfg, resume_state=state, resume_checkpoint=ckpt, log=quiet)
+    run_training(resumed_cfg, resume_state=state, resume_checkpoint=ckpt)
     resumed = train_losses(resumed_cfg.out_dir)
     assert sorted(resumed) == [5, 6, 7, 8]
     assert [resumed[s] for s in range(5, 9)] == [straight[s] for s in range(5, 9)]  # bitwise
@@ -36,7 +35,7 @@ def test_resume_is_bitwise_identical(tiny, tmp_path, accum, model_type):
 
 def test_run_produces_every_artefact(tiny):
     cfg = tiny(max_steps=6)
-    model, metrics = run_training(cfg, log=quiet)
+    model, metrics = run_training(cfg)
     run = Path(cfg.out_dir)
     for name in ("config.json", "metrics.jsonl", "loss_curve.png", "expert_load.png", "samples.txt",
                  "tokenizer.json", "summary.json", "checkpoints/latest", "checkpoints/best/model.safetensors"):
@@ -56,13 +55,13 @@ def test_run_produces_every_artefact(tiny):
 
 def test_keep_last_k_checkpoints(tiny):
     cfg = tiny(max_steps=8, checkpoint_every=2, eval_every=100, keep_checkpoints=2)
-    run_training(cfg, log=quiet)
+    run_training(cfg)
     steps = sorted(p.name for p in (Path(cfg.out_dir) / "checkpoints").glob("step_*"))
     assert steps == ["step_000006", "step_000008"]
 
 
 def _setup(cfg):
-    _, tok, corpus = load_and_cache_data(cfg, log=quiet)
+    _, tok, corpus = load_and_cache_data(cfg)
     model = create_model(cfg)
     train, val = create_dataloaders(cfg, corpus)
     return model, train, val, corpus
@@ -78,7 +77,7 @@ def test_nonfinite_gradient_is_skipped(tiny):
         return torch.full_like(grad, float("nan")) if calls["n"] == 2 else grad
 
     model.blocks[0].attn.q_proj.weight.register_hook(poison)
-    _, metrics = train_model(model, train, val, cfg, token_bytes=corpus.token_bytes, log=quiet, progress=False)
+    _, metrics = train_model(model, train, val, cfg, token_bytes=corpus.token_bytes, progress=False)
     assert metrics["skipped_steps"] == 1 and metrics["step"] == 5
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -88,7 +87,7 @@ def test_persistent_nonfinite_stops_with_checkpoint(tiny):
     model, train, val, corpus = _setup(cfg)
     model.blocks[0].attn.q_proj.weight.register_hook(lambda g: torch.full_like(g, float("inf")))
     with pytest.raises(RunError, match="3 consecutive"):
-        train_model(model, train, val, cfg, token_bytes=corpus.token_bytes, log=quiet, progress=False)
+        train_model(model, train, val, cfg, token_bytes=corpus.token_bytes, progress=False)
     assert resolve_checkpoint(cfg.out_dir).name == "step_000003"
 
 
@@ -108,7 +107,7 @@ def test_lr_sweep_writes_table_and_plot(tiny, tmp_path):
     from blueberry.training.sweep import run_lr_sweep
 
     cfg = tiny(max_steps=3, eval_every=3, out_dir=str(tmp_path / "sweep"))
-    results = run_lr_sweep(cfg, [0.01, 0.03], log=quiet)
+    results = run_lr_sweep(cfg, [0.01, 0.03])
     assert [r["lr"] for r in results] == [0.01, 0.03]
     root = tmp_path / "sweep"
     assert (root / "sweep.png").exists() and "**best**" in (root / "sweep.md").read_text()
@@ -119,7 +118,7 @@ def test_lr_sweep_writes_table_and_plot(tiny, tmp_path):
 
 def test_compiled_run_trains_evaluates_and_checkpoints(tiny):
     cfg = tiny(max_steps=4, eval_every=2, checkpoint_every=2, compile=True)
-    model, metrics = run_training(cfg, log=quiet)
+    model, metrics = run_training(cfg)
     assert metrics["step"] == 4 and math.isfinite(metrics["loss"])
     state = read_state(resolve_checkpoint(cfg.out_dir))
     assert state["step"] == 4
@@ -136,7 +135,7 @@ def test_seed_style_api(tiny, tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     config = tiny(out_dir=None, max_steps=2, eval_every=2, checkpoint_every=2)
-    texts, tokenizer, tokens = load_and_cache_data(config, log=quiet)
+    texts, tokenizer, tokens = load_and_cache_data(config)
     train_loader, val_loader = create_dataloaders(config, tokens)
     model = create_model(config, "moe")
     model, metrics = train_model(model, train_loader, val_loader, config)

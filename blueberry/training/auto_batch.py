@@ -12,6 +12,8 @@ from typing import Callable
 
 import torch
 
+from ..logs import quiet
+
 
 def largest_fitting_batch(try_step: Callable[[int], None], start: int, minimum: int = 1) -> int:
     """Halve from `start` until `try_step(batch)` runs without an out-of-memory error."""
@@ -36,7 +38,8 @@ def auto_batch_size(model, config, device, precision) -> tuple[int, int]:
     from ..optimizers import setup_optimizers
 
     target = config.batch_size * config.grad_accum_steps
-    optimizers = setup_optimizers(model, config, log=lambda *a: None)
+    with quiet():  # the probe's optimizers, thrown away
+        optimizers = setup_optimizers(model, config)
 
     def try_step(batch: int) -> None:
         idx = torch.randint(0, config.vocab_size, (batch, config.max_seq_len), device=device)

@@ -25,7 +25,10 @@ import time
 import torch
 
 from ..configs.fields import parse_duration
+from ..logs import get_logger
 from .size_plan import PROBE_STEPS
+
+log = get_logger(__name__).info
 
 _IMPORTED = time.time()
 _COMMAND_CLOCK: dict = {}
@@ -68,8 +71,8 @@ class StepPlanner:
     """Settles the length after the probe steps (or, with a given length, only measures the costs) and
     guards the budget afterwards. `plan`: the record so far (size_plan.plan_size's, or the budget alone)."""
 
-    def __init__(self, config, plan: dict, started: float, log):
-        self.config, self.plan, self.started, self.log = config, plan, started, log
+    def __init__(self, config, plan: dict, started: float):
+        self.config, self.plan, self.started = config, plan, started
         self.budget = plan["time_budget_s"]
         self.fixed_length = plan.get("fixed_length", False)
         self.step_times: list[float] = []
@@ -116,7 +119,7 @@ class StepPlanner:
         self.plan.update(step_time_s=step, probe_steps=done, max_steps=steps, limited_by=limited, costs=costs,
                          planned_wall_s=self.elapsed() + (steps - done) * step + self._reserve(steps, costs),
                          epochs=steps * self.plan["tokens_per_step"] / max(1, self.plan["unique_tokens"]))
-        self.log(f"Plan: {steps:,} steps ({limited}-limited; {self.plan['epochs']:.2f} passes over the data), "
+        log(f"Plan: {steps:,} steps ({limited}-limited; {self.plan['epochs']:.2f} passes over the data), "
                  f"{step:.3f} s per step measured, {self.plan['planned_wall_s']:.0f} s of the "
                  f"{self.budget:.0f} s budget planned")
         return steps
@@ -198,7 +201,7 @@ class StepPlanner:
                          limited_by="data" if steps == self.plan["data_steps"] else "time",
                          planned_wall_s=self.elapsed() + (steps - step) * self.plan["revisions"][-1]["step_time_s"]
                          + self._reserve_after(step, steps, costs))
-        self.log(f"Plan revised at step {step}: {previous:,} -> {steps:,} steps, by the times measured since the plan")
+        log(f"Plan revised at step {step}: {previous:,} -> {steps:,} steps, by the times measured since the plan")
 
     def out_of_time(self) -> bool:
         """After the plan: whether one more step would leave too little for the final scoring."""

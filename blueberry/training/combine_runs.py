@@ -23,6 +23,7 @@ from pathlib import Path
 from ..atomic import building_dir
 from ..configs import AdaptiveMoEModelConfig
 from ..errors import BlueberryError, UsageError
+from ..logs import get_logger, quiet
 from ..runs.checkpoint import read_state, resolve_checkpoint, run_dir_of
 from ..runs.ensemble_dir import ENSEMBLE_FILE, is_ensemble, write_ensemble_file
 from ..runs.layout import copy_tokenizer, read_summary, write_config, write_summary
@@ -30,6 +31,8 @@ from ..runs.loading import load_model, run_tokenizer
 from .distributed import DistContext
 from .ensemble import score_mixture
 from .test_split import score_test_split
+
+log = get_logger(__name__).info
 
 
 @dataclass
@@ -41,7 +44,7 @@ class Member:
     tokenizer: object
 
 
-def combine_runs(runs: list[str], out: str | Path, device: str | None = None, log=print) -> dict:
+def combine_runs(runs: list[str], out: str | Path, device: str | None = None) -> dict:
     """Write OUT as the ensemble of the finished `runs`; returns its summary (also OUT/summary.json)."""
     from .run import resolve_device
 
@@ -61,8 +64,9 @@ def combine_runs(runs: list[str], out: str | Path, device: str | None = None, lo
     with building_dir(out, "--out directory") as tmp:
         _write(tmp, out, members, metrics)
         if scoring.test_fraction > 0:  # rewrites summary.json with test_bits_per_byte
-            score_test_split(ensemble, scoring, tokenizer, DistContext(), tmp, metrics, log=lambda *a, **k: None)
-    _print_table(out, members, metrics, scoring, log)
+            with quiet():  # the table below shows it
+                score_test_split(ensemble, scoring, tokenizer, DistContext(), tmp, metrics)
+    _print_table(out, members, metrics, scoring)
     return metrics
 
 
@@ -150,7 +154,7 @@ def _write(tmp: Path, out: Path, members: list[Member], metrics: dict) -> None:
     write_summary(tmp, metrics)
 
 
-def _print_table(out: Path, members: list[Member], metrics: dict, config, log) -> None:
+def _print_table(out: Path, members: list[Member], metrics: dict, config) -> None:
     log(f"Ensemble of {len(members)} runs -> {out}, scored on the validation split of {config.dataset} "
         f"({metrics['tokens']:,} tokens):")
     log(f"  {'run':<48} {'bits per byte':>13} {'val loss':>9}")

@@ -22,16 +22,29 @@ import torch
 
 from ..configs import AdaptiveMoEModelConfig
 from ..errors import BlueberryError, RunError, UsageError
+from ..logs import get_logger, prefixed, quiet
 from ..models.ensemble import EnsembleLM
 from ..runs.checkpoint import POINTER, read_state, resolve_checkpoint
-from .distributed import init_distributed, teardown
 from ..runs.ensemble_dir import member_dir, refuse_to_resume_combined, write_ensemble_file
+from ..runs.layout import (
+    CHECKPOINTS,
+    LAUNCH,
+    TOKENIZER,
+    check_new_run_dir,
+    default_run_dir,
+    prepare_run_dir,
+    read_config,
+    read_summary,
+    write_config,
+    write_summary,
+)
+from ..runs.loading import load_model
+from .distributed import init_distributed, teardown
 from .evaluation import evaluate_model
 from .precision import choose_precision
-from ..runs.layout import (CHECKPOINTS, LAUNCH, TOKENIZER, check_new_run_dir, default_run_dir, prepare_run_dir,
-                           read_config, read_summary, write_config, write_summary)
 from .test_split import score_test_split
-from ..runs.loading import load_model
+
+log = get_logger(__name__).info
 
 # A member process: pinned before anything reads the core count; on Linux it is sent SIGTERM (save and stop)
 # if this process dies without passing on a signal (e.g. SIGKILL), so that no member outlives its ensemble.
@@ -44,7 +57,7 @@ _CHILD = ("import os, signal, sys\n"
           "sys.exit(member_main(sys.argv[1], sys.argv[2]))")
 
 
-def run_ensemble(config, resuming: bool = False, log=print, task_scorer_factory=None) -> tuple[EnsembleLM | None, dict]:
+def run_ensemble(config, resuming: bool = False, task_scorer_factory=None) -> tuple[EnsembleLM | None, dict]:
     """Train (or finish) the members of `config`'s ensemble, then score them as one model. Returns (the
     ensemble, its metrics), or (None, the stopped member's metrics) when a signal stopped a member."""
     run_dir = Path(config.out_dir) if config.out_dir else default_run_dir(config)
@@ -56,32 +69,31 @@ def run_ensemble(config, resuming: bool = False, log=print, task_scorer_factory=
     start = time.perf_counter()
     if _side_by_side(config):
         prepare_run_dir(run_dir, resuming=True)
-        _prepare_data(config, log)
-        _announce(config, run_dir, "side by side, one process each", log)
+        _prepare_data(config)
+        _announce(config, run_dir, "side by side, one process each")
         members = [member_config(config, i) for i in range(config.ensemble)]
-        stopped = _train_side_by_side(members, log)
+        stopped = _train_side_by_side(members)
         if stopped is not None:
             return None, stopped
-        return _score(config, members, init_distributed("cpu"), start, log, task_scorer_factory)
+        return _score(config, members, init_distributed("cpu"), start, task_scorer_factory)
     from .run import device_type, train_in_group
 
     ctx = init_distributed(device_type(config))
     members = [member_config(config, i) for i in range(config.ensemble)]
-    log = log if ctx.is_main else _quiet
     try:
         if ctx.is_main:
             prepare_run_dir(run_dir, resuming=True)
-            _announce(config, run_dir, "one after another", log)
+            _announce(config, run_dir, "one after another")
         for i, member in enumerate(members):
             if _finished(member):
                 continue
             state, ckpt = _resume_point(member)
             log(f"\n=== ensemble member {i} of {len(members)} (seed {member.seed}) -> {member.out_dir} ===")
-            _, metrics = train_in_group(member, ctx, state, ckpt, log, task_scorer_factory)
+            _, metrics = train_in_group(member, ctx, state, ckpt, task_scorer_factory)
             if metrics.get("stop_signal") is not None:
                 return None, metrics
         ctx.barrier()  # every member's summary is written (by rank 0) before any rank reads it
-        return _score(config, members, ctx, start, log, task_scorer_factory)
+        return _score(config, members, ctx, start, task_scorer_factory)
     finally:
         teardown(ctx)
 
@@ -99,18 +111,18 @@ def _side_by_side(config) -> bool:
     return on_cpu and int(os.environ.get("WORLD_SIZE", "1")) <= 1 and caps.cpu_cores >= config.ensemble
 
 
-def _announce(config, run_dir: Path, how: str, log) -> None:
+def _announce(config, run_dir: Path, how: str) -> None:
     write_ensemble_file(run_dir, config.ensemble)
     write_config(run_dir, config)
     log(f"Ensemble of {config.ensemble} runs (seeds {config.seed}..{config.seed + config.ensemble - 1}), {how}: "
         f"{run_dir}")
 
 
-def _prepare_data(config, log) -> None:
+def _prepare_data(config) -> None:
     """Build the data cache (and tokenizer) once, before the members read it side by side."""
     from .run import build_data
 
-    build_data(config, log)
+    build_data(config)
 
 
 def _finished(member) -> bool:
@@ -135,7 +147,7 @@ def _core_groups(count: int) -> list[list[int]]:
     return [cores[i * per:(i + 1) * per] for i in range(count)]
 
 
-def _train_side_by_side(members, log) -> dict | None:
+def _train_side_by_side(members) -> dict | None:
     """Train the unfinished members at once, each in its own process group; None when all finished, else the
     metrics of a member a signal stopped. A signal to this process is passed on to every member once."""
     package_root = Path(__file__).resolve().parents[2]  # the directory that holds blueberry/
@@ -186,10 +198,9 @@ def member_main(out_dir: str, index: str) -> int:
     config = read_config(out_dir, LAUNCH)
     state, ckpt = _resume_point(config)
 
-    def log(*args, **kwargs):
-        print(f"[member {index}]", *args, **kwargs, flush=True)
+    prefixed(f"[member {index}] ")
     try:
-        _, metrics = run_training(config, resume_state=state, resume_checkpoint=ckpt, log=log,  # no tasks: see
+        _, metrics = run_training(config, resume_state=state, resume_checkpoint=ckpt,  # no tasks: see
                                   progress=os.environ.get("BLUEBERRY_PROGRESS") == "1")  # member_config
     except BlueberryError as exc:
         print(f"error: [member {index}] {exc}", file=sys.stderr, flush=True)
@@ -204,7 +215,7 @@ def member_main(out_dir: str, index: str) -> int:
 
 
 # ---- the ensemble as one model ----
-def _score(config, members, ctx, start: float, log, task_scorer_factory) -> tuple[EnsembleLM, dict]:
+def _score(config, members, ctx, start: float, task_scorer_factory) -> tuple[EnsembleLM, dict]:
     """Validation (and test-split) figures of the members' mixture, on the windows each member was scored on."""
     from .run import resolve_device
 
@@ -227,9 +238,9 @@ def _score(config, members, ctx, start: float, log, task_scorer_factory) -> tupl
             metrics.update(scorer(ensemble))
         tokenizer.save(run_dir / TOKENIZER)
         write_summary(run_dir, metrics)
-        _print_summary(metrics, run_dir, log)
+        _print_summary(metrics, run_dir)
     if config.test_fraction > 0:
-        score_test_split(ensemble, config, tokenizer, ctx, run_dir, metrics, log=log)
+        score_test_split(ensemble, config, tokenizer, ctx, run_dir, metrics)
     return ensemble, metrics
 
 
@@ -242,7 +253,8 @@ def score_mixture(config, models, ctx, each: bool = False,
     from .run import build_data
 
     ensemble = EnsembleLM(models).eval()
-    tokenizer, corpus, _, val_loader = build_data(config, _quiet, ctx.rank, ctx.world_size)
+    with quiet():  # the data the members were trained on, announced then
+        tokenizer, corpus, _, val_loader = build_data(config, ctx.rank, ctx.world_size)
     if expected_tokenizer is not None and tokenizer.content_id != expected_tokenizer:
         raise UsageError(f"the data of the first run ({config.dataset}, cache {config.cache_dir}) is now read with "
                          "another tokenizer than the run's; restore its data cache (nothing was written to --out)")
@@ -255,11 +267,7 @@ def score_mixture(config, models, ctx, each: bool = False,
     return ensemble, tokenizer, score(ensemble), [score(m) for m in models] if each else []
 
 
-def _quiet(*args, **kwargs) -> None:
-    pass
-
-
-def _print_summary(metrics: dict, run_dir: Path, log) -> None:
+def _print_summary(metrics: dict, run_dir: Path) -> None:
     log("")
     log(f"Ensemble run directory: {run_dir} ({metrics['ensemble']} members, {metrics['elapsed'] / 60:.1f} min)")
     for i, m in enumerate(metrics["members"]):

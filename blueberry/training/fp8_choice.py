@@ -25,7 +25,10 @@ import torch
 
 from ..atomic import atomic_write_text
 from ..extras import available
+from ..logs import get_logger
 from .float8 import apply_float8
+
+log = get_logger(__name__).info
 
 CACHE_FILE = "fp8_choices.json"
 
@@ -59,13 +62,13 @@ def decision_key(config, device: torch.device) -> str:
             f"compile {bool(config.compile)}|{shapes}")
 
 
-def choose_fp8(model: torch.nn.Module, config, cache_dir: str | os.PathLike, say=print) -> bool:
+def choose_fp8(model: torch.nn.Module, config, cache_dir: str | os.PathLike) -> bool:
     """FP8 on or off for `model` (built, on its device, before any wrapping), with the reason said."""
     caps = config.capabilities()
     if not caps.supports_fp8:
         return False
     if not available("torchao"):
-        say("FP8 off: torchao is not installed (pip install 'blueberry[fp8]')")
+        log("FP8 off: torchao is not installed (pip install 'blueberry[fp8]')")
         return False
     device = next(model.parameters()).device
     path = Path(cache_dir) / CACHE_FILE
@@ -73,7 +76,7 @@ def choose_fp8(model: torch.nn.Module, config, cache_dir: str | os.PathLike, say
     cache = _read(path)
     if key in cache:
         verdict = cache[key]
-        say(f"FP8 {'on' if verdict['fp8'] else 'off'}: measured before at these shapes on this device "
+        log(f"FP8 {'on' if verdict['fp8'] else 'off'}: measured before at these shapes on this device "
             f"(step of one of each block kind: bf16 {verdict['bf16_ms']:.2f} ms, fp8 {verdict['fp8_ms']:.2f} ms; "
             f"{path}); --fp8 on/off decides instead")
         return verdict["fp8"]
@@ -81,7 +84,7 @@ def choose_fp8(model: torch.nn.Module, config, cache_dir: str | os.PathLike, say
     verdict = {"fp8": times["fp8"] < times["bf16"], "bf16_ms": times["bf16"] * 1e3, "fp8_ms": times["fp8"] * 1e3}
     cache[key] = verdict
     _write(path, cache)
-    say(f"FP8 {'on' if verdict['fp8'] else 'off'}: measured at the run's shapes, step of one of each block kind "
+    log(f"FP8 {'on' if verdict['fp8'] else 'off'}: measured at the run's shapes, step of one of each block kind "
         f"bf16 {verdict['bf16_ms']:.2f} ms vs fp8 {verdict['fp8_ms']:.2f} ms (cached in {path}); "
         "--fp8 on/off decides instead")
     return verdict["fp8"]

@@ -20,6 +20,9 @@ from __future__ import annotations
 
 from ..configs.fields import ACTIVATION_CHECKPOINTING
 from ..errors import UsageError
+from ..logs import get_logger
+
+log = get_logger(__name__).info
 
 GIB = 2**30
 
@@ -95,7 +98,7 @@ def choose_checkpointing(model, config, device, world_size: int = 1, available: 
     return ACTIVATION_CHECKPOINTING[-1]  # check_fits then says what to lower
 
 
-def check_fits(model, config, device, world_size: int = 1, log=print) -> dict:
+def check_fits(model, config, device, world_size: int = 1) -> dict:
     e = estimate(model, config, world_size)
     available = available_bytes(device)
     log(describe(e, available))

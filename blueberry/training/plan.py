@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..configs.presets import PRESET_HARDWARE
+from ..logs import quiet
 from ..models import create_model
 from .budget import planning
 from .memory import GIB, choose_checkpointing, estimate
@@ -51,7 +52,8 @@ def _plan_by_budget(config, world_size: int) -> list[str]:
     from .size_plan import PROBE_STEPS, plan_size
 
     notes: list[str] = []
-    _, corpus, _, _ = build_data(config, log=lambda *a, **k: None)
+    with quiet():
+        _, corpus, _, _ = build_data(config)
     plan = plan_size(config, corpus.n_train, _DryRunRanks(world_size), resolve_device(config), time.time(),
                      budget_seconds(config), notes.append)
     return [f"  budget        {budget_seconds(config):.0f} s for the whole command; the steps are set after a "

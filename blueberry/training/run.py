@@ -15,20 +15,23 @@ import torch._dynamo
 from ..data import create_dataloaders, load_and_cache_data
 from ..data.stores import uses_token_store
 from ..errors import CheckpointError, UsageError
+from ..logs import get_logger
 from ..models import create_model
+from ..runs.checkpoint import clean_stale_temporaries, load_weights
+from ..runs.layout import TOKENIZER, default_run_dir, prepare_run_dir, write_config, write_summary
 from ..system import set_cpu_threads
 from .activation_checkpointing import apply_activation_checkpointing
-from .expert_parallel import apply_expert_parallel, check_expert_parallel, expert_parallel_of
 from .budget import StepPlanner, budget_seconds, planning, run_started
-from ..runs.checkpoint import clean_stale_temporaries, load_weights
 from .distributed import init_distributed, teardown, wrap_model
+from .expert_parallel import apply_expert_parallel, check_expert_parallel, expert_parallel_of
 from .float8 import apply_float8
 from .init_from import load_initial_weights
 from .memory import check_fits, choose_checkpointing
-from ..runs.layout import TOKENIZER, default_run_dir, prepare_run_dir, write_config, write_summary
 from .size_plan import plan_size
 from .test_split import score_test_split
 from .trainer import train_model
+
+log = get_logger(__name__).info
 
 
 def resolve_device(config) -> torch.device:
@@ -40,22 +43,22 @@ def resolve_device(config) -> torch.device:
     return torch.device("cuda" if caps.is_cuda else "cpu")
 
 
-def build_everything(config, log=print, rank: int = 0, world_size: int = 1):
+def build_everything(config, rank: int = 0, world_size: int = 1):
     """Data, tokenizer, model and loaders for `config` (used by training, eval and validate-setup)."""
-    tokenizer, corpus, train_loader, val_loader = build_data(config, log, rank, world_size)
+    tokenizer, corpus, train_loader, val_loader = build_data(config, rank, world_size)
     return tokenizer, corpus, create_model(config), train_loader, val_loader
 
 
-def build_data(config, log=print, rank: int = 0, world_size: int = 1):
+def build_data(config, rank: int = 0, world_size: int = 1):
     """(tokenizer, corpus, train loader, validation loader) of `config`, the data cache built on first use."""
     if config.task == "sft":
         from ..data.sft import load_sft_data
 
-        tokenizer, corpus = load_sft_data(config, log=log)
+        tokenizer, corpus = load_sft_data(config)
     elif uses_token_store(config):
-        tokenizer, corpus = _token_stores(config, log)
+        tokenizer, corpus = _token_stores(config)
     else:
-        _, tokenizer, corpus = load_and_cache_data(config, log=log)
+        _, tokenizer, corpus = load_and_cache_data(config)
     if tokenizer.vocab_size > config.vocab_size:
         if "vocab_size" in config.auto_fields:
             config.derive(vocab_size=(tokenizer.vocab_size + 63) // 64 * 64)
@@ -67,7 +70,7 @@ def build_data(config, log=print, rank: int = 0, world_size: int = 1):
     return tokenizer, corpus, train_loader, val_loader
 
 
-def _token_stores(config, log):
+def _token_stores(config):
     """Prepare (or find: rank 0 runs first, see _build_on_every_rank) and open the token stores."""
     from ..data.stores import open_stores, prepare_stores
 
@@ -77,7 +80,7 @@ def _token_stores(config, log):
     if config.dataset_type != "packed":
         raise UsageError(f"--dataset-type {config.dataset_type}: a token store serves packed windows only; drop "
                          "the flag or use --no-token-store")
-    return open_stores(prepare_stores(config, log=log), log=log)
+    return open_stores(prepare_stores(config))
 
 
 def sample_prompts(tokenizer, corpus, n: int = 2, tokens: int = 8) -> tuple[str, ...]:
@@ -89,13 +92,13 @@ def sample_prompts(tokenizer, corpus, n: int = 2, tokens: int = 8) -> tuple[str,
     return tuple(prompts) or ("\n",)
 
 
-def run_training(config, resume_state: dict | None = None, resume_checkpoint: Path | None = None, log=print,
+def run_training(config, resume_state: dict | None = None, resume_checkpoint: Path | None = None,
                  task_scorer_factory=None, progress: bool = True):
     """Train one run (under torchrun: this process's share); returns (plain model, metrics).
     `task_scorer_factory(config, tokenizer)` may return a function scoring tasks at evaluations."""
     ctx = init_distributed(device_type(config))
     try:
-        return train_in_group(config, ctx, resume_state, resume_checkpoint, log, task_scorer_factory, progress)
+        return train_in_group(config, ctx, resume_state, resume_checkpoint, task_scorer_factory, progress)
     except BaseException as exc:
         # the traceback's frames hold the wrapped model; free them so that teardown can drop it first
         traceback.clear_frames(exc.__traceback__)
@@ -110,9 +113,8 @@ def device_type(config) -> str:
     return "cuda" if config.capabilities().is_cuda else "cpu"
 
 
-def train_in_group(config, ctx, resume_state, resume_checkpoint, log, task_scorer_factory, progress: bool = True):
+def train_in_group(config, ctx, resume_state, resume_checkpoint, task_scorer_factory, progress: bool = True):
     """One run in the process group `ctx` (which the caller owns): train, summarise, score the test split."""
-    say = log if ctx.is_main else (lambda *a, **k: None)
     check_expert_parallel(config, ctx.world_size)
     device = resolve_device(config)
     if ctx.enabled and device.type == "cuda":
@@ -128,35 +130,34 @@ def train_in_group(config, ctx, resume_state, resume_checkpoint, log, task_score
         clean_stale_temporaries(run_dir)
     torch.manual_seed(config.seed)
     started, plan = budget_clock(config, resume_state)
-    tokenizer, corpus, model, train_loader, val_loader, plan = _build_on_every_rank(config, ctx, say, plan, started,
+    tokenizer, corpus, model, train_loader, val_loader, plan = _build_on_every_rank(config, ctx, plan, started,
                                                                                      device)
     if resume_state is not None:
         check_resumable(resume_state, resume_checkpoint, tokenizer, ctx, config)
-        _say_repartition(resume_state, config, ctx, say)
+        _say_repartition(resume_state, config, ctx)
         load_weights(resume_checkpoint, model)
     elif config.init_from:
         load_initial_weights(model, config.init_from)
-        say(f"Initialised from {config.init_from}")
+        log(f"Initialised from {config.init_from}")
     model.to(device)
     if device.type == "cuda" and "batch_size" in config.auto_fields and resume_state is None:
-        train_loader, val_loader = _fit_batch_to_gpu(model, config, device, corpus, ctx, say,
+        train_loader, val_loader = _fit_batch_to_gpu(model, config, device, corpus, ctx,
                                                      (train_loader, val_loader))
     if resume_state is None:  # a resumed run keeps the choices it made
-        _settle_machine_choices(model, config, device, ctx, say)
+        _settle_machine_choices(model, config, device, ctx)
     config.validate()
     if ctx.is_main:
         write_config(run_dir, config)
         tokenizer.save(run_dir / TOKENIZER)
         rep = model.parameter_report()
-        say(f"Model: {rep['total']:,} parameters, {rep['active_per_token']:,} active per token")
-    check_fits(model, config, device, ctx.world_size, log=say)
+        log(f"Model: {rep['total']:,} parameters, {rep['active_per_token']:,} active per token")
+    check_fits(model, config, device, ctx.world_size)
     wrapped = _wrap(model, config, ctx)
-    planner = StepPlanner(config, plan, started, say) if plan is not None else None
+    planner = StepPlanner(config, plan, started) if plan is not None else None
     try:
         _, metrics = train_model(
             wrapped, train_loader, val_loader, config, run_dir=run_dir, tokenizer=tokenizer,
             token_bytes=corpus.token_bytes, resume_state=resume_state, resume_checkpoint=resume_checkpoint, ctx=ctx,
-            log=say,
             sample_prompts=sample_prompts(tokenizer, corpus), progress=progress,
             task_scorer=task_scorer_factory(config, tokenizer) if task_scorer_factory else None, planner=planner)
     finally:
@@ -166,13 +167,13 @@ def train_in_group(config, ctx, resume_state, resume_checkpoint, log, task_score
         expert_parallel_of(model).gather()  # every expert on every rank again: the test split, the summary
     del wrapped  # the DDP reducer must go before the process group (see distributed.teardown)
     if ctx.is_main:
-        print_summary(metrics, run_dir, say)
+        print_summary(metrics, run_dir)
     if config.test_fraction > 0 and metrics.get("stop_signal") is None:
-        score_test_split(model, config, tokenizer, ctx, run_dir, metrics, log=say)
+        score_test_split(model, config, tokenizer, ctx, run_dir, metrics)
     if planner is not None and ctx.is_main:  # the whole command's wall beside the plan's
         metrics["wall_s"] = time.time() - planner.started
         write_summary(run_dir, metrics)
-        say(f"Wall time {metrics['wall_s']:.0f} s of the {planner.budget:.0f} s budget "
+        log(f"Wall time {metrics['wall_s']:.0f} s of the {planner.budget:.0f} s budget "
             f"(planned {planner.plan.get('planned_wall_s', float('nan')):.0f} s)")
     return model, metrics
 
@@ -192,18 +193,18 @@ def budget_clock(config, resume_state: dict | None) -> tuple[float | None, dict 
     return None, None
 
 
-def _build_on_every_rank(config, ctx, say, plan: dict | None, started: float | None, device):
+def _build_on_every_rank(config, ctx, plan: dict | None, started: float | None, device):
     """Rank 0 builds (and caches) the data first; the other ranks then read the cache. A new plan ({}) chooses
     the size and the provisional length before the model is built (training.size_plan). Returns (tokenizer,
     corpus, model, train loader, val loader, plan)."""
     if ctx.is_main:
-        data = build_data(config, say, ctx.rank, ctx.world_size)
+        data = build_data(config, ctx.rank, ctx.world_size)
     ctx.barrier()
     if not ctx.is_main:
-        data = build_data(config, lambda *a, **k: None, ctx.rank, ctx.world_size)
+        data = build_data(config, ctx.rank, ctx.world_size)
     tokenizer, corpus, train_loader, val_loader = data
     if plan == {}:
-        plan = plan_size(config, corpus.n_train, ctx, device, started, budget_seconds(config), say)
+        plan = plan_size(config, corpus.n_train, ctx, device, started, budget_seconds(config), log)
     if plan is not None and config.test_fraction > 0:
         plan["test_tokens"] = int(corpus.n_val * config.test_fraction / config.val_fraction)
     return tokenizer, corpus, create_model(config), train_loader, val_loader, plan
@@ -229,42 +230,42 @@ def check_resumable(state: dict, checkpoint: Path, tokenizer, ctx, config) -> No
                               f"{state.get('parallel')}; resume it with the same engine")
 
 
-def _say_repartition(state: dict, config, ctx, say) -> None:
+def _say_repartition(state: dict, config, ctx) -> None:
     written = state.get("world_size", 1)
     if written != ctx.world_size:
         saved = state.get("config", {}).get("batch_size")
-        say(f"Resuming a checkpoint of {written} process(es) on {ctx.world_size}: the data continues at sample "
+        log(f"Resuming a checkpoint of {written} process(es) on {ctx.world_size}: the data continues at sample "
             f"{state['data'].get('consumed')} of epoch {state['data'].get('epoch')}; {config.batch_size} sequences "
             f"per process make {config.batch_size * ctx.world_size} per step (the writer's: "
             f"{saved * written if saved else '?'}; --batch-size keeps it)")
 
 
-def _fit_batch_to_gpu(model, config, device, corpus, ctx, say, loaders):
+def _fit_batch_to_gpu(model, config, device, corpus, ctx, loaders):
     from .auto_batch import auto_batch_size
     from .precision import choose_precision
 
     micro, accum = auto_batch_size(model, config, device, choose_precision(config, config.capabilities()))
     if (micro, accum) == (config.batch_size, config.grad_accum_steps):
         return loaders
-    say(f"Auto batch size: micro-batch {micro} x {accum} accumulation steps "
+    log(f"Auto batch size: micro-batch {micro} x {accum} accumulation steps "
         f"(keeps {config.batch_size * config.grad_accum_steps} sequences per optimizer step)")
     config.derive(batch_size=micro, grad_accum_steps=accum)
     return create_dataloaders(config, corpus, rank=ctx.rank, world_size=ctx.world_size)
 
 
-def _settle_machine_choices(model, config, device, ctx, say) -> None:
+def _settle_machine_choices(model, config, device, ctx) -> None:
     """What was left to the machine and needs the built model: FP8 (`--fp8 auto`: kept only where it
     measured faster on every rank) and activation checkpointing (the least with which the run fits)."""
     from .fp8_choice import choose_fp8
 
     if config.use_fp8 and "use_fp8" in config.auto_fields:
-        faster = choose_fp8(model, config, config.cache_dir, say)
+        faster = choose_fp8(model, config, config.cache_dir)
         if ctx.all_reduce_sum([float(faster)])[0] < ctx.world_size:
             config.derive(use_fp8=False)
     if "activation_checkpointing" in config.auto_fields:
         mode = choose_checkpointing(model, config, device, ctx.world_size)
         if mode != config.activation_checkpointing:
-            say(f"Activation checkpointing {mode}: without it the run would not fit in memory")
+            log(f"Activation checkpointing {mode}: without it the run would not fit in memory")
             config.derive(activation_checkpointing=mode)
 
 
@@ -284,7 +285,7 @@ def _wrap(model, config, ctx):
     return model
 
 
-def print_summary(metrics: dict, run_dir: Path, log=print) -> None:
+def print_summary(metrics: dict, run_dir: Path) -> None:
     def fmt(key, spec):
         return format(metrics[key], spec) if key in metrics else "n/a"
 

@@ -15,8 +15,16 @@ import time
 
 import torch
 
-from .sizing import (MAX_DEPTH, MAX_EPOCHS, MIN_TOKENS_PER_PARAM, Candidate, choose_size, data_limited_depth,
-                     shape_for_depth, tokens_for)
+from .sizing import (
+    MAX_DEPTH,
+    MAX_EPOCHS,
+    MIN_TOKENS_PER_PARAM,
+    Candidate,
+    choose_size,
+    data_limited_depth,
+    shape_for_depth,
+    tokens_for,
+)
 
 PROBE_STEPS = 8  # training steps timed before the length is settled (after the first, which compiles)
 # The share of the budget left at planning time that the size choice gives to training steps (the rest: the
@@ -58,7 +66,7 @@ def _d_ff(config, depth: int) -> int:
     return default_d_ff(shape_for_depth(depth)["d_model"], config)
 
 
-def plan_size(config, unique_tokens: int, ranks, device, started: float, budget: float, log) -> dict:
+def plan_size(config, unique_tokens: int, ranks, device, started: float, budget: float, note) -> dict:
     """Choose the size (when left to the run), the provisional length and the warm-up; returns the plan's
     record so far. `ranks`: the process group (a DistContext); `started`: when the budget began."""
     plan = {"time_budget_s": budget, "unique_tokens": unique_tokens}
@@ -66,7 +74,7 @@ def plan_size(config, unique_tokens: int, ranks, device, started: float, budget:
         depth, dense, why = _choose_depth(config, unique_tokens, ranks, device, started, budget, plan)
         _resize(config, depth, dense)
         plan["size_rule"] = why
-        log(f"Plan: depth {depth} (d_model {config.d_model}, {config.model_type}): {why}")
+        note(f"Plan: depth {depth} (d_model {config.d_model}, {config.model_type}): {why}")
     tokens_per_step = config.tokens_per_step * ranks.world_size
     params = _non_embedding_params(config)
     data_steps = max(PROBE_STEPS + 1, tokens_for(params, unique_tokens) // tokens_per_step)
@@ -75,7 +83,7 @@ def plan_size(config, unique_tokens: int, ranks, device, started: float, budget:
     if "warmup_steps" in config.auto_fields:
         config.derive(warmup_steps=max(PROBE_STEPS + 1, min(100, data_steps // 20)))
     elif config.warmup_steps < PROBE_STEPS + 1:
-        log(f"Note: --warmup-steps {config.warmup_steps} ends inside the {PROBE_STEPS + 1}-step probe; the steps "
+        note(f"Note: --warmup-steps {config.warmup_steps} ends inside the {PROBE_STEPS + 1}-step probe; the steps "
             "after it follow the provisional length until the plan is settled")
     plan.update(params=params, data_steps=data_steps, tokens_per_step=tokens_per_step)
     return plan

@@ -5,20 +5,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..runs.layout import read_metrics
+from ..logs import get_logger
+from ..runs.layout import default_run_dir, read_metrics
 from .plots import plot_sweep
 from .run import run_training
-from ..runs.layout import default_run_dir
+
+log = get_logger(__name__).info
 
 
-def run_lr_sweep(config, lrs: list[float], log=print, **run_kwargs) -> list[dict]:
+def run_lr_sweep(config, lrs: list[float], **run_kwargs) -> list[dict]:
     root = Path(config.out_dir) if config.out_dir else default_run_dir(config).with_name(
         default_run_dir(config).name + "-lr-sweep")
     results, curves = [], {}
     for lr in lrs:
         run_dir = root / f"lr_{lr:g}"
         log(f"\n=== sweep: lr={lr:g} -> {run_dir} ===")
-        _, metrics = run_training(config.replace(lr=lr, out_dir=str(run_dir)), log=log, **run_kwargs)
+        _, metrics = run_training(config.replace(lr=lr, out_dir=str(run_dir)), **run_kwargs)
         evals = [r for r in read_metrics(run_dir) if r["kind"] == "eval"]
         curves[lr] = ([r["step"] for r in evals], [r["loss"] for r in evals])
         results.append({"lr": lr, "val_loss": metrics.get("loss", float("inf")),

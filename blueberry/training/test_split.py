@@ -9,15 +9,19 @@ from pathlib import Path
 from ..data import BatchLoader, create_dataset
 from ..data.corpus import encode_documents, run_documents, test_documents
 from ..errors import DataError
+from ..logs import get_logger, quiet
 from ..runs.layout import write_summary
 from .evaluation import evaluate_model
 from .precision import choose_precision
 
+log = get_logger(__name__).info
+
 
 def held_out_test_loader(config, tokenizer, rank: int = 0, world_size: int = 1) -> tuple[BatchLoader, list]:
     """(a loader over every window of the run's test documents, this rank's share; the documents)."""
-    docs = test_documents(run_documents(config, log=lambda *a: None), config.val_fraction, config.split_seed,
-                          config.test_fraction)
+    with quiet():  # the documents were announced when the run read them
+        documents = run_documents(config)
+    docs = test_documents(documents, config.val_fraction, config.split_seed, config.test_fraction)
     tokens, _ = encode_documents(tokenizer, docs, None)
     dataset = create_dataset(tokens, "packed", config.max_seq_len)
     if len(dataset) < world_size:
@@ -26,7 +30,7 @@ def held_out_test_loader(config, tokenizer, rank: int = 0, world_size: int = 1) 
     return BatchLoader(dataset, batch, shuffle=False, rank=rank, world_size=world_size), docs
 
 
-def score_test_split(model, config, tokenizer, ctx, run_dir: Path, metrics: dict, log=print) -> dict:
+def score_test_split(model, config, tokenizer, ctx, run_dir: Path, metrics: dict) -> dict:
     """Evaluate `model` (every rank takes part) on the run's test documents; updates `metrics` and the summary."""
     if config.test_fraction <= 0:
         return metrics

@@ -24,19 +24,22 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, ConfigError, RunError
+from ..logs import get_logger
 from ..models.adaptive_llm import MOE_STATS
 from ..models.generation import generate_text
 from ..optimizers import get_lr_scheduler, setup_optimizers
-from .budget import measure_costs
 from ..runs.checkpoint import check_optimizer_layout, is_sharded_checkpoint, save_checkpoint
 from ..runs.layout import samples_path, write_config, write_summary
-from .expert_parallel import expert_parallel_of
+from .budget import measure_costs
 from .distributed import DistContext, is_sharded, keyed_by_index, load_full_optimizer_states, no_sync, scalar, unwrap
 from .evaluation import evaluate_model
+from .expert_parallel import expert_parallel_of
 from .metrics import MetricsLogger
-from .trackers import parse_trackers
 from .plots import plot_run
 from .precision import Precision, choose_precision
+from .trackers import parse_trackers
+
+log = get_logger(__name__).info
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -265,7 +268,7 @@ class _Run:
         self.planner.revise(loop.step, steps)
         self._follow_new_length(loop, bar)
 
-    def resume(self, state: dict, loop: LoopState, log, checkpoint=None) -> None:
+    def resume(self, state: dict, loop: LoopState, checkpoint=None) -> None:
         """Continue from `state` (read from `checkpoint`), at this run's world size whatever the writer's."""
         check_optimizer_layout(self.optimizers, state["optimizers"])
         sharded = checkpoint is not None and is_sharded_checkpoint(checkpoint)
@@ -357,7 +360,7 @@ class _Run:
 
 
 def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokenizer=None, token_bytes=None,
-                resume_state: dict | None = None, ctx: DistContext | None = None, log=print,
+                resume_state: dict | None = None, ctx: DistContext | None = None,
                 sample_prompts: tuple[str, ...] = ("\n",), progress: bool = True, task_scorer=None, planner=None,
                 resume_checkpoint=None):
     """Train `model` for `config.max_steps` optimizer steps; returns (model, metrics). `task_scorer(model)`
@@ -371,7 +374,7 @@ def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokeni
     logger = MetricsLogger(run_dir, enabled=ctx.is_main, trackers=parse_trackers(config.tracker))
     logger.log_config(config.to_dict())
     core = unwrap(model)
-    optimizers = setup_optimizers(core, config, log=log if ctx.is_main else (lambda *_: None),
+    optimizers = setup_optimizers(core, config,
                                   distributed=ctx.enabled)
     scheduler = get_lr_scheduler(optimizers, config)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -381,7 +384,7 @@ def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokeni
                tokenizer, token_bytes, sample_prompts, logger, peak, task_scorer, planner)
     loop = LoopState()
     if resume_state is not None:
-        run.resume(resume_state, loop, log, resume_checkpoint)
+        run.resume(resume_state, loop, resume_checkpoint)
 
     log(f"Training {config.model.architecture} model: {core.parameter_report()['total']:,} params, "
         f"precision {precision.name}, fp8 {'on' if config.use_fp8 else 'off'}, {ctx.world_size} process(es), "
@@ -404,7 +407,7 @@ def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokeni
                 if loop.stop_signal is None:
                     continue  # the same step again with the lowered scale; the schedule waits
             else:
-                _count_outcome(loop, outcome, record, log)
+                _count_outcome(loop, outcome, record)
                 scheduler.step()
                 loop.step += 1
                 tokens = config.tokens_per_step * ctx.world_size
@@ -413,7 +416,7 @@ def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokeni
                               tokens=loop.step * tokens, elapsed=loop.elapsed,
                               optimizer_share=record["optimizer_time"] / dt)
                 logger.log("train", loop.step, record)
-                _follow_the_plan(run, loop, dt, bar, log)
+                _follow_the_plan(run, loop, dt, bar)
                 if bar is not None:
                     bar.set_postfix(loss=f"{record['lm_loss']:.3f}", lr=f"{record['lr']:.2e}",
                                     tok_s=f"{tok_rate:,.0f}", refresh=False)
@@ -433,7 +436,7 @@ def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokeni
                 break
     if bar is not None:
         bar.close()
-    return model, _finish(loop, run, tok_rate, log)
+    return model, _finish(loop, run, tok_rate)
 
 
 def _precision_for(model, config, caps) -> Precision:
@@ -454,7 +457,7 @@ def _run_dir(config, run_dir) -> Path:
     return Path(run_dir or config.out_dir)
 
 
-def _follow_the_plan(run: _Run, loop: LoopState, step_time: float, bar, log) -> None:
+def _follow_the_plan(run: _Run, loop: LoopState, step_time: float, bar) -> None:
     """A time budget's run: settle the length once the probe is over, then end early if time runs out."""
     planner, config = run.planner, run.config
     if planner is None:
@@ -472,7 +475,7 @@ def _any_rank(ctx: DistContext, flag: bool) -> bool:
     return ctx.all_reduce_sum([float(flag)])[0] > 0 if ctx.enabled else flag
 
 
-def _count_outcome(loop: LoopState, outcome: str, record: dict, log) -> None:
+def _count_outcome(loop: LoopState, outcome: str, record: dict) -> None:
     if outcome == "stepped":
         loop.consecutive_bad = 0
         return
@@ -511,7 +514,7 @@ def _evaluate_and_save_when_due(run: _Run, loop: LoopState, outcome: str, bar=No
     return False
 
 
-def _finish(loop: LoopState, run: _Run, tok_rate, log) -> dict:
+def _finish(loop: LoopState, run: _Run, tok_rate) -> dict:
     run.poll_saves(wait=True)  # the last checkpoint is committed before the run says it is done
     run_dir = run.run_dir
     if loop.stop_signal is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import time
 
+from ...runs.layout import SUMMARY
 from . import Tracker, flat_config
 
 _MAX_PARAM = 6000  # MLflow's limit on a parameter value's length
