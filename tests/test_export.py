@@ -33,7 +33,7 @@ def test_exported_logits_match(tmp_path, kw):
     tok.save(tmp_path / "tokenizer.json")
     out = export_hf(model, tok, tmp_path / "hf")
     hf = AutoModelForCausalLM.from_pretrained(out, local_files_only=True, dtype=torch.float32).eval()
-    assert type(hf).__name__ == hf_architecture(cfg)
+    assert type(hf).__name__ == hf_architecture(cfg.model)
     idx = torch.randint(0, 300, (2, 24))
     with torch.no_grad():
         ours, theirs = model(idx).logits, hf(idx).logits
@@ -46,9 +46,9 @@ def test_unmappable_options_are_refused(tmp_path):
     cfg = AdaptiveMoEModelConfig(d_model=32, n_layers=1, n_heads=4, max_seq_len=16, vocab_size=300,
                                  mlp_type="silu", device="cpu", use_fp8=False).validate()
     with pytest.raises(ExportError, match="no exact Hugging Face"):
-        hf_architecture(cfg)
+        hf_architecture(cfg.model)
     top1 = AdaptiveMoEModelConfig(model_type="moe", d_model=32, n_layers=1, n_heads=4, max_seq_len=16,
                                   vocab_size=300, expert_top_k=1, qk_norm=False, device="cpu",
                                   use_fp8=False).validate()
     with pytest.raises(ExportError, match="top-1 MoE"):  # Mixtral would renormalise its weight to 1
-        hf_architecture(top1)
+        hf_architecture(top1.model)

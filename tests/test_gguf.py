@@ -238,7 +238,7 @@ def test_inexact_stacks_are_refused(kw, field):
     cfg = AdaptiveMoEModelConfig(d_model=64, n_layers=2, n_heads=4, max_seq_len=64, vocab_size=300,
                                  num_experts=4, device="cpu", use_fp8=False, **kw).validate()
     with pytest.raises(ExportError, match=field.replace("(", r"\(").replace(")", r"\)")):
-        gguf_architecture(cfg)
+        gguf_architecture(cfg.model)
 
 
 def test_cli_refusal_is_one_line(runs, tmp_path):

@@ -56,7 +56,7 @@ def test_exported_hybrid_logits_and_greedy_decode_match(tmp_path, layers, extra,
     from blueberry.export import export_hf, hf_architecture
 
     cfg, model = random_model(layers, **extra)
-    assert hf_architecture(cfg) == arch
+    assert hf_architecture(cfg.model) == arch
     export_hf(model, train_bpe(["the quick brown fox jumps over the lazy dog " * 20], 300), tmp_path / "hf")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True, dtype=torch.float32).eval()
     assert type(hf).__name__ == arch
@@ -83,7 +83,7 @@ def test_unmappable_hybrids_are_refused_naming_the_setting(layers, extra, field)
 
     cfg, _ = random_model(layers, **extra)
     with pytest.raises(ExportError, match=field):
-        hf_architecture(cfg)
+        hf_architecture(cfg.model)
 
 
 def test_export_of_a_hybrid_without_equivalent_exits_2_in_one_line(tmp_path, corpus_dir):

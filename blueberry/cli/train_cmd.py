@@ -17,13 +17,13 @@ def config_from_args(args) -> AdaptiveMoEModelConfig:
         config = AdaptiveMoEModelConfig(**{**load_config_file(args.config), **overrides})
     else:
         config = get_config(args.config, **overrides)
-    if config.init_from:
+    if config.training.init_from:
         from ..training.init_from import MODEL_FIELDS, apply_init_from
 
         clash = sorted(set(overrides) & set(MODEL_FIELDS + ("tokenizer",)))
         if clash:
             raise ConfigError(clash[0], f"cannot be set with --init-from, whose model it is (here: "
-                              f"{config.init_from}); drop it, or train from scratch")
+                              f"{config.training.init_from}); drop it, or train from scratch")
         config = apply_init_from(config)
     return config.validate()
 
@@ -42,10 +42,10 @@ def train_command(args) -> int:
 
         return validate_setup(config)
     lrs = getattr(args, "lr", None) or []
-    if config.ensemble > 1:
+    if config.training.ensemble > 1:
         if len(lrs) > 1:
             raise ConfigError("ensemble", "an LR sweep trains one run per learning rate: sweep with --ensemble 1")
-        if config.time_budget and "max_steps" in config.auto_fields:
+        if config.training.time_budget and "max_steps" in config.auto_fields:
             raise ConfigError("time_budget", "an ensemble's members are planned by steps, not a time budget: give "
                               "--max-steps, or train the runs one by one and combine them with blueberry ensemble")
         from ..evaluation.run_tasks import task_scorer_factory
@@ -56,7 +56,7 @@ def train_command(args) -> int:
     if len(lrs) > 1:
         from ..training.sweep import run_lr_sweep
 
-        if config.time_budget and "max_steps" in config.auto_fields:
+        if config.training.time_budget and "max_steps" in config.auto_fields:
             raise ConfigError("max_steps", "an LR sweep compares learning rates at one length: give --max-steps "
                               "(a time budget would plan each run's length and size apart)")
 

@@ -189,8 +189,8 @@ def chat_command(args) -> int:
 def _packed_loader(tokens, config, batches):
     from ..data import BatchLoader, create_dataset
 
-    dataset = create_dataset(tokens, "packed", config.max_seq_len)
-    return BatchLoader(dataset, min(config.batch_size, len(dataset)), shuffle=False, max_batches=batches)
+    dataset = create_dataset(tokens, "packed", config.model.max_seq_len)
+    return BatchLoader(dataset, min(config.training.batch_size, len(dataset)), shuffle=False, max_batches=batches)
 
 
 def _check_bertscore_flags(args) -> None:
@@ -226,7 +226,7 @@ def eval_command(args) -> int:
         source = f"{args.dataset} ({len(docs)} documents, all evaluated)"
         loader = _packed_loader(tokens, config, args.batches)
     else:  # the run's own validation split (documents, conversations or token stores), as training scored it
-        docs, source = None, f"the validation split of {config.dataset}"
+        docs, source = None, f"the validation split of {config.data.dataset}"
         loader = validation_loader(config, tok, args.batches)
     result = evaluate_model(model, loader, config, token_bytes=tok.token_bytes())
     print(f"Checkpoint {ckpt} on {source}: {result['tokens']:,} tokens")
@@ -329,7 +329,8 @@ def export_command(args) -> int:
 
         path = args.out if str(args.out).endswith(".gguf") else f"{args.out}.gguf"
         out = export_gguf(model, tok, path, args.gguf_type, name=run_dir_of(ckpt).name, license=args.license)
-        print(f"Exported {ckpt} as llama.cpp architecture {gguf_architecture(config)} ({args.gguf_type}) -> {out}")
+        arch = gguf_architecture(config.model)
+        print(f"Exported {ckpt} as llama.cpp architecture {arch} ({args.gguf_type}) -> {out}")
         return 0
     out = export_hf(model, tok, args.out, run_dir=run_dir_of(ckpt), license=args.license)
     print(f"Exported {ckpt} as {type(model).__name__} -> Hugging Face format in {out}")

@@ -1,7 +1,7 @@
 """Configuration: one small dataclass per concern (model, data, optimizer, training) composed by
 `AdaptiveMoEModelConfig` with hardware-aware defaults; named presets; file loading; validation."""
 
-from .adaptive_moe_config import AdaptiveMoEModelConfig
+from .adaptive_moe_config import AdaptiveMoEModelConfig, model_config_of
 from .data import DataConfig
 from .model import ModelConfig
 from .optim import OptimizerConfig
@@ -21,6 +21,7 @@ from .files import load_config_file, save_config
 
 __all__ = [
     "AdaptiveMoEModelConfig",
+    "model_config_of",
     "DataConfig",
     "ModelConfig",
     "OptimizerConfig",

@@ -215,3 +215,9 @@ def _has_experts(cfg: AdaptiveMoEModelConfig, model_type: str) -> bool:
     if cfg.layers is None:
         return (cfg.model_type or model_type) == "moe"
     return ":moe" in cfg.layers.replace(" ", "")
+
+
+def model_config_of(config) -> ModelConfig:
+    """The ModelConfig of a run's config, a ModelConfig as it is: the seed's model classes and `create_model`
+    take either."""
+    return config.model if isinstance(config, AdaptiveMoEModelConfig) else config

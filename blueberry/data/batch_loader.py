@@ -103,11 +103,11 @@ def create_dataloaders(config, corpus, rank: int = 0, world_size: int = 1) -> tu
     if isinstance(corpus, StoreCorpus):
         return create_store_loaders(config, corpus, rank=rank, world_size=world_size)
     train_ds, val_ds = _datasets(config, corpus)
-    train = BatchLoader(train_ds, config.batch_size, shuffle=True, seed=config.seed, rank=rank,
+    train = BatchLoader(train_ds, config.training.batch_size, shuffle=True, seed=config.training.seed, rank=rank,
                         world_size=world_size)
-    val_batch = max(1, min(config.batch_size, len(val_ds) // world_size))
+    val_batch = max(1, min(config.training.batch_size, len(val_ds) // world_size))
     val = BatchLoader(val_ds, val_batch, shuffle=False, rank=rank, world_size=world_size,
-                      max_batches=config.eval_batches)
+                      max_batches=config.training.eval_batches)
     return train, val
 
 
@@ -117,14 +117,15 @@ def _datasets(config, corpus):
     if getattr(corpus, "train_mask", None) is not None:  # supervised fine-tuning: masked, packed conversations
         from .sft import SFTDataset
 
-        return (SFTDataset(corpus.train, corpus.train_mask, corpus.train_doc_starts, config.max_seq_len),
-                SFTDataset(corpus.val, corpus.val_mask, corpus.val_doc_starts, config.max_seq_len))
-    train_ds = create_dataset(corpus.train, config.dataset_type, config.max_seq_len, stride=config.stride,
-                              doc_starts=corpus.train_doc_starts, document_mask=config.document_mask,
-                              seed=config.seed)
-    if config.dataset_type == "document":
-        val_ds = create_dataset(corpus.val, "document", config.max_seq_len, doc_starts=corpus.val_doc_starts,
-                                document_mask=config.document_mask, score_once=True)
+        return (SFTDataset(corpus.train, corpus.train_mask, corpus.train_doc_starts, config.model.max_seq_len),
+                SFTDataset(corpus.val, corpus.val_mask, corpus.val_doc_starts, config.model.max_seq_len))
+    train_ds = create_dataset(corpus.train, config.data.dataset_type, config.model.max_seq_len,
+                              stride=config.data.stride,
+                              doc_starts=corpus.train_doc_starts, document_mask=config.data.document_mask,
+                              seed=config.training.seed)
+    if config.data.dataset_type == "document":
+        val_ds = create_dataset(corpus.val, "document", config.model.max_seq_len, doc_starts=corpus.val_doc_starts,
+                                document_mask=config.data.document_mask, score_once=True)
     else:
-        val_ds = create_dataset(corpus.val, "packed", config.max_seq_len)
+        val_ds = create_dataset(corpus.val, "packed", config.model.max_seq_len)
     return train_ds, val_ds

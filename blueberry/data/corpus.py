@@ -117,11 +117,11 @@ def encode_documents(tokenizer: Tokenizer, docs: list[Document], cap: int | None
 
 
 def _get_tokenizer(config, train_docs: list[Document]) -> Tokenizer:
-    if config.tokenizer:
-        return load_tokenizer(config.tokenizer)
+    if config.data.tokenizer:
+        return load_tokenizer(config.data.tokenizer)
     texts = [d.text for d in train_docs]
-    identity = f"bpe:{config.vocab_size}:{fingerprint_texts(texts)}"
-    path = Path(config.cache_dir) / "tokenizers" / f"{cache_key({'tokenizer': identity})}.json"
+    identity = f"bpe:{config.model.vocab_size}:{fingerprint_texts(texts)}"
+    path = Path(config.data.cache_dir) / "tokenizers" / f"{cache_key({'tokenizer': identity})}.json"
     if path.exists():
         try:
             from tokenizers import Tokenizer as HFTokenizer
@@ -129,8 +129,8 @@ def _get_tokenizer(config, train_docs: list[Document]) -> Tokenizer:
             return Tokenizer(HFTokenizer.from_file(str(path)), identity)
         except Exception:
             warnings.warn(f"cached tokenizer {path} is damaged; training it again", stacklevel=2)
-    log(f"Training a byte-level BPE tokenizer (vocab {config.vocab_size}) on {len(texts)} training documents...")
-    tok = train_bpe(texts, config.vocab_size)
+    log(f"Training a byte-level BPE tokenizer (vocab {config.model.vocab_size}) on {len(texts)} training documents...")
+    tok = train_bpe(texts, config.model.vocab_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tok.save(tmp)
@@ -141,9 +141,9 @@ def _get_tokenizer(config, train_docs: list[Document]) -> Tokenizer:
 def run_documents(config) -> list[Document]:
     """The documents a run splits: the first num_documents of the source (a corpus of fewer than
     MIN_DOCUMENTS_FOR_SPLIT cut into pieces)."""
-    docs = load_documents(config.dataset, config.text_field, config.num_documents)
-    if config.num_documents is not None and len(docs) < config.num_documents:
-        log(f"Note: num_documents={config.num_documents} asked, the source has {len(docs)}")
+    docs = load_documents(config.data.dataset, config.data.text_field, config.data.num_documents)
+    if config.data.num_documents is not None and len(docs) < config.data.num_documents:
+        log(f"Note: num_documents={config.data.num_documents} asked, the source has {len(docs)}")
     if len(docs) < MIN_DOCUMENTS_FOR_SPLIT:
         docs = cut_into_pieces(docs, PIECES_PER_SMALL_CORPUS)
         log(f"Fewer than {MIN_DOCUMENTS_FOR_SPLIT} documents: cut into {len(docs)} line-aligned pieces "
@@ -154,22 +154,23 @@ def run_documents(config) -> list[Document]:
 def load_and_cache_data(config) -> tuple[list[str], Tokenizer, TokenizedCorpus]:
     """(texts, tokenizer, tokens): the documents' texts, the tokenizer, and the cached token streams."""
     docs = run_documents(config)
-    train_docs, val_docs = split_documents(docs, config.val_fraction, config.split_seed, config.test_fraction)
+    data = config.data
+    train_docs, val_docs = split_documents(docs, data.val_fraction, data.split_seed, data.test_fraction)
     tokenizer = _get_tokenizer(config, train_docs)
 
     parts = {
-        "source": source_identity(config.dataset),
+        "source": source_identity(config.data.dataset),
         "content": fingerprint_texts(d.name + "\x01" + d.text for d in docs),
         "tokenizer": tokenizer.identity,
-        "num_documents": config.num_documents,
-        "max_tokens": config.max_tokens,
-        "val_fraction": config.val_fraction,
-        "split_seed": config.split_seed,
-        "test_fraction": config.test_fraction,
-        "text_field": config.text_field,
+        "num_documents": config.data.num_documents,
+        "max_tokens": config.data.max_tokens,
+        "val_fraction": config.data.val_fraction,
+        "split_seed": config.data.split_seed,
+        "test_fraction": config.data.test_fraction,
+        "text_field": config.data.text_field,
     }
     key = cache_key(parts)
-    entry = Path(config.cache_dir) / key
+    entry = Path(config.data.cache_dir) / key
     try:
         meta, arrays = read_entry(entry)
         log(f"Data cache hit: {entry}")
@@ -189,15 +190,16 @@ def load_and_cache_data(config) -> tuple[list[str], Tokenizer, TokenizedCorpus]:
 def _build_entry(config, tokenizer, train_docs, val_docs, parts, key):
     log(f"Tokenizing {len(train_docs) + len(val_docs)} documents...")
     val_cap = train_cap = None
-    if config.max_tokens is not None:
-        val_cap = max(1, math.ceil(config.max_tokens * config.val_fraction))
-        train_cap = config.max_tokens - val_cap
+    if config.data.max_tokens is not None:
+        val_cap = max(1, math.ceil(config.data.max_tokens * config.data.val_fraction))
+        train_cap = config.data.max_tokens - val_cap
     train, train_starts = encode_documents(tokenizer, train_docs, train_cap)
     val, val_starts = encode_documents(tokenizer, val_docs, val_cap)
     if train_cap is not None and train.size < train_cap:
-        log(f"Note: max_tokens={config.max_tokens} asked, the corpus has {train.size + val.size:,} tokens")
+        log(f"Note: max_tokens={config.data.max_tokens} asked, the corpus has {train.size + val.size:,} tokens")
     dtype = token_dtype(tokenizer.vocab_size)
     info = dict(parts, n_train_documents=len(train_starts), n_val_documents=len(val_starts),
                 val_document_names=[d.name for d in val_docs][:1000])
-    write_entry(Path(config.cache_dir), key, train.astype(dtype), val.astype(dtype), train_starts, val_starts, info)
-    return read_entry(Path(config.cache_dir) / key, verify_checksums=False)
+    write_entry(Path(config.data.cache_dir), key, train.astype(dtype), val.astype(dtype), train_starts, val_starts,
+                info)
+    return read_entry(Path(config.data.cache_dir) / key, verify_checksums=False)

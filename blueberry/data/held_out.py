@@ -18,12 +18,12 @@ from .stores import uses_token_store
 
 def validation_loader(config, tokenizer, max_batches: int | None):
     """The run's validation batches in order (the first `max_batches`; all when None)."""
-    if config.task == "sft":
+    if config.data.task == "sft":
         from .sft import SFTDataset, load_sft_data
 
         with quiet():
             _, corpus = load_sft_data(config, tokenizer=tokenizer)
-        dataset = SFTDataset(corpus.val, corpus.val_mask, corpus.val_doc_starts, config.max_seq_len)
+        dataset = SFTDataset(corpus.val, corpus.val_mask, corpus.val_doc_starts, config.model.max_seq_len)
     elif uses_token_store(config):  # their validation shards, never the sources again
         from .sharded_loader import EvalConcat
         from .stores import prepare_stores
@@ -36,13 +36,13 @@ def validation_loader(config, tokenizer, max_batches: int | None):
     else:
         with quiet():
             _, _, corpus = load_and_cache_data(config)
-        dataset = create_dataset(corpus.val, "packed", config.max_seq_len)
-    return BatchLoader(dataset, min(config.batch_size, len(dataset)), shuffle=False, max_batches=max_batches)
+        dataset = create_dataset(corpus.val, "packed", config.model.max_seq_len)
+    return BatchLoader(dataset, min(config.training.batch_size, len(dataset)), shuffle=False, max_batches=max_batches)
 
 
 def held_out_texts(config, tokenizer, limit: int = 500) -> list[str]:
     """Texts the run never trained on (at most `limit`)."""
-    if config.task == "sft":
+    if config.data.task == "sft":
         from .chat_template import render_plain
         from .sft import split_conversations
 
@@ -60,5 +60,6 @@ def held_out_texts(config, tokenizer, limit: int = 500) -> list[str]:
     from .corpus import split_documents
     from .sources import load_documents
 
-    _, val = split_documents(load_documents(config.dataset, config.text_field), config.val_fraction, config.split_seed)
+    data = config.data
+    _, val = split_documents(load_documents(data.dataset, data.text_field), data.val_fraction, data.split_seed)
     return [d.text for d in val[:limit]]

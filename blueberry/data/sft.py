@@ -149,24 +149,24 @@ def _pack(encoded: list[tuple[list[int], list[int]]]):
 
 
 def split_conversations(config) -> tuple[list[tuple[int, list[dict]]], list[tuple[int, list[dict]]]]:
-    """(train, val) numbered conversations of config.dataset, split by a seeded shuffle (split_seed)."""
-    conversations = read_numbered_conversations(config.dataset)
+    """(train, val) numbered conversations of config.data.dataset, split by a seeded shuffle (split_seed)."""
+    conversations = read_numbered_conversations(config.data.dataset)
     order = list(range(len(conversations)))
-    random.Random(config.split_seed).shuffle(order)
-    n_val = min(len(order) - 1, max(1, round(config.val_fraction * len(order))))
+    random.Random(config.data.split_seed).shuffle(order)
+    n_val = min(len(order) - 1, max(1, round(config.data.val_fraction * len(order))))
     return ([conversations[i] for i in sorted(order[n_val:])], [conversations[i] for i in sorted(order[:n_val])])
 
 
 def load_sft_data(config, tokenizer: Tokenizer | None = None) -> tuple[Tokenizer, SFTCorpus]:
-    """Tokenizer and packed conversations of config.dataset; `tokenizer` (a trained run's) is used as it is,
+    """Tokenizer and packed conversations of config.data.dataset; `tokenizer` (a trained run's) is used as it is,
     else --tokenizer, else a BPE trained on the training conversations."""
     train, val = split_conversations(config)
-    if tokenizer is None and config.tokenizer:
-        tokenizer = load_tokenizer(config.tokenizer)
+    if tokenizer is None and config.data.tokenizer:
+        tokenizer = load_tokenizer(config.data.tokenizer)
     elif tokenizer is None:
-        tokenizer = train_bpe([render_plain(c, add_generation_prompt=False) for _, c in train], config.vocab_size)
-    train_ids, train_mask, train_starts = _pack(_encode_all(train, tokenizer, config.dataset))
-    val_ids, val_mask, val_starts = _pack(_encode_all(val, tokenizer, config.dataset))
+        tokenizer = train_bpe([render_plain(c, add_generation_prompt=False) for _, c in train], config.model.vocab_size)
+    train_ids, train_mask, train_starts = _pack(_encode_all(train, tokenizer, config.data.dataset))
+    val_ids, val_mask, val_starts = _pack(_encode_all(val, tokenizer, config.data.dataset))
     log(f"SFT data: {len(train)} train / {len(val)} val conversations, {len(train_ids):,} / {len(val_ids):,} "
         f"tokens, {int(train_mask.sum()):,} train tokens learned")
     corpus = SFTCorpus(train_ids, val_ids, train_starts, val_starts, tokenizer.eot_id, tokenizer.token_bytes(),

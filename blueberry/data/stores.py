@@ -61,9 +61,9 @@ def parse_mixture(spec: str) -> list[tuple[str, float]]:
 
 
 def uses_token_store(config) -> bool:
-    if config.token_store is not None:
-        return config.token_store
-    sources = parse_mixture(config.dataset)
+    if config.data.token_store is not None:
+        return config.data.token_store
+    sources = parse_mixture(config.data.dataset)
     if len(sources) > 1:
         return True
     source = sources[0][0]
@@ -75,23 +75,24 @@ def uses_token_store(config) -> bool:
 
 
 def settings_for(config, source: str, tokenizer: str | None) -> PrepareSettings:
-    return PrepareSettings(source=source, text_field=config.text_field, tokenizer=tokenizer,
-                           vocab_size=config.vocab_size, val_fraction=config.val_fraction, split_seed=config.split_seed,
-                           num_documents=config.num_documents, max_tokens=config.max_tokens,
-                           shard_tokens=config.shard_tokens, workers=config.prepare_workers)
+    return PrepareSettings(source=source, text_field=config.data.text_field, tokenizer=tokenizer,
+                           vocab_size=config.model.vocab_size, val_fraction=config.data.val_fraction,
+                           split_seed=config.data.split_seed,
+                           num_documents=config.data.num_documents, max_tokens=config.data.max_tokens,
+                           shard_tokens=config.data.shard_tokens, workers=config.data.prepare_workers)
 
 
 def store_path(config, settings: PrepareSettings) -> Path:
     if is_store(settings.source):
         return Path(settings.source)
     key = hashlib.sha256(json.dumps(settings.inputs(), sort_keys=True).encode()).hexdigest()[:24]
-    return Path(config.cache_dir) / "stores" / key
+    return Path(config.data.cache_dir) / "stores" / key
 
 
 def prepare_stores(config) -> list[tuple[str, Path, float]]:
     """Make (or find) the store of every source: [(source, store, weight)]. Run on one process only."""
-    out, tokenizer = [], config.tokenizer
-    for source, weight in parse_mixture(config.dataset):
+    out, tokenizer = [], config.data.tokenizer
+    for source, weight in parse_mixture(config.data.dataset):
         settings = settings_for(config, source, tokenizer)
         store = store_path(config, settings)
         if not is_store(source):
@@ -161,21 +162,22 @@ def open_stores(sources: list[tuple[str, Path, float]]) -> tuple[Tokenizer, Stor
 
 def create_store_loaders(config, corpus: StoreCorpus, rank: int = 0, world_size: int = 1):
     """Training loader (one store, or a mixture) read ahead by a thread; validation loader."""
-    common = dict(rank=rank, world_size=world_size, document_mask=config.document_mask)
+    common = dict(rank=rank, world_size=world_size, document_mask=config.data.document_mask)
     train_shards = corpus.train_shards
     weights = {source: w for source, _, w in corpus.sources}
     if len(train_shards) == 1:
         (shards,) = train_shards.values()
-        train = ShardedLoader(shards, config.max_seq_len, config.batch_size, seed=config.seed, **common)
+        train = ShardedLoader(shards, config.model.max_seq_len, config.training.batch_size, seed=config.training.seed,
+                              **common)
     else:
-        parts = {s: ShardedLoader(shards, config.max_seq_len, 1, seed=config.seed + i, **common)
+        parts = {s: ShardedLoader(shards, config.model.max_seq_len, 1, seed=config.training.seed + i, **common)
                  for i, (s, shards) in enumerate(train_shards.items())}
-        train = MixtureLoader(parts, weights, config.batch_size, seed=config.seed, rank=rank)
-    if config.prefetch > 0:
-        train = Prefetched(train, config.prefetch)
+        train = MixtureLoader(parts, weights, config.training.batch_size, seed=config.training.seed, rank=rank)
+    if config.data.prefetch > 0:
+        train = Prefetched(train, config.data.prefetch)
     total = sum(weights.values())
-    vals = [validation_loader(store, config, max(1, round(config.eval_batches * w / total))
-                              if len(corpus.sources) > 1 else config.eval_batches, rank, world_size)
+    vals = [validation_loader(store, config, max(1, round(config.training.eval_batches * w / total))
+                              if len(corpus.sources) > 1 else config.training.eval_batches, rank, world_size)
             for _, store, w in corpus.sources]
     return train, vals[0] if len(vals) == 1 else EvalConcat(vals)
 
@@ -183,7 +185,7 @@ def create_store_loaders(config, corpus: StoreCorpus, rank: int = 0, world_size:
 def validation_loader(store: Path, config, max_batches: int | None, rank: int = 0, world_size: int = 1) -> ShardedLoader:
     """A store's validation windows in order (the first `max_batches` batches; all when None)."""
     shards = open_split(store, "val")
-    windows = sum((len(s.tokens) - 1) // config.max_seq_len for s in shards)
-    batch = max(1, min(config.batch_size, windows // world_size))
-    return ShardedLoader(shards, config.max_seq_len, batch, shuffle=False, max_batches=max_batches, rank=rank,
-                         world_size=world_size, document_mask=config.document_mask)
+    windows = sum((len(s.tokens) - 1) // config.model.max_seq_len for s in shards)
+    batch = max(1, min(config.training.batch_size, windows // world_size))
+    return ShardedLoader(shards, config.model.max_seq_len, batch, shuffle=False, max_batches=max_batches, rank=rank,
+                         world_size=world_size, document_mask=config.data.document_mask)

@@ -59,7 +59,7 @@ def comparison_table(runs: list[dict]) -> str:
         e, cfg = r["last_eval"], r["config"]
         tokens_s = r["summary"].get("train_tokens_per_sec")
         wall = r.get("wall") or (r["train"][-1].get("elapsed") if r["train"] else None)
-        cells = [r["name"], cfg.model.architecture, cfg.optimizer, _f(e.get("loss")), _f(e.get("bits_per_byte")),
+        cells = [r["name"], cfg.model.architecture, cfg.optim.optimizer, _f(e.get("loss")), _f(e.get("bits_per_byte")),
                  *[_f(e.get(f"{t}/acc_norm")) for t in tasks], f"{tokens_s:,.0f}" if tokens_s else "n/a",
                  f"{r['params']['active_per_token'] / 1e6:.2f}M / {r['params']['total'] / 1e6:.2f}M",
                  f"{wall:.0f} s" if wall else "n/a"]

@@ -64,7 +64,7 @@ class BlueberryLM(LM):
         return score(self.model, pairs, self.batch_size)
 
     def loglikelihood_rolling(self, requests) -> list[float]:
-        window = self.config.max_seq_len
+        window = self.config.model.max_seq_len
         per_request = [rolling_windows(self.tokenizer.encode(r.args[0]), self.tokenizer.prefix_id, window)
                        for r in requests]
         scores = iter(score(self.model, [w for windows in per_request for w in windows], self.batch_size))
@@ -80,8 +80,8 @@ class BlueberryLM(LM):
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(kwargs.get("max_gen_toks", self.max_gen_toks))
             ids = self.tokenizer.encode(context) or [self.tokenizer.prefix_id]
-            max_new = max(1, min(max_new, self.config.max_seq_len - 1))
-            ids = ids[-(self.config.max_seq_len - max_new):]
+            max_new = max(1, min(max_new, self.config.model.max_seq_len - 1))
+            ids = ids[-(self.config.model.max_seq_len - max_new):]
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
             seqs.append(engine.submit(ids, SamplingParams(max_new_tokens=max_new, temperature=temperature,
                                                           stop=tuple(until), seed=0)))

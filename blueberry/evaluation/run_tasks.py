@@ -14,11 +14,11 @@ AUTO_TASKS = {"shakespeare": ("shakespeare-next-line", "shakespeare-speaker"),
 
 
 def task_names(config) -> list[str]:
-    spec = (config.eval_tasks or "none").strip()
+    spec = (config.training.eval_tasks or "none").strip()
     if spec == "none":
         return []
     if spec == "auto":
-        return [t for t in AUTO_TASKS.get(config.dataset, ()) if t in builtin_tasks()]
+        return [t for t in AUTO_TASKS.get(config.data.dataset, ()) if t in builtin_tasks()]
     return [t.strip() for t in spec.split(",") if t.strip()]
 
 
@@ -37,7 +37,7 @@ def task_scorer_factory(config, tokenizer):
             out = {}
             for task in tasks:
                 with precision.autocast():
-                    result = evaluate_task(model, tokenizer, task, batch_size=config.batch_size)
+                    result = evaluate_task(model, tokenizer, task, batch_size=config.training.batch_size)
                 out.update({f"{task.name}/{k}": result[k] for k in ("acc", "acc_norm", "centered")})
             return out
         finally:
@@ -52,10 +52,10 @@ def task_scorer_factory(config, tokenizer):
         try:
             for task in tasks:
                 per_item = max(1, len(task.items[0]["choices"]))
-                limit = min(len(task.items), max(1, -(-2 * config.batch_size // per_item)))
+                limit = min(len(task.items), max(1, -(-2 * config.training.batch_size // per_item)))
                 start = time.perf_counter()
                 with precision.autocast():
-                    evaluate_task(model, tokenizer, task, batch_size=config.batch_size, limit=limit)
+                    evaluate_task(model, tokenizer, task, batch_size=config.training.batch_size, limit=limit)
                 seconds += (time.perf_counter() - start) * len(task.items) / limit
         finally:
             model.train(was_training)

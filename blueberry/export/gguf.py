@@ -34,8 +34,8 @@ GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 
 
 def gguf_architecture(config) -> str:
-    """llama, qwen3, qwen2moe or qwen3moe: the llama.cpp architecture computing exactly our model."""
-    config = getattr(config, "model", config)
+    """llama, qwen3, qwen2moe or qwen3moe: the llama.cpp architecture computing exactly our model (`config`: its
+    ModelConfig)."""
     blocks = {str(s) for s in config.layer_pattern}
     if blocks not in ({"attn:mlp"}, {"attn:moe"}):
         raise ExportError(f"layers={config.layers!r}: the stack {sorted(blocks)} has no llama.cpp equivalent; GGUF "

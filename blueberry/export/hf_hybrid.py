@@ -26,8 +26,8 @@ MAMBA2, BAMBA, GRANITE = "Mamba2ForCausalLM", "BambaForCausalLM", "GraniteMoeHyb
 SSM_ARCHITECTURES = (MAMBA2, BAMBA, GRANITE)
 
 
-def has_mamba(config) -> bool:
-    model = getattr(config, "model", config)
+def has_mamba(model) -> bool:
+    """Whether the ModelConfig `model` has Mamba-2 blocks."""
     return any(s.mixer == "mamba" for s in model.layer_pattern)
 
 
@@ -37,9 +37,8 @@ def _refuse(field: str, why: str):
     raise ExportError(f"{field}: {why}")
 
 
-def ssm_architecture(config) -> str:
+def ssm_architecture(model) -> str:
     """The transformers class of a stack with Mamba-2 blocks (ExportError naming the setting otherwise)."""
-    model = getattr(config, "model", config)
     specs = model.layer_pattern
     mixers, ffns = {s.mixer for s in specs}, {s.ffn for s in specs}
     if any(s.mod for s in specs):
@@ -78,11 +77,11 @@ def _mamba_sizes(model) -> dict:
                 state=model.ssm_state, conv=model.ssm_conv, expand=model.ssm_expand, chunk=model.scan_chunk)
 
 
-def ssm_hf_config(config, arch: str, special: dict):
-    """The transformers config of a Mamba-2 or hybrid stack; `special`: bos/eos/pad token ids."""
+def ssm_hf_config(model, arch: str, special: dict):
+    """The transformers config of a Mamba-2 or hybrid stack (`model`: its ModelConfig); `special`: bos/eos/pad
+    token ids."""
     import transformers as T
 
-    model = getattr(config, "model", config)
     m = _mamba_sizes(model)
     common = dict(**special, vocab_size=model.vocab_size, hidden_size=model.d_model,
                   num_hidden_layers=model.n_layers, tie_word_embeddings=model.tie_embeddings, hidden_act="silu",

@@ -24,20 +24,20 @@ from .hf_hybrid import (SSM_ARCHITECTURES, has_mamba, split_granite_mlp, ssm_arc
                         ssm_hf_name, ssm_model_fields, ssm_theirs_to_ours)
 
 
-def _stack_kind(config) -> str:
+def _stack_kind(model) -> str:
     """standard or moe: the two stacks transformers can represent exactly (ExportError for the others)."""
-    model = getattr(config, "model", config)  # a run's config or its ModelConfig
     blocks = {str(s) for s in model.layer_pattern}
     if blocks == {"attn:mlp"}:
         return "standard"
     if blocks == {"attn:moe"}:
         return "moe"
-    raise ExportError(f"the layer pattern {config.layers!r} has no Hugging Face transformers equivalent: export "
+    raise ExportError(f"the layer pattern {model.layers!r} has no Hugging Face transformers equivalent: export "
                       "supports attention blocks with an MLP (or an MoE) in every layer, Mamba-2 stacks and "
                       "attention/Mamba-2 hybrids")
 
 
 def hf_architecture(config) -> str:
+    """The transformers class computing exactly the model of ModelConfig `config` (ExportError otherwise)."""
     if has_mamba(config):
         return ssm_architecture(config)
     kind = _stack_kind(config)

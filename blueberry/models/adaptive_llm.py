@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from ..configs import model_config_of
 from ..ops.cross_entropy import linear_cross_entropy
 from .block import Block
 from .generation import sample_next
@@ -57,7 +58,7 @@ class TransformerLM(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        config = getattr(config, "model", config)  # a run's config or its ModelConfig: keep the ModelConfig
+        config = model_config_of(config)  # a run's config or its ModelConfig: the model keeps the ModelConfig
         if config.layers is None and self.default_model_type not in (None, config.model_type):
             config = dataclasses.replace(config, model_type=self.default_model_type)
         self.config = config
@@ -227,7 +228,7 @@ MODEL_CLASSES = {"moe": AdaptiveMoEMinimalLLM, "standard": StandardTransformerLL
 def create_model(config, model_type: str | None = None) -> TransformerLM:
     """The model of `config` (a run's AdaptiveMoEModelConfig or a ModelConfig); `model_type` overrides its
     model_type. The model keeps only the ModelConfig: it knows nothing of data, optimizer or run."""
-    model_config = getattr(config, "model", config)
+    model_config = model_config_of(config)
     model_type = model_type or model_config.model_type
     if model_type not in MODEL_CLASSES:
         raise ValueError(f"unknown model_type {model_type!r}; choose one of {', '.join(MODEL_CLASSES)}")

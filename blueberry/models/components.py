@@ -4,6 +4,7 @@ block.py); import from there in new code."""
 
 from __future__ import annotations
 
+from ..configs import model_config_of
 from .attention import KVCache, MultiHeadAttention
 from .block import TransformerBlock
 from .moe import MixtureOfExperts, MoEAux
@@ -14,4 +15,4 @@ __all__ = ["KVCache", "MixtureOfExperts", "MoEAux", "MultiHeadAttention", "Stand
 
 def StandardTransformerBlock(config) -> TransformerBlock:
     """A dense block (the spec's example of composing components into a custom model)."""
-    return TransformerBlock(getattr(config, "model", config), use_moe=False)
+    return TransformerBlock(model_config_of(config), use_moe=False)

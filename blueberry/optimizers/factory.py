@@ -52,50 +52,50 @@ def split_parameters(model: torch.nn.Module) -> dict[str, list[tuple[str, torch.
 
 def _adamw(groups, config, lr):
     params = [p for g in groups for p in g["params"]]
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(config.adamw_betas), eps=1e-8,
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(config.optim.adamw_betas), eps=1e-8,
                              fused=_fused_ok(params) or None)
 
 
 def setup_optimizers(model: torch.nn.Module, config, distributed: bool = False) -> list[torch.optim.Optimizer]:
     parts = split_parameters(model)
     p = lambda role: [param for _, param in parts[role]]  # noqa: E731
-    wd = config.weight_decay
-    if config.optimizer == "muon":
+    wd = config.optim.weight_decay
+    if config.optim.optimizer == "muon":
         # an expert's gated up-projection holds [gate; up]: orthogonalised as two matrices, like the
         # dense MLP's separate gate and up (so MoE-vs-dense ablations treat them alike)
         hidden, gated_up = [], []
         for name, q in parts["hidden"]:
-            (gated_up if config.mlp_type == "swiglu" and name.endswith("ffn.w_up") else hidden).append(q)
+            (gated_up if config.model.mlp_type == "swiglu" and name.endswith("ffn.w_up") else hidden).append(q)
         muon_groups = [g for g in ({"params": hidden, "name": "hidden"},
                                    {"params": gated_up, "row_blocks": 2, "name": "expert gate/up"}) if g["params"]]
-        muon = MuonWithWarmup(muon_groups, lr=config.lr, momentum=config.muon_momentum,
-                              momentum_start=config.muon_momentum_start,
-                              momentum_warmup_steps=config.momentum_warmup_steps, weight_decay=wd,
-                              scale_mode=config.muon_update_scale, distributed=distributed,
+        muon = MuonWithWarmup(muon_groups, lr=config.optim.lr, momentum=config.optim.muon_momentum,
+                              momentum_start=config.optim.muon_momentum_start,
+                              momentum_warmup_steps=config.optim.momentum_warmup_steps, weight_decay=wd,
+                              scale_mode=config.optim.muon_update_scale, distributed=distributed,
                               # bf16 Newton-Schulz as designed; --no-amp asks for fp32 everywhere
-                              ns_dtype=torch.bfloat16 if config.use_amp else torch.float32)
+                              ns_dtype=torch.bfloat16 if config.training.use_amp else torch.float32)
         adam_groups = [g for g in (
             {"params": p("embed") + p("head"), "weight_decay": 0.0, "name": "embed/head"},
             {"params": p("router") + p("scalar"), "weight_decay": 0.0, "name": "router/norms/biases"},
         ) if g["params"]]
-        optimizers = [muon, _adamw(adam_groups, config, config.adamw_lr)]
-        log(f"Optimizers: Muon lr={config.lr} on {_count(p('hidden'))} params (hidden matrices); "
-            f"AdamW lr={config.adamw_lr} on {_count(p('embed') + p('head') + p('router') + p('scalar'))} "
+        optimizers = [muon, _adamw(adam_groups, config, config.optim.adamw_lr)]
+        log(f"Optimizers: Muon lr={config.optim.lr} on {_count(p('hidden'))} params (hidden matrices); "
+            f"AdamW lr={config.optim.adamw_lr} on {_count(p('embed') + p('head') + p('router') + p('scalar'))} "
             "params (embeddings, head, router, norms)")
         return optimizers
     decay = p("hidden") + p("head") + p("router")
     no_decay = p("embed") + p("scalar")
     groups = [g for g in ({"params": decay, "weight_decay": wd, "name": "matrices"},
                           {"params": no_decay, "weight_decay": 0.0, "name": "embeddings/norms"}) if g["params"]]
-    if config.optimizer == "adamw":
-        opt = _adamw(groups, config, config.lr)
-    elif config.optimizer == "lion":
-        opt = Lion(groups, lr=config.lr, betas=(0.9, 0.99))
-    elif config.optimizer == "adafactor":
-        opt = torch.optim.Adafactor(groups, lr=config.lr)
+    if config.optim.optimizer == "adamw":
+        opt = _adamw(groups, config, config.optim.lr)
+    elif config.optim.optimizer == "lion":
+        opt = Lion(groups, lr=config.optim.lr, betas=(0.9, 0.99))
+    elif config.optim.optimizer == "adafactor":
+        opt = torch.optim.Adafactor(groups, lr=config.optim.lr)
     else:
-        raise ValueError(f"unknown optimizer {config.optimizer!r}")
-    log(f"Optimizer: {type(opt).__name__} lr={config.lr} on {_count(decay + no_decay)} params")
+        raise ValueError(f"unknown optimizer {config.optim.optimizer!r}")
+    log(f"Optimizer: {type(opt).__name__} lr={config.optim.lr} on {_count(decay + no_decay)} params")
     return [opt]
 
 

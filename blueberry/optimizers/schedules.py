@@ -84,5 +84,5 @@ class LRSchedule:
 
 def get_lr_scheduler(optimizer, config, kind: str | None = None) -> LRSchedule:
     """One schedule for `optimizer` (one optimizer or a list of them), counted in optimizer steps."""
-    return LRSchedule(optimizer, kind or config.schedule, config.max_steps, config.warmup_steps,
-                      config.min_lr_ratio, config.decay_fraction)
+    return LRSchedule(optimizer, kind or config.optim.schedule, config.training.max_steps, config.optim.warmup_steps,
+                      config.optim.min_lr_ratio, config.optim.decay_fraction)

@@ -37,12 +37,12 @@ def auto_batch_size(model, config, device, precision) -> tuple[int, int]:
     """(micro_batch, grad_accum_steps) keeping batch_size * grad_accum_steps sequences per step."""
     from ..optimizers import setup_optimizers
 
-    target = config.batch_size * config.grad_accum_steps
+    target = config.training.batch_size * config.training.grad_accum_steps
     with quiet():  # the probe's optimizers, thrown away
         optimizers = setup_optimizers(model, config)
 
     def try_step(batch: int) -> None:
-        idx = torch.randint(0, config.vocab_size, (batch, config.max_seq_len), device=device)
+        idx = torch.randint(0, config.model.vocab_size, (batch, config.model.max_seq_len), device=device)
         with precision.autocast():
             loss = model(idx, idx).loss
         loss.backward()
@@ -52,7 +52,7 @@ def auto_batch_size(model, config, device, precision) -> tuple[int, int]:
 
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     try:
-        micro = largest_fitting_batch(try_step, config.batch_size)
+        micro = largest_fitting_batch(try_step, config.training.batch_size)
     finally:
         model.load_state_dict(state)  # the probe's updates are thrown away
         del optimizers

@@ -58,7 +58,7 @@ def run_started() -> float:
 
 
 def budget_seconds(config) -> float | None:
-    return parse_duration(config.time_budget) if config.time_budget else None
+    return parse_duration(config.training.time_budget) if config.training.time_budget else None
 
 
 def planning(config) -> bool:
@@ -107,8 +107,8 @@ class StepPlanner:
         self.settled = True
         if self.fixed_length:
             self.plan.update(step_time_s=step, costs=costs, planned_wall_s=self.elapsed() + self._reserve(
-                self.config.max_steps, costs) + (self.config.max_steps - done) * step)
-            return self.config.max_steps
+                self.config.training.max_steps, costs) + (self.config.training.max_steps - done) * step)
+            return self.config.training.max_steps
         fitted = done
         for _ in range(4):  # the intervals depend on the length: a few rounds of the fixed point
             fitted = done + max(0, int((left - self._reserve(fitted, costs)) / step))
@@ -131,7 +131,8 @@ class StepPlanner:
         for name, value in periodic_defaults(steps).items():
             if name in self.config.auto_fields:
                 derived[name] = value
-        if "warmup_steps" in self.config.auto_fields and self.config.warmup_steps > max(PROBE_STEPS + 1, steps // 20):
+        warmup = self.config.optim.warmup_steps
+        if "warmup_steps" in self.config.auto_fields and warmup > max(PROBE_STEPS + 1, steps // 20):
             # a run much shorter than the data allows: its warm-up shortens too (the probe's learning rates
             # were the longer warm-up's: the one inexact corner of the plan)
             derived["warmup_steps"] = max(PROBE_STEPS + 1, steps // 20)
@@ -154,7 +155,7 @@ class StepPlanner:
 
     def revisable(self, step: int) -> bool:
         """Whether a periodic evaluation at `step` may refit the length (a planned one, before its last fifth)."""
-        return self.settled and not self.fixed_length and step < REVISE_UNTIL * self.config.max_steps
+        return self.settled and not self.fixed_length and step < REVISE_UNTIL * self.config.training.max_steps
 
     def refit(self, step: int) -> int:
         """The length that fits what is left of the budget, by the step, evaluation and checkpoint times
@@ -167,19 +168,19 @@ class StepPlanner:
         def fits(steps: int) -> int:  # the length the time left allows if the run were `steps` long
             return step + 1 + max(0, int((left - self._reserve_after(step, steps, costs)) / pace))
 
-        fitted = fits(fits(self.config.max_steps))
+        fitted = fits(fits(self.config.training.max_steps))
         while fitted > step + 1 and fits(fitted) < fitted:  # an evaluation more than it has time for
             fitted = min(fitted - 1, fits(fitted))
         fitted = min(fitted, self.plan["data_steps"])
-        current = self.config.max_steps
+        current = self.config.training.max_steps
         return current if abs(fitted - current) < max(2, REVISE_MIN * current) else fitted
 
     def _reserve_after(self, step: int, steps: int, costs: dict) -> float:
         """Seconds of what a run of `steps` steps still does besides training after `step`: this step's
         checkpoint (a revision saves it), the periodic evaluations and checkpoints, and the end."""
         config = self.config
-        evals = (steps - 1) // config.eval_every - step // config.eval_every
-        saves = 1 + evals + (steps - 1) // config.checkpoint_every - step // config.checkpoint_every
+        evals = (steps - 1) // config.training.eval_every - step // config.training.eval_every
+        saves = 1 + evals + (steps - 1) // config.training.checkpoint_every - step // config.training.checkpoint_every
         return _end_cost(costs) + evals * costs["eval"] + saves * costs["save"]
 
     def _measured_costs(self) -> dict:
@@ -191,7 +192,7 @@ class StepPlanner:
 
     def revise(self, step: int, steps: int) -> None:
         """Apply a refitted length (rank 0's, on every rank) and record it in the plan."""
-        previous = self.config.max_steps
+        previous = self.config.training.max_steps
         self.config.derive(max_steps=steps)
         costs = self._measured_costs()
         self.final_cost, self.periodic_cost = _end_cost(costs), costs["eval"] + costs["save"]
@@ -209,7 +210,7 @@ class StepPlanner:
             return False
         step = statistics.median(self.step_times[-PROBE_STEPS:])
         following = self.steps_seen + 1
-        if following % self.config.eval_every == 0 and following < self.config.max_steps:
+        if following % self.config.training.eval_every == 0 and following < self.config.training.max_steps:
             step += self.periodic_cost  # a periodic evaluation due next
         return self.elapsed() + step + self.final_cost > self.budget
 
@@ -240,12 +241,12 @@ def measure_costs(run) -> dict:
     t0 = time.perf_counter()
     run.write_samples(0, write=False)
     samples = time.perf_counter() - t0
-    batches = len(run.val_loader) if hasattr(run.val_loader, "__len__") else config.eval_batches
+    batches = len(run.val_loader) if hasattr(run.val_loader, "__len__") else config.training.eval_batches
     tasks = run.task_scorer.estimate_seconds(core) if hasattr(run.task_scorer, "estimate_seconds") else 0.0
     test = per_batch / max(1, tokens) * run.planner.plan.get("test_tokens", 0)
     weights = sum(p.numel() * p.element_size() for p in core.parameters())
     save = 0.2 + 3 * weights / SAVE_BYTES_PER_S  # weights and the optimizer's states (about twice the weights)
-    periodic_tasks = tasks if config.eval_tasks_periodic else 0.0
+    periodic_tasks = tasks if config.training.eval_tasks_periodic else 0.0
     return {"eval": batches * per_batch + samples + periodic_tasks, "final": tasks - periodic_tasks + test,
             "save": save}
 

@@ -63,7 +63,7 @@ def combine_runs(runs: list[str], out: str | Path, device: str | None = None) ->
     metrics = _summary(members, mixture, each, time.perf_counter() - start)
     with building_dir(out, "--out directory") as tmp:
         _write(tmp, out, members, metrics)
-        if scoring.test_fraction > 0:  # rewrites summary.json with test_bits_per_byte
+        if scoring.data.test_fraction > 0:  # rewrites summary.json with test_bits_per_byte
             with quiet():  # the table below shows it
                 score_test_split(ensemble, scoring, tokenizer, DistContext(), tmp, metrics)
     _print_table(out, members, metrics, scoring)
@@ -94,10 +94,11 @@ def check_member(run: str | Path) -> Member:
         summary = read_summary(run_dir)
     except (OSError, ValueError):
         summary = None
-    ended = isinstance(summary, dict) and (summary.get("step") == config.max_steps or summary.get("stopped_by_budget"))
+    ended = isinstance(summary, dict) and (summary.get("step") == config.training.max_steps
+                                           or summary.get("stopped_by_budget"))
     if not ended or summary.get("stopped_by_signal"):
         step = summary.get("step") if isinstance(summary, dict) else None
-        raise UsageError(f"{run} is not a finished run (step {step} of {config.max_steps}); finish it with "
+        raise UsageError(f"{run} is not a finished run (step {step} of {config.training.max_steps}); finish it with "
                          f"--resume-from {run} first")
     return Member(run_dir.resolve(), ckpt, config, summary, tokenizer)
 
@@ -155,7 +156,7 @@ def _write(tmp: Path, out: Path, members: list[Member], metrics: dict) -> None:
 
 
 def _print_table(out: Path, members: list[Member], metrics: dict, config) -> None:
-    log(f"Ensemble of {len(members)} runs -> {out}, scored on the validation split of {config.dataset} "
+    log(f"Ensemble of {len(members)} runs -> {out}, scored on the validation split of {config.data.dataset} "
         f"({metrics['tokens']:,} tokens):")
     log(f"  {'run':<48} {'bits per byte':>13} {'val loss':>9}")
     for m, row in zip(members, metrics["members"]):

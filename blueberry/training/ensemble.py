@@ -60,7 +60,7 @@ _CHILD = ("import os, signal, sys\n"
 def run_ensemble(config, resuming: bool = False, task_scorer_factory=None) -> tuple[EnsembleLM | None, dict]:
     """Train (or finish) the members of `config`'s ensemble, then score them as one model. Returns (the
     ensemble, its metrics), or (None, the stopped member's metrics) when a signal stopped a member."""
-    run_dir = Path(config.out_dir) if config.out_dir else default_run_dir(config)
+    run_dir = Path(config.training.out_dir) if config.training.out_dir else default_run_dir(config)
     config.derive(out_dir=str(run_dir))
     if resuming:
         refuse_to_resume_combined(run_dir)
@@ -71,7 +71,7 @@ def run_ensemble(config, resuming: bool = False, task_scorer_factory=None) -> tu
         prepare_run_dir(run_dir, resuming=True)
         _prepare_data(config)
         _announce(config, run_dir, "side by side, one process each")
-        members = [member_config(config, i) for i in range(config.ensemble)]
+        members = [member_config(config, i) for i in range(config.training.ensemble)]
         stopped = _train_side_by_side(members)
         if stopped is not None:
             return None, stopped
@@ -79,7 +79,7 @@ def run_ensemble(config, resuming: bool = False, task_scorer_factory=None) -> tu
     from .run import device_type, train_in_group
 
     ctx = init_distributed(device_type(config))
-    members = [member_config(config, i) for i in range(config.ensemble)]
+    members = [member_config(config, i) for i in range(config.training.ensemble)]
     try:
         if ctx.is_main:
             prepare_run_dir(run_dir, resuming=True)
@@ -88,7 +88,8 @@ def run_ensemble(config, resuming: bool = False, task_scorer_factory=None) -> tu
             if _finished(member):
                 continue
             state, ckpt = _resume_point(member)
-            log(f"\n=== ensemble member {i} of {len(members)} (seed {member.seed}) -> {member.out_dir} ===")
+            log(f"\n=== ensemble member {i} of {len(members)} (seed {member.training.seed}) -> "
+                f"{member.training.out_dir} ===")
             _, metrics = train_in_group(member, ctx, state, ckpt, task_scorer_factory)
             if metrics.get("stop_signal") is not None:
                 return None, metrics
@@ -101,21 +102,22 @@ def run_ensemble(config, resuming: bool = False, task_scorer_factory=None) -> tu
 def member_config(config, index: int) -> AdaptiveMoEModelConfig:
     """Member `index`'s run: the recipe with its own seed, evaluated once at its end (the tasks are scored on
     the ensemble, not on each member)."""
-    return config.replace(ensemble=1, seed=config.seed + index, out_dir=str(member_dir(Path(config.out_dir), index)),
-                          eval_every=config.max_steps, eval_tasks="none")
+    t = config.training
+    return config.replace(ensemble=1, seed=t.seed + index, out_dir=str(member_dir(Path(t.out_dir), index)),
+                          eval_every=t.max_steps, eval_tasks="none")
 
 
 def _side_by_side(config) -> bool:
     caps = config.capabilities()
-    on_cpu = (config.device or ("cuda" if caps.is_cuda else "cpu")).startswith("cpu")
-    return on_cpu and int(os.environ.get("WORLD_SIZE", "1")) <= 1 and caps.cpu_cores >= config.ensemble
+    on_cpu = (config.training.device or ("cuda" if caps.is_cuda else "cpu")).startswith("cpu")
+    return on_cpu and int(os.environ.get("WORLD_SIZE", "1")) <= 1 and caps.cpu_cores >= config.training.ensemble
 
 
 def _announce(config, run_dir: Path, how: str) -> None:
-    write_ensemble_file(run_dir, config.ensemble)
+    write_ensemble_file(run_dir, config.training.ensemble)
     write_config(run_dir, config)
-    log(f"Ensemble of {config.ensemble} runs (seeds {config.seed}..{config.seed + config.ensemble - 1}), {how}: "
-        f"{run_dir}")
+    t = config.training
+    log(f"Ensemble of {t.ensemble} runs (seeds {t.seed}..{t.seed + t.ensemble - 1}), {how}: {run_dir}")
 
 
 def _prepare_data(config) -> None:
@@ -126,17 +128,17 @@ def _prepare_data(config) -> None:
 
 
 def _finished(member) -> bool:
-    summary = read_summary(member.out_dir)
+    summary = read_summary(member.training.out_dir)
     if not summary:
         return False
-    return summary.get("step") == member.max_steps and not summary.get("stopped_by_signal")
+    return summary.get("step") == member.training.max_steps and not summary.get("stopped_by_signal")
 
 
 def _resume_point(member):
     """(checkpoint state, checkpoint) to continue `member` from, or (None, None) to start it."""
-    if not (Path(member.out_dir) / CHECKPOINTS / POINTER).exists():
+    if not (Path(member.training.out_dir) / CHECKPOINTS / POINTER).exists():
         return None, None
-    ckpt = resolve_checkpoint(member.out_dir)
+    ckpt = resolve_checkpoint(member.training.out_dir)
     return read_state(ckpt), ckpt
 
 
@@ -157,13 +159,14 @@ def _train_side_by_side(members) -> dict | None:
     for i, (member, cores) in enumerate(zip(members, _core_groups(len(members)))):
         if _finished(member):
             continue
-        Path(member.out_dir).mkdir(parents=True, exist_ok=True)
-        write_config(member.out_dir, member, LAUNCH)
+        Path(member.training.out_dir).mkdir(parents=True, exist_ok=True)
+        write_config(member.training.out_dir, member, LAUNCH)
         env_i = {**env, "OMP_NUM_THREADS": str(len(cores)), "BLUEBERRY_PROGRESS": "1" if not procs else "0"}
-        procs[i] = subprocess.Popen([sys.executable, "-c", _CHILD, member.out_dir, str(i), ",".join(map(str, cores)),
-                                     str(os.getpid())],
+        procs[i] = subprocess.Popen([sys.executable, "-c", _CHILD, member.training.out_dir, str(i),
+                                     ",".join(map(str, cores)), str(os.getpid())],
                                     env=env_i, start_new_session=True)
-        log(f"member {i} (seed {member.seed}, cores {cores}): pid {procs[i].pid}, log in {member.out_dir}")
+        log(f"member {i} (seed {member.training.seed}, cores {cores}): pid {procs[i].pid}, log in "
+            f"{member.training.out_dir}")
 
     def forward(signum, _frame):
         for p in procs.values():
@@ -226,12 +229,12 @@ def _score(config, members, ctx, start: float, task_scorer_factory) -> tuple[Ens
     ensemble, tokenizer, result, _ = score_mixture(config, models, ctx)
     summaries = [read_summary(m.out_dir) for m in members]
     metrics = {**result, "ensemble": len(members),
-               "step": config.max_steps, "elapsed": time.perf_counter() - start,
+               "step": config.training.max_steps, "elapsed": time.perf_counter() - start,
                "stopped_by_signal": False, "stop_signal": None,
                "members": [{"run_dir": m.out_dir, "seed": m.seed,
                             **{k: s.get(k) for k in ("bits_per_byte", "test_bits_per_byte", "loss", "elapsed",
                                                      "train_tokens_per_sec")}} for m, s in zip(members, summaries)]}
-    run_dir = Path(config.out_dir)
+    run_dir = Path(config.training.out_dir)
     if ctx.is_main:
         scorer = task_scorer_factory(config, tokenizer) if task_scorer_factory else None
         if scorer is not None:
@@ -239,7 +242,7 @@ def _score(config, members, ctx, start: float, task_scorer_factory) -> tuple[Ens
         tokenizer.save(run_dir / TOKENIZER)
         write_summary(run_dir, metrics)
         _print_summary(metrics, run_dir)
-    if config.test_fraction > 0:
+    if config.data.test_fraction > 0:
         score_test_split(ensemble, config, tokenizer, ctx, run_dir, metrics)
     return ensemble, metrics
 
@@ -256,8 +259,9 @@ def score_mixture(config, models, ctx, each: bool = False,
     with quiet():  # the data the members were trained on, announced then
         tokenizer, corpus, _, val_loader = build_data(config, ctx.rank, ctx.world_size)
     if expected_tokenizer is not None and tokenizer.content_id != expected_tokenizer:
-        raise UsageError(f"the data of the first run ({config.dataset}, cache {config.cache_dir}) is now read with "
-                         "another tokenizer than the run's; restore its data cache (nothing was written to --out)")
+        raise UsageError(f"the data of the first run ({config.data.dataset}, cache {config.data.cache_dir}) is now "
+                         "read with another tokenizer than the run's; restore its data cache (nothing was written "
+                         "to --out)")
     precision = choose_precision(config, config.capabilities())
 
     def score(model) -> dict:

@@ -66,7 +66,7 @@ def evaluate_model(model, val_loader, config, token_bytes: np.ndarray | None = N
     if num_bytes:
         result["bits_per_byte"] = byte_nats / math.log(2) / num_bytes
     if hasattr(core, "flops_per_token") and peak_flops:
-        result["mfu"] = core.flops_per_token(config.max_seq_len) / 3 * result["tokens_per_sec"] / peak_flops
+        result["mfu"] = core.flops_per_token(config.model.max_seq_len) / 3 * result["tokens_per_sec"] / peak_flops
     if loads is not None:
         result["expert_load"] = (loads / len(val_loader)).tolist()
     return result

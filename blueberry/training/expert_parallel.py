@@ -164,18 +164,19 @@ def _map_expert_states(opt, state: dict, ep: ExpertParallel, fn) -> dict:
 
 
 def check_expert_parallel(config, world_size: int) -> None:
-    degree = config.expert_parallel
+    degree = config.training.expert_parallel
     if degree <= 1:
         return
     if world_size % degree:
         raise ConfigError("expert_parallel", f"--expert-parallel {degree} needs a world size that is a multiple of it "
                           f"(this run has {world_size} process(es)): launch with torchrun --nproc-per-node {degree}, or "
                           "give --expert-parallel 1")
-    if config.parallel == "fsdp":
+    if config.training.parallel == "fsdp":
         raise ConfigError("expert_parallel", "--expert-parallel runs with --parallel ddp (the experts' sharding is its own); "
                           "drop --parallel fsdp")
-    if config.num_experts % degree:
-        raise ConfigError("expert_parallel", f"--expert-parallel {degree} must divide --num-experts ({config.num_experts})")
+    if config.model.num_experts % degree:
+        raise ConfigError("expert_parallel", f"--expert-parallel {degree} must divide --num-experts "
+                          f"({config.model.num_experts})")
 
 
 def apply_expert_parallel(model: nn.Module, degree: int) -> ExpertParallel | None:

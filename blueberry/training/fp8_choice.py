@@ -56,10 +56,10 @@ def decision_key(config, device: torch.device) -> str:
 
     caps = config.capabilities()
     m = config.model
-    shapes = (f"b{config.batch_size}xT{m.max_seq_len}xd{m.d_model}xff{m.d_ff}xh{m.n_heads}/{m.n_kv_heads}"
+    shapes = (f"b{config.training.batch_size}xT{m.max_seq_len}xd{m.d_model}xff{m.d_ff}xh{m.n_heads}/{m.n_kv_heads}"
               f"xE{m.num_experts}k{m.expert_top_k}xeff{m.expert_d_ff}x{','.join(sorted(_block_kinds(m)))}")
     return (f"{caps.device_name}|torch {torch.__version__}|torchao {torchao.__version__}|"
-            f"compile {bool(config.compile)}|{shapes}")
+            f"compile {bool(config.training.compile)}|{shapes}")
 
 
 def choose_fp8(model: torch.nn.Module, config, cache_dir: str | os.PathLike) -> bool:
@@ -98,10 +98,10 @@ def measure_blocks(model: torch.nn.Module, config, device: torch.device) -> dict
     firsts = {}
     for spec, block in zip(specs, model.blocks):
         firsts.setdefault(spec, block)
-    x = torch.randn(config.batch_size, config.model.max_seq_len, config.model.d_model, device=device)
+    x = torch.randn(config.training.batch_size, config.model.max_seq_len, config.model.d_model, device=device)
     variants = {}
     for name in ("bf16", "fp8"):
-        steps = [(_block_step(copy.deepcopy(b), name == "fp8", bool(config.compile), x), counts[spec])
+        steps = [(_block_step(copy.deepcopy(b), name == "fp8", bool(config.training.compile), x), counts[spec])
                  for spec, b in firsts.items()]
         variants[name] = lambda steps=steps: [fn() for fn, n in steps for _ in range(n)]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

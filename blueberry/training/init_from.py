@@ -37,9 +37,9 @@ def source_settings(source: str) -> dict:
 def apply_init_from(config: AdaptiveMoEModelConfig) -> AdaptiveMoEModelConfig:
     """The run's config with the source's architecture and tokenizer (the user's data, optimizer and
     training settings are kept; the window, --seq-len, too)."""
-    if not config.init_from:
+    if not config.training.init_from:
         return config
-    settings = source_settings(config.init_from)
+    settings = source_settings(config.training.init_from)
     return config.replace(**settings)
 
 

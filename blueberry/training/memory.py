@@ -29,23 +29,23 @@ GIB = 2**30
 
 def block_values_per_token(config, spec, checkpointing: str) -> int:
     """Values one block keeps per token for its backward pass."""
-    d = config.d_model
-    ffn = {"moe": config.expert_top_k * config.expert_d_ff, "mlp": config.d_ff, "none": 0}[spec.ffn]
+    d = config.model.d_model
+    ffn = {"moe": config.model.expert_top_k * config.expert_d_ff, "mlp": config.model.d_ff, "none": 0}[spec.ffn]
     mamba = spec.mixer == "mamba"
     if checkpointing == "selective":
-        mixer = 3 * config.ssm_expand * d if mamba else 6 * d
+        mixer = 3 * config.model.ssm_expand * d if mamba else 6 * d
         return d + mixer + 2 * ffn + (d if ffn else 0)
-    return (10 * config.ssm_expand * d if mamba else 16 * d) + 3 * ffn
+    return (10 * config.model.ssm_expand * d if mamba else 16 * d) + 3 * ffn
 
 
 def activation_values_per_token(config, checkpointing: str | None = None) -> int:
     """Values kept per token for the backward pass, the whole model (embedding and final norm included)."""
-    checkpointing = checkpointing or config.activation_checkpointing
+    checkpointing = checkpointing or config.training.activation_checkpointing
     specs = config.model.layer_pattern
     if checkpointing == "full":
-        return 2 * config.d_model + len(specs) * config.d_model + max(
+        return 2 * config.model.d_model + len(specs) * config.model.d_model + max(
             block_values_per_token(config, s, "none") for s in specs)
-    return 2 * config.d_model + sum(block_values_per_token(config, s, checkpointing) for s in specs)
+    return 2 * config.model.d_model + sum(block_values_per_token(config, s, checkpointing) for s in specs)
 
 
 def estimate(model, config, world_size: int = 1, checkpointing: str | None = None) -> dict:
@@ -53,16 +53,16 @@ def estimate(model, config, world_size: int = 1, checkpointing: str | None = Non
     matrices = sum(p.numel() for n, p in model.named_parameters()
                    if p.dim() >= 2 and not n.startswith(("embed", "lm_head")) and "router" not in n)
     states = {"adamw": 2 * params, "lion": params, "adafactor": 0,
-              "muon": matrices + 2 * (params - matrices)}.get(config.optimizer, 2 * params)
-    shard = world_size if config.parallel == "fsdp" else 1
-    tokens = config.batch_size * config.max_seq_len
-    per_value = 2 if config.use_amp else 4
+              "muon": matrices + 2 * (params - matrices)}.get(config.optim.optimizer, 2 * params)
+    shard = world_size if config.training.parallel == "fsdp" else 1
+    tokens = config.training.batch_size * config.model.max_seq_len
+    per_value = 2 if config.training.use_amp else 4
     activations = tokens * activation_values_per_token(config, checkpointing) * per_value
-    activations += min(tokens, 1 << 14) * config.vocab_size * 4  # one chunk of fp32 logits
+    activations += min(tokens, 1 << 14) * config.model.vocab_size * 4  # one chunk of fp32 logits
     out = {"parameters": params, "weights": params * 4 / shard, "gradients": params * 4 / shard,
            "optimizer": states * 4 / shard, "activations": activations}
     out["total"] = out["weights"] + out["gradients"] + out["optimizer"] + out["activations"]
-    out["checkpointing"] = checkpointing or config.activation_checkpointing
+    out["checkpointing"] = checkpointing or config.training.activation_checkpointing
     return out
 
 

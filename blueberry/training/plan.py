@@ -26,7 +26,7 @@ from .memory import GIB, choose_checkpointing, estimate
 
 def _least_fitting(model, config, world_size: int, memory_bytes: float) -> tuple[str, dict]:
     """The checkpointing the run would use (the given one, else the least that fits) and its estimate."""
-    mode = config.activation_checkpointing
+    mode = config.training.activation_checkpointing
     if "activation_checkpointing" in config.auto_fields:
         mode = choose_checkpointing(model, config, None, world_size, available=memory_bytes)
     return mode, estimate(model, config, world_size, mode)
@@ -71,27 +71,28 @@ def describe_plan(config, preset: str | None = None, world_size: int | None = No
     with torch.device("meta"):
         model = create_model(config)
     rep = model.parameter_report()
-    tokens_per_step = config.batch_size * config.grad_accum_steps * config.max_seq_len * world_size
+    m, t, o = config.model, config.training, config.optim
+    tokens_per_step = t.batch_size * t.grad_accum_steps * m.max_seq_len * world_size
     memory_gb = hardware[0] if hardware else caps.memory_gb
     mode, e = _least_fitting(model, config, world_size, memory_gb * GIB)
-    sharded = config.parallel == "fsdp" and world_size > 1
+    sharded = t.parallel == "fsdp" and world_size > 1
+    fp8 = "auto (measured at start)" if t.use_fp8 and "use_fp8" in config.auto_fields else "on" if t.use_fp8 else "off"
     lines = [
         "Plan",
         f"  device        {caps.device_name} ({caps.device_type}), {world_size} process(es), precision "
-        f"{'bf16/fp16 autocast' if config.use_amp else 'fp32'}, FP8 "
-        f"{'auto (measured at start)' if config.use_fp8 and 'use_fp8' in config.auto_fields else 'on' if config.use_fp8 else 'off'}, "
-        f"compile {'on' if config.compile else 'off'}",
-        f"  model         {config.model_type if config.layers is None else config.layers}, d_model {config.d_model} x "
-        f"{config.n_layers} layers, {config.n_heads} heads; {rep['total']:,} parameters, "
+        f"{'bf16/fp16 autocast' if t.use_amp else 'fp32'}, FP8 {fp8}, "
+        f"compile {'on' if t.compile else 'off'}",
+        f"  model         {m.model_type if m.layers is None else m.layers}, d_model {m.d_model} x "
+        f"{m.n_layers} layers, {m.n_heads} heads; {rep['total']:,} parameters, "
         f"{rep['active_per_token']:,} active per token",
-        f"  batch         {config.batch_size} sequences x {config.max_seq_len} tokens x {config.grad_accum_steps} "
+        f"  batch         {t.batch_size} sequences x {m.max_seq_len} tokens x {t.grad_accum_steps} "
         f"accumulation x {world_size} process(es) = {tokens_per_step:,} tokens per step",
-        f"  length        {'at most ' if budget_lines else ''}{config.max_steps:,} steps = "
-        f"{tokens_per_step * config.max_steps:,} training tokens"
-        + (f", in each of {config.ensemble} runs averaged into one model (--ensemble)" if config.ensemble > 1 else ""),
-        f"  optimizer     {config.optimizer}, lr {config.lr:g}" + (f", AdamW part {config.adamw_lr:g}"
-                                                                   if config.optimizer == "muon" else "")
-        + f", {config.schedule} with {config.warmup_steps} warm-up steps, weight decay {config.weight_decay:g}",
+        f"  length        {'at most ' if budget_lines else ''}{t.max_steps:,} steps = "
+        f"{tokens_per_step * t.max_steps:,} training tokens"
+        + (f", in each of {t.ensemble} runs averaged into one model (--ensemble)" if t.ensemble > 1 else ""),
+        f"  optimizer     {o.optimizer}, lr {o.lr:g}" + (f", AdamW part {o.adamw_lr:g}" if o.optimizer == "muon"
+                                                         else "")
+        + f", {o.schedule} with {o.warmup_steps} warm-up steps, weight decay {o.weight_decay:g}",
         f"  memory/device weights {e['weights'] / GIB:.2f} GiB, gradients {e['gradients'] / GIB:.2f}, optimizer "
         f"{e['optimizer'] / GIB:.2f}, activations {e['activations'] / GIB:.2f} (checkpointing {mode}) = "
         f"{e['total'] / GIB:.2f} GiB" + (" (weights, gradients and optimizer states sharded by FSDP2)" if sharded else ""),

@@ -26,6 +26,6 @@ class Precision:
 
 
 def choose_precision(config, caps) -> Precision:
-    dtype = caps.autocast_dtype if config.use_amp else None
+    dtype = caps.autocast_dtype if config.training.use_amp else None
     scaler = torch.amp.GradScaler(caps.device_type) if dtype == torch.float16 else None
     return Precision(caps.device_type, dtype, scaler)

@@ -36,10 +36,10 @@ log = get_logger(__name__).info
 
 def resolve_device(config) -> torch.device:
     caps = config.capabilities()
-    if config.device:
-        if config.device.startswith("cuda") and not torch.cuda.is_available():
-            raise UsageError(f"--device {config.device}: no CUDA device is available here; use --device cpu")
-        return torch.device(config.device)
+    if config.training.device:
+        if config.training.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UsageError(f"--device {config.training.device}: no CUDA device is available here; use --device cpu")
+        return torch.device(config.training.device)
     return torch.device("cuda" if caps.is_cuda else "cpu")
 
 
@@ -51,7 +51,7 @@ def build_everything(config, rank: int = 0, world_size: int = 1):
 
 def build_data(config, rank: int = 0, world_size: int = 1):
     """(tokenizer, corpus, train loader, validation loader) of `config`, the data cache built on first use."""
-    if config.task == "sft":
+    if config.data.task == "sft":
         from ..data.sft import load_sft_data
 
         tokenizer, corpus = load_sft_data(config)
@@ -59,12 +59,12 @@ def build_data(config, rank: int = 0, world_size: int = 1):
         tokenizer, corpus = _token_stores(config)
     else:
         _, tokenizer, corpus = load_and_cache_data(config)
-    if tokenizer.vocab_size > config.vocab_size:
+    if tokenizer.vocab_size > config.model.vocab_size:
         if "vocab_size" in config.auto_fields:
             config.derive(vocab_size=(tokenizer.vocab_size + 63) // 64 * 64)
-            log(f"vocab_size set to {config.vocab_size} to fit the tokenizer ({tokenizer.vocab_size} ids)")
+            log(f"vocab_size set to {config.model.vocab_size} to fit the tokenizer ({tokenizer.vocab_size} ids)")
         else:
-            raise UsageError(f"--vocab-size {config.vocab_size} is smaller than the tokenizer's "
+            raise UsageError(f"--vocab-size {config.model.vocab_size} is smaller than the tokenizer's "
                              f"{tokenizer.vocab_size} ids; pass --vocab-size {tokenizer.vocab_size} or more")
     train_loader, val_loader = create_dataloaders(config, corpus, rank=rank, world_size=world_size)
     return tokenizer, corpus, train_loader, val_loader
@@ -74,11 +74,11 @@ def _token_stores(config):
     """Prepare (or find: rank 0 runs first, see _build_on_every_rank) and open the token stores."""
     from ..data.stores import open_stores, prepare_stores
 
-    if config.test_fraction > 0:
+    if config.data.test_fraction > 0:
         raise UsageError("--test-fraction holds out documents of an in-memory corpus; a token store has its "
                          "train/val split only: drop --test-fraction or use --no-token-store")
-    if config.dataset_type != "packed":
-        raise UsageError(f"--dataset-type {config.dataset_type}: a token store serves packed windows only; drop "
+    if config.data.dataset_type != "packed":
+        raise UsageError(f"--dataset-type {config.data.dataset_type}: a token store serves packed windows only; drop "
                          "the flag or use --no-token-store")
     return open_stores(prepare_stores(config))
 
@@ -108,8 +108,8 @@ def run_training(config, resume_state: dict | None = None, resume_checkpoint: Pa
 
 
 def device_type(config) -> str:
-    if config.device:
-        return "cuda" if config.device.startswith("cuda") else "cpu"
+    if config.training.device:
+        return "cuda" if config.training.device.startswith("cuda") else "cpu"
     return "cuda" if config.capabilities().is_cuda else "cpu"
 
 
@@ -121,14 +121,14 @@ def train_in_group(config, ctx, resume_state, resume_checkpoint, task_scorer_fac
         device = torch.device("cuda", ctx.local_rank)
     if device.type == "cpu":
         set_cpu_threads()
-    run_dir = Path(config.out_dir) if config.out_dir else default_run_dir(config)
+    run_dir = Path(config.training.out_dir) if config.training.out_dir else default_run_dir(config)
     config.derive(out_dir=str(run_dir))
     if ctx.is_main:
         # a resume continues the run directory its checkpoint is in; any other --out-dir is checked as new
         here = resume_checkpoint is not None and Path(resume_checkpoint).resolve().is_relative_to(run_dir.resolve())
         prepare_run_dir(run_dir, resuming=resume_state is not None and here)
         clean_stale_temporaries(run_dir)
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.training.seed)
     started, plan = budget_clock(config, resume_state)
     tokenizer, corpus, model, train_loader, val_loader, plan = _build_on_every_rank(config, ctx, plan, started,
                                                                                      device)
@@ -136,9 +136,9 @@ def train_in_group(config, ctx, resume_state, resume_checkpoint, task_scorer_fac
         check_resumable(resume_state, resume_checkpoint, tokenizer, ctx, config)
         _say_repartition(resume_state, config, ctx)
         load_weights(resume_checkpoint, model)
-    elif config.init_from:
-        load_initial_weights(model, config.init_from)
-        log(f"Initialised from {config.init_from}")
+    elif config.training.init_from:
+        load_initial_weights(model, config.training.init_from)
+        log(f"Initialised from {config.training.init_from}")
     model.to(device)
     if device.type == "cuda" and "batch_size" in config.auto_fields and resume_state is None:
         train_loader, val_loader = _fit_batch_to_gpu(model, config, device, corpus, ctx,
@@ -168,7 +168,7 @@ def train_in_group(config, ctx, resume_state, resume_checkpoint, task_scorer_fac
     del wrapped  # the DDP reducer must go before the process group (see distributed.teardown)
     if ctx.is_main:
         print_summary(metrics, run_dir)
-    if config.test_fraction > 0 and metrics.get("stop_signal") is None:
+    if config.data.test_fraction > 0 and metrics.get("stop_signal") is None:
         score_test_split(model, config, tokenizer, ctx, run_dir, metrics)
     if planner is not None and ctx.is_main:  # the whole command's wall beside the plan's
         metrics["wall_s"] = time.time() - planner.started
@@ -205,8 +205,8 @@ def _build_on_every_rank(config, ctx, plan: dict | None, started: float | None, 
     tokenizer, corpus, train_loader, val_loader = data
     if plan == {}:
         plan = plan_size(config, corpus.n_train, ctx, device, started, budget_seconds(config), log)
-    if plan is not None and config.test_fraction > 0:
-        plan["test_tokens"] = int(corpus.n_val * config.test_fraction / config.val_fraction)
+    if plan is not None and config.data.test_fraction > 0:
+        plan["test_tokens"] = int(corpus.n_val * config.data.test_fraction / config.data.val_fraction)
     return tokenizer, corpus, create_model(config), train_loader, val_loader, plan
 
 
@@ -225,7 +225,7 @@ def check_resumable(state: dict, checkpoint: Path, tokenizer, ctx, config) -> No
     if why:
         raise CheckpointError(f"{checkpoint} was written by {written} process(es) and cannot continue on "
                               f"{ctx.world_size}: {why}; resume it with the same --nproc_per_node ({written})")
-    if ctx.enabled and written > 1 and state.get("parallel", "ddp") != config.parallel:
+    if ctx.enabled and written > 1 and state.get("parallel", "ddp") != config.training.parallel:
         raise CheckpointError(f"{checkpoint} was written with --parallel "
                               f"{state.get('parallel')}; resume it with the same engine")
 
@@ -235,8 +235,8 @@ def _say_repartition(state: dict, config, ctx) -> None:
     if written != ctx.world_size:
         saved = state.get("config", {}).get("batch_size")
         log(f"Resuming a checkpoint of {written} process(es) on {ctx.world_size}: the data continues at sample "
-            f"{state['data'].get('consumed')} of epoch {state['data'].get('epoch')}; {config.batch_size} sequences "
-            f"per process make {config.batch_size * ctx.world_size} per step (the writer's: "
+            f"{state['data'].get('consumed')} of epoch {state['data'].get('epoch')}; {config.training.batch_size} "
+            f"sequences per process make {config.training.batch_size * ctx.world_size} per step (the writer's: "
             f"{saved * written if saved else '?'}; --batch-size keeps it)")
 
 
@@ -245,10 +245,10 @@ def _fit_batch_to_gpu(model, config, device, corpus, ctx, loaders):
     from .precision import choose_precision
 
     micro, accum = auto_batch_size(model, config, device, choose_precision(config, config.capabilities()))
-    if (micro, accum) == (config.batch_size, config.grad_accum_steps):
+    if (micro, accum) == (config.training.batch_size, config.training.grad_accum_steps):
         return loaders
     log(f"Auto batch size: micro-batch {micro} x {accum} accumulation steps "
-        f"(keeps {config.batch_size * config.grad_accum_steps} sequences per optimizer step)")
+        f"(keeps {config.training.batch_size * config.training.grad_accum_steps} sequences per optimizer step)")
     config.derive(batch_size=micro, grad_accum_steps=accum)
     return create_dataloaders(config, corpus, rank=ctx.rank, world_size=ctx.world_size)
 
@@ -258,13 +258,13 @@ def _settle_machine_choices(model, config, device, ctx) -> None:
     measured faster on every rank) and activation checkpointing (the least with which the run fits)."""
     from .fp8_choice import choose_fp8
 
-    if config.use_fp8 and "use_fp8" in config.auto_fields:
-        faster = choose_fp8(model, config, config.cache_dir)
+    if config.training.use_fp8 and "use_fp8" in config.auto_fields:
+        faster = choose_fp8(model, config, config.data.cache_dir)
         if ctx.all_reduce_sum([float(faster)])[0] < ctx.world_size:
             config.derive(use_fp8=False)
     if "activation_checkpointing" in config.auto_fields:
         mode = choose_checkpointing(model, config, device, ctx.world_size)
-        if mode != config.activation_checkpointing:
+        if mode != config.training.activation_checkpointing:
             log(f"Activation checkpointing {mode}: without it the run would not fit in memory")
             config.derive(activation_checkpointing=mode)
 
@@ -272,13 +272,13 @@ def _settle_machine_choices(model, config, device, ctx) -> None:
 def _wrap(model, config, ctx):
     """Transforms applied from outside, in torchtitan's order: FP8 linears, activation checkpointing,
     expert parallelism and DDP/FSDP2 under torchrun, then torch.compile when asked."""
-    model = apply_float8(model, bool(config.use_fp8), fsdp=ctx.enabled and config.parallel == "fsdp")
-    model = apply_activation_checkpointing(model, config.activation_checkpointing)
+    model = apply_float8(model, bool(config.training.use_fp8), fsdp=ctx.enabled and config.training.parallel == "fsdp")
+    model = apply_activation_checkpointing(model, config.training.activation_checkpointing)
     if ctx.enabled:
-        apply_expert_parallel(model, config.expert_parallel)
-    precision_dtype = config.capabilities().autocast_dtype if config.use_amp else None
-    model = wrap_model(model, ctx, config.parallel, precision_dtype)
-    if config.compile:
+        apply_expert_parallel(model, config.training.expert_parallel)
+    precision_dtype = config.capabilities().autocast_dtype if config.training.use_amp else None
+    model = wrap_model(model, ctx, config.training.parallel, precision_dtype)
+    if config.training.compile:
         # a machine without a working C++ toolchain gets eager mode and a warning, not a crash
         torch._dynamo.config.suppress_errors = True
         model = torch.compile(model)

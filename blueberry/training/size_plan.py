@@ -37,7 +37,7 @@ FLOPS_PROBE_BATCH = 8
 
 def size_is_auto(config) -> bool:
     """Whether the model's size is left to the run (no size given, no --layers pattern, no --init-from)."""
-    return (config.layers is None and not config.init_from
+    return (config.model.layers is None and not config.training.init_from
             and all(f in config.auto_fields for f in ("d_model", "n_layers", "n_heads", "n_kv_heads")))
 
 
@@ -52,7 +52,7 @@ def candidates(config, depths, past=None) -> list[Candidate]:
         with torch.device("meta"):
             model = create_model(shaped)
         rep = model.parameter_report()
-        out.append(Candidate(depth, rep["total"] - rep["embedding"], model.flops_per_token(config.max_seq_len)))
+        out.append(Candidate(depth, rep["total"] - rep["embedding"], model.flops_per_token(config.model.max_seq_len)))
         if past is not None and past(out[-1]):
             break
     return out
@@ -62,7 +62,7 @@ def _d_ff(config, depth: int) -> int:
     from ..configs.adaptive_moe_config import default_d_ff
 
     if "d_ff" not in config.auto_fields:
-        return config.d_ff
+        return config.model.d_ff
     return default_d_ff(shape_for_depth(depth)["d_model"], config)
 
 
@@ -74,17 +74,17 @@ def plan_size(config, unique_tokens: int, ranks, device, started: float, budget:
         depth, dense, why = _choose_depth(config, unique_tokens, ranks, device, started, budget, plan)
         _resize(config, depth, dense)
         plan["size_rule"] = why
-        note(f"Plan: depth {depth} (d_model {config.d_model}, {config.model_type}): {why}")
+        note(f"Plan: depth {depth} (d_model {config.model.d_model}, {config.model.model_type}): {why}")
     tokens_per_step = config.tokens_per_step * ranks.world_size
     params = _non_embedding_params(config)
     data_steps = max(PROBE_STEPS + 1, tokens_for(params, unique_tokens) // tokens_per_step)
     # provisional, as an automatic default is: `StepPlanner.settle` derives the final length
-    config.max_steps = data_steps
+    config.training.max_steps = data_steps
     if "warmup_steps" in config.auto_fields:
         config.derive(warmup_steps=max(PROBE_STEPS + 1, min(100, data_steps // 20)))
-    elif config.warmup_steps < PROBE_STEPS + 1:
-        note(f"Note: --warmup-steps {config.warmup_steps} ends inside the {PROBE_STEPS + 1}-step probe; the steps "
-            "after it follow the provisional length until the plan is settled")
+    elif config.optim.warmup_steps < PROBE_STEPS + 1:
+        note(f"Note: --warmup-steps {config.optim.warmup_steps} ends inside the {PROBE_STEPS + 1}-step probe; the "
+             "steps after it follow the provisional length until the plan is settled")
     plan.update(params=params, data_steps=data_steps, tokens_per_step=tokens_per_step)
     return plan
 
@@ -99,7 +99,7 @@ def _choose_depth(config, unique_tokens: int, ranks, device, started: float, bud
     dense_family = candidates(config.replace(model_type="standard") if auto_type else config, range(1, MAX_DEPTH + 1),
                               past=lambda c: c.params > most)
     allowed = data_limited_depth(dense_family, unique_tokens)
-    if allowed <= config.n_layers:
+    if allowed <= config.model.n_layers:
         return allowed, auto_type, (f"{unique_tokens:,} unique tokens: at most {MAX_EPOCHS:g} passes and about "
                                     f"{MIN_TOKENS_PER_PARAM:g} training token per parameter (training/sizing.py)")
     mine = [measure_flops(config, device) * ranks.world_size, TRAINING_SHARE * (budget - (time.time() - started))]
@@ -113,9 +113,9 @@ def _choose_depth(config, unique_tokens: int, ranks, device, started: float, bud
 
 def _resize(config, depth: int, dense: bool) -> None:
     """Give the config the family's shape of `depth` (and the dense model type when `dense`)."""
-    if dense and config.model_type != "standard":
+    if dense and config.model.model_type != "standard":
         config.derive(model_type="standard")
-    if depth != config.n_layers or shape_for_depth(depth)["d_model"] != config.d_model or dense:
+    if depth != config.model.n_layers or shape_for_depth(depth)["d_model"] != config.model.d_model or dense:
         config.derive(**shape_for_depth(depth), d_ff=_d_ff(config, depth))
 
 
@@ -128,8 +128,8 @@ def measure_flops(config, device) -> float:
     precision = choose_precision(config, config.capabilities())
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         model = create_model(config).to(device)
-        batch = min(config.batch_size, FLOPS_PROBE_BATCH)
-        x = torch.randint(0, config.vocab_size, (batch, config.max_seq_len), device=device)
+        batch = min(config.training.batch_size, FLOPS_PROBE_BATCH)
+        x = torch.randint(0, config.model.vocab_size, (batch, config.model.max_seq_len), device=device)
         times = []
         for _ in range(3):
             t0 = time.perf_counter()
@@ -139,7 +139,7 @@ def measure_flops(config, device) -> float:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - t0)
-        flops = model.flops_per_token(config.max_seq_len) * x.numel() / min(times[1:])
+        flops = model.flops_per_token(config.model.max_seq_len) * x.numel() / min(times[1:])
     del model
     return flops
 

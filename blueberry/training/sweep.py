@@ -14,7 +14,7 @@ log = get_logger(__name__).info
 
 
 def run_lr_sweep(config, lrs: list[float], **run_kwargs) -> list[dict]:
-    root = Path(config.out_dir) if config.out_dir else default_run_dir(config).with_name(
+    root = Path(config.training.out_dir) if config.training.out_dir else default_run_dir(config).with_name(
         default_run_dir(config).name + "-lr-sweep")
     results, curves = [], {}
     for lr in lrs:

@@ -21,18 +21,18 @@ def held_out_test_loader(config, tokenizer, rank: int = 0, world_size: int = 1) 
     """(a loader over every window of the run's test documents, this rank's share; the documents)."""
     with quiet():  # the documents were announced when the run read them
         documents = run_documents(config)
-    docs = test_documents(documents, config.val_fraction, config.split_seed, config.test_fraction)
+    docs = test_documents(documents, config.data.val_fraction, config.data.split_seed, config.data.test_fraction)
     tokens, _ = encode_documents(tokenizer, docs, None)
-    dataset = create_dataset(tokens, "packed", config.max_seq_len)
+    dataset = create_dataset(tokens, "packed", config.model.max_seq_len)
     if len(dataset) < world_size:
         raise DataError(f"the test split ({len(tokens)} tokens) is shorter than one window per process")
-    batch = max(1, min(config.batch_size, len(dataset) // world_size))
+    batch = max(1, min(config.training.batch_size, len(dataset) // world_size))
     return BatchLoader(dataset, batch, shuffle=False, rank=rank, world_size=world_size), docs
 
 
 def score_test_split(model, config, tokenizer, ctx, run_dir: Path, metrics: dict) -> dict:
     """Evaluate `model` (every rank takes part) on the run's test documents; updates `metrics` and the summary."""
-    if config.test_fraction <= 0:
+    if config.data.test_fraction <= 0:
         return metrics
     loader, docs = held_out_test_loader(config, tokenizer, ctx.rank, ctx.world_size)
     result = evaluate_model(model, loader, config, token_bytes=tokenizer.token_bytes(),

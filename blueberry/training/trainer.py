@@ -121,24 +121,24 @@ def train_step(model, train_loader, optimizers, params, precision: Precision, co
     `outcome`: "stepped", "overflow" (fp16 scale too high: nothing applied) or "nonfinite" (skipped)."""
     device = next(model.parameters()).device
     losses, lm_losses, moe_stats, data_time = [], [], None, 0.0
-    for micro in range(config.grad_accum_steps):
+    for micro in range(config.training.grad_accum_steps):
         t0 = time.perf_counter()
         batch = train_loader.next_batch()
         x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         doc_ids = batch[2].to(device) if len(batch) > 2 else None
         data_time += time.perf_counter() - t0
-        last = micro == config.grad_accum_steps - 1
+        last = micro == config.training.grad_accum_steps - 1
         with no_sync(model, active=ctx.enabled and not last):
             with precision.autocast():
                 out = model(x, y, doc_ids=doc_ids)
-            loss = out.loss / config.grad_accum_steps
+            loss = out.loss / config.training.grad_accum_steps
             if precision.scaler is not None:
                 precision.scaler.scale(loss).backward()
             else:
                 loss.backward()
         # the figures stay on the device: no host sync between micro-steps
         losses.append(loss.detach().float().reshape(1))
-        lm_losses.append(out.lm_loss.detach().float().reshape(1) / config.grad_accum_steps)
+        lm_losses.append(out.lm_loss.detach().float().reshape(1) / config.training.grad_accum_steps)
         if last and out.moe_stats is not None:
             moe_stats = out.moe_stats.detach().float()
     # one host sync per step for the losses (and the MoE figures of the last micro-batch)
@@ -155,7 +155,7 @@ def train_step(model, train_loader, optimizers, params, precision: Precision, co
     if precision.scaler is not None:
         for opt in optimizers:
             precision.scaler.unscale_(opt)
-    max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
+    max_norm = config.optim.grad_clip if config.optim.grad_clip > 0 else math.inf
     experts = expert_parallel_of(unwrap(model))
     grad_norm = scalar(experts.sync_and_clip(params, max_norm) if experts is not None
                        else torch.nn.utils.clip_grad_norm_(params, max_norm))
@@ -188,8 +188,8 @@ def train_step(model, train_loader, optimizers, params, precision: Precision, co
 def _write_samples(model, tokenizer, corpus_prompts, run_dir: Path, step: int, config, write: bool) -> list[str]:
     texts = []
     for i, prompt in enumerate(corpus_prompts):
-        cont = generate_text(unwrap(model), tokenizer, prompt, max_new_tokens=config.sample_tokens,
-                             temperature=0.8, top_k=50, seed=config.seed + i, eos=tokenizer.eot_id)
+        cont = generate_text(unwrap(model), tokenizer, prompt, max_new_tokens=config.training.sample_tokens,
+                             temperature=0.8, top_k=50, seed=config.training.seed + i, eos=tokenizer.eot_id)
         texts.append(prompt + cont)
     if not write:
         return texts
@@ -220,7 +220,7 @@ class _Run:
         if self.sharded:
             from .sharded_checkpoint import ShardedCheckpointer
 
-            self.saver = ShardedCheckpointer(run_dir, ctx, asynchronous=bool(config.async_checkpoint))
+            self.saver = ShardedCheckpointer(run_dir, ctx, asynchronous=bool(config.training.async_checkpoint))
 
     def full_model(self):
         """The whole model on every rank for the duration (expert parallelism gathers the experts: a
@@ -247,9 +247,9 @@ class _Run:
     def _follow_new_length(self, loop: LoopState, bar) -> None:
         """The plan's length changed: the schedule, the progress bar and config.json follow, the plan is
         logged, and `_periodic` saves this step (once, whatever else is due at it)."""
-        self.scheduler.set_max_steps(self.config.max_steps)
+        self.scheduler.set_max_steps(self.config.training.max_steps)
         if bar is not None:
-            bar.total = self.config.max_steps
+            bar.total = self.config.training.max_steps
             bar.refresh()
         if self.ctx.is_main:
             write_config(self.run_dir, self.config)
@@ -263,7 +263,7 @@ class _Run:
             return
         mine = self.planner.refit(loop.step) if self.ctx.is_main else 0
         steps = int(self.ctx.all_reduce_sum([float(mine)])[0])
-        if steps == self.config.max_steps:
+        if steps == self.config.training.max_steps:
             return
         self.planner.revise(loop.step, steps)
         self._follow_new_length(loop, bar)
@@ -312,18 +312,18 @@ class _Run:
                  "rng": rng_state(), "config": self.config.to_dict(),
                  "tokenizer": getattr(self.tokenizer, "identity", None), "best_val": loop.best_val,
                  "skipped_steps": loop.skipped, "overflow_steps": loop.overflows, "elapsed": loop.elapsed,
-                 "world_size": self.ctx.world_size, "parallel": self.config.parallel,
+                 "world_size": self.ctx.world_size, "parallel": self.config.training.parallel,
                  "plan": copy.deepcopy(self.planner.plan) if self.planner is not None else None}
         if self.sharded:  # FSDP2: every rank writes its own shards, rank 0 commits
-            return self.saver.save(loop.step, self.core, self.optimizers, state, self.config.keep_checkpoints,
+            return self.saver.save(loop.step, self.core, self.optimizers, state, self.config.training.keep_checkpoints,
                                    best=is_best)
         # expert parallelism: every rank's experts' states (a collective), then rank 0 writes the whole
         optimizer_states = (self.experts.full_optimizer_states(self.optimizers) if self.experts is not None
                             else None)
         if self.ctx.is_main:
             state["optimizers"] = optimizer_states or [o.state_dict() for o in self.optimizers]
-            return save_checkpoint(self.run_dir, loop.step, self.core, state, keep=self.config.keep_checkpoints,
-                                   best=is_best)
+            return save_checkpoint(self.run_dir, loop.step, self.core, state,
+                                   keep=self.config.training.keep_checkpoints, best=is_best)
         return None
 
     def poll_saves(self, wait: bool = False) -> None:
@@ -342,8 +342,8 @@ class _Run:
         # under FSDP2 the plain model is the sharded one, so every rank still takes part
         result = evaluate_model(self.core, self.val_loader, self.config, token_bytes=self.token_bytes,
                                 precision=self.precision, peak_flops=self.peak, ranks=self.ctx)
-        final = loop.step == self.config.max_steps or loop.stop_signal is not None or loop.out_of_time
-        if self.task_scorer is not None and (final or self.config.eval_tasks_periodic) and (
+        final = loop.step == self.config.training.max_steps or loop.stop_signal is not None or loop.out_of_time
+        if self.task_scorer is not None and (final or self.config.training.eval_tasks_periodic) and (
                 self.ctx.is_main or self.sharded):  # sharded forwards need every rank
             with self.precision.autocast():
                 result.update(self.task_scorer(self.core))
@@ -363,7 +363,7 @@ def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokeni
                 resume_state: dict | None = None, ctx: DistContext | None = None,
                 sample_prompts: tuple[str, ...] = ("\n",), progress: bool = True, task_scorer=None, planner=None,
                 resume_checkpoint=None):
-    """Train `model` for `config.max_steps` optimizer steps; returns (model, metrics). `task_scorer(model)`
+    """Train `model` for `config.training.max_steps` optimizer steps; returns (model, metrics). `task_scorer(model)`
     (from blueberry.evaluation, given by the caller) adds task scores to the final evaluation, and to
     every evaluation with `eval_tasks_periodic`. `resume_checkpoint`: where `resume_state` was read (a sharded
     checkpoint holds the optimizer tensors there)."""
@@ -371,14 +371,14 @@ def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokeni
     caps = config.capabilities()
     precision = _precision_for(model, config, caps)
     run_dir = _run_dir(config, run_dir)
-    logger = MetricsLogger(run_dir, enabled=ctx.is_main, trackers=parse_trackers(config.tracker))
+    logger = MetricsLogger(run_dir, enabled=ctx.is_main, trackers=parse_trackers(config.training.tracker))
     logger.log_config(config.to_dict())
     core = unwrap(model)
     optimizers = setup_optimizers(core, config,
                                   distributed=ctx.enabled)
     scheduler = get_lr_scheduler(optimizers, config)
     params = [p for p in model.parameters() if p.requires_grad]
-    flops_per_token = core.flops_per_token(config.max_seq_len)
+    flops_per_token = core.flops_per_token(config.model.max_seq_len)
     peak = caps.job_peak_flops(ctx.world_size, ctx.local_world_size)
     run = _Run(model, optimizers, scheduler, precision, train_loader, val_loader, config, ctx, run_dir,
                tokenizer, token_bytes, sample_prompts, logger, peak, task_scorer, planner)
@@ -387,15 +387,15 @@ def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokeni
         run.resume(resume_state, loop, resume_checkpoint)
 
     log(f"Training {config.model.architecture} model: {core.parameter_report()['total']:,} params, "
-        f"precision {precision.name}, fp8 {'on' if config.use_fp8 else 'off'}, {ctx.world_size} process(es), "
+        f"precision {precision.name}, fp8 {'on' if config.training.use_fp8 else 'off'}, {ctx.world_size} process(es), "
         f"{config.tokens_per_step * ctx.world_size:,} tokens per optimizer step")
-    if config.init_from and resume_state is None:
+    if config.training.init_from and resume_state is None:
         run.evaluate(loop)  # step 0: where the pretrained weights start, the "before" of a fine-tune
     bar = _progress_bar(config, loop.step) if progress and ctx.is_main else None
     tok_rate = None
     model.train()
     with StopRequest() as stop:
-        while loop.step < config.max_steps:
+        while loop.step < config.training.max_steps:
             t0 = time.perf_counter()
             result = train_step(model, train_loader, optimizers, params, precision, config, ctx, stop)
             record, outcome = result["record"], result["outcome"]
@@ -421,7 +421,7 @@ def train_model(model, train_loader, val_loader, config, *, run_dir=None, tokeni
                     bar.set_postfix(loss=f"{record['lm_loss']:.3f}", lr=f"{record['lr']:.2e}",
                                     tok_s=f"{tok_rate:,.0f}", refresh=False)
                     bar.update(1)
-            if loop.consecutive_bad >= config.max_nonfinite_steps:
+            if loop.consecutive_bad >= config.training.max_nonfinite_steps:
                 run.checkpoint(loop)
                 run.poll_saves(wait=True)
                 _close(bar, logger)
@@ -450,11 +450,11 @@ def _precision_for(model, config, caps) -> Precision:
 
 def _run_dir(config, run_dir) -> Path:
     """The run directory given, else the config's (a default one named for the run when it has none)."""
-    if run_dir is None and config.out_dir is None:
+    if run_dir is None and config.training.out_dir is None:
         from ..runs.layout import default_run_dir
 
         config.derive(out_dir=str(default_run_dir(config)))
-    return Path(run_dir or config.out_dir)
+    return Path(run_dir or config.training.out_dir)
 
 
 def _follow_the_plan(run: _Run, loop: LoopState, step_time: float, bar) -> None:
@@ -464,10 +464,10 @@ def _follow_the_plan(run: _Run, loop: LoopState, step_time: float, bar) -> None:
         return
     if planner.observe(loop.step, step_time):
         run.settle_plan(loop, bar)
-    elif loop.step < config.max_steps and _any_rank(run.ctx, planner.out_of_time()):
+    elif loop.step < config.training.max_steps and _any_rank(run.ctx, planner.out_of_time()):
         loop.out_of_time = True
-        log(f"The time budget ends the run at step {loop.step} of {config.max_steps}: the steps or the scoring "
-            "were slower than measured")
+        log(f"The time budget ends the run at step {loop.step} of {config.training.max_steps}: the steps or the "
+            "scoring were slower than measured")
 
 
 def _any_rank(ctx: DistContext, flag: bool) -> bool:
@@ -500,15 +500,15 @@ def _evaluate_and_save_when_due(run: _Run, loop: LoopState, outcome: str, bar=No
     config, step = run.config, loop.step
     if outcome == "overflow":
         return False
-    final = step == config.max_steps or loop.out_of_time
-    if step % config.eval_every == 0 or final:
+    final = step == config.training.max_steps or loop.out_of_time
+    if step % config.training.eval_every == 0 or final:
         is_best = run.evaluate(loop)
         if not final:
             run.revise_plan(loop, bar)
-        if step % config.checkpoint_every == 0 or final or is_best or run.plan_unsaved:
+        if step % config.training.checkpoint_every == 0 or final or is_best or run.plan_unsaved:
             run.checkpoint(loop, is_best=is_best)
             return True
-    elif step % config.checkpoint_every == 0:
+    elif step % config.training.checkpoint_every == 0:
         run.checkpoint(loop)
         return True
     return False
@@ -538,7 +538,7 @@ def _finish(loop: LoopState, run: _Run, tok_rate) -> dict:
 def _progress_bar(config, initial: int):
     from tqdm.auto import tqdm
 
-    return tqdm(total=config.max_steps, initial=initial, desc="train", dynamic_ncols=True)
+    return tqdm(total=config.training.max_steps, initial=initial, desc="train", dynamic_ncols=True)
 
 
 def _close(bar, logger) -> None:
