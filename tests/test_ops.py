@@ -54,16 +54,33 @@ def test_shape_qualification():
     assert not fp8_shapes_qualify(64, 64)  # too small to pay
 
 
-def test_dispatch_uses_fp8_only_when_asked(monkeypatch):
-    calls = []
-    monkeypatch.setattr(matmul_module, "fp8_linear", lambda *a, **k: calls.append(1) or torch.zeros(2, 512))
-    lin = AdaptiveLinear(256, 512, use_fp8=True)
-    lin(torch.randn(2, 256))
-    assert calls == [1]
-    AdaptiveLinear(256, 512, use_fp8=False)(torch.randn(2, 256))
-    assert calls == [1]
-    x, w = torch.randn(4, 256), torch.randn(256, 512)
+def test_adaptive_linear_is_torchaos_float8_linear_when_asked_and_nn_linear_otherwise():
+    """The seed's AdaptiveLinear(use_fp8=True): torchao's Float8Linear on the same weights, to the bit, forward
+    and backward (and really FP8: off the fp32 product by FP8's rounding); otherwise exactly nn.Linear."""
+    pytest.importorskip("torchao")
+    from torchao.float8 import Float8LinearConfig
+    from torchao.float8.float8_linear import Float8Linear
+
+    lin = AdaptiveLinear(256, 512, bias=True, use_fp8=True)
+    reference = Float8Linear.from_float(torch.nn.Linear(256, 512, bias=True), config=Float8LinearConfig())
+    reference.load_state_dict(lin.state_dict())
+    x = torch.randn(48, 256, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    y, yr = lin(x), reference(xr)
+    g = torch.randn_like(y)
+    y.backward(g)
+    yr.backward(g)
+    assert torch.equal(y, yr) and torch.equal(x.grad, xr.grad) and torch.equal(lin.weight.grad, reference.weight.grad)
+    assert 0 < rel(y, torch.nn.functional.linear(x, lin.weight, lin.bias)) < FP8_TOLERANCE
+    assert list(lin.state_dict()) == ["weight", "bias"]  # the torchao twin is not a second copy
+    x = torch.randn(4, 256)
+    plain = AdaptiveLinear(256, 512, use_fp8=False)
+    assert torch.equal(plain(x), torch.nn.functional.linear(x, plain.weight))
+    small = AdaptiveLinear(64, 64, use_fp8=True)  # too small to repay the casts: the plain product
+    assert torch.equal(small(x[:, :64]), torch.nn.functional.linear(x[:, :64], small.weight))
+    w = torch.randn(256, 512)
     torch.testing.assert_close(matmul(x, w, use_fp8=False), x @ w)
+    assert 0 < rel(matmul(x, w, use_fp8=True), x @ w) < FP8_TOLERANCE  # the functional form: ops.fp8
 
 
 def test_no_fp8_leaves_every_layer_in_bf16(monkeypatch):

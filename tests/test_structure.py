@@ -123,3 +123,25 @@ def test_inference_evaluation_and_export_load_runs_only_through_the_run_module()
     wrong += [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
               if p.parent.name != "runs" and "torch.load(" in p.read_text(encoding="utf-8")]
     assert not wrong, wrong
+
+
+# The product spec's names that exist for code written against it, each in its layer's compatibility module
+# (the modules the spec names); the package itself uses one name per thing and never these.
+SEED_ALIASES = {"AdaptiveLinear": "models/components.py", "StandardTransformerBlock": "models/components.py",
+                "matmul": "ops/matmul.py",
+                **{f"get_{name}_config": "configs/presets.py"
+                   for name in ("development", "default", "cpu", "rtx4090", "rtx5090", "h100", "production")}}
+
+
+def test_the_seeds_aliases_live_in_the_compatibility_modules_and_the_package_does_not_use_them():
+    defined, used = {}, []
+    for path in PACKAGE.rglob("*.py"):
+        rel = str(path.relative_to(PACKAGE))
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in SEED_ALIASES:
+                defined.setdefault(node.name, []).append(rel)
+            names = [node.id] if isinstance(node, ast.Name) else [a.name for a in node.names] if isinstance(
+                node, ast.ImportFrom) and path.name != "__init__.py" else []  # re-exports are not uses
+            used += [f"{rel}:{node.lineno} {n}" for n in names if n in SEED_ALIASES and rel != SEED_ALIASES[n]]
+    assert defined == {name: [home] for name, home in SEED_ALIASES.items()}, defined
+    assert not used, used

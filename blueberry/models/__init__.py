@@ -10,9 +10,9 @@ from .adaptive_llm import (
 )
 from .attention import KVCache, MultiHeadAttention
 from .block import TransformerBlock
-from .components import StandardTransformerBlock
+from .components import AdaptiveLinear, StandardTransformerBlock
 from .generation import generate_text, sample_next
-from .layers import MLP, AdaptiveLinear, RMSNorm, RotaryEmbedding, SwiGLU
+from .layers import MLP, RMSNorm, RotaryEmbedding, SwiGLU
 from .moe import MixtureOfExperts, MoEAux
 
 __all__ = [

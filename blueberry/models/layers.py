@@ -1,4 +1,4 @@
-"""Basic building blocks: RMSNorm, rotary embeddings, the MLPs, and the seed's `AdaptiveLinear`."""
+"""Basic building blocks: RMSNorm, rotary embeddings, the MLPs (the seed's `AdaptiveLinear`: components.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import linear
 
 class RMSNorm(nn.RMSNorm):
     """PyTorch's RMSNorm, its weight in the input's dtype: under autocast a norm's input is the bf16/fp16
@@ -31,23 +30,6 @@ def stored_transposed(weight: torch.Tensor) -> torch.Tensor:
     multiplies by the contiguous (in, out) matrix, the order in which a matrix-vector product (one decoded
     token) reads the weights; CPU GEMM kernels are markedly faster that way at a few rows."""
     return weight.detach().t().contiguous().t()
-
-
-class AdaptiveLinear(nn.Linear):
-    """The seed's FP8-capable linear layer: an `nn.Linear` whose matmul goes through `ops.linear`, in FP8
-    when `use_fp8` and the shape qualifies. The models build plain `nn.Linear`s; training converts them
-    to FP8 from outside (`training/float8.py`, torchao). This class stays for code written against the
-    seed's API."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, use_fp8: bool = False):
-        super().__init__(in_features, out_features, bias=bias)
-        self.use_fp8 = use_fp8
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, use_fp8=self.use_fp8)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, use_fp8={self.use_fp8}"
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

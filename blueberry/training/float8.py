@@ -9,8 +9,9 @@ are multiples of 16.
 
 Left in bf16: the output head (the loss is sensitive to its precision), the MoE and Mixture-of-Depths
 routers, the MoD predictor and the shared expert's gate (tiny), and linears whose dimensions are not
-multiples of 16 or too small to repay the casts (`ops.fp8.fp8_shapes_qualify`). `ops.fp8` (our own
-`torch._scaled_mm` linear) remains for the seed's `AdaptiveLinear(use_fp8=True)` and `ops.matmul`.
+multiples of 16 or too small to repay the casts (`ops.fp8.fp8_shapes_qualify`). The seed's
+`AdaptiveLinear(use_fp8=True)` runs torchao's Float8Linear too; `ops.fp8` (our own `torch._scaled_mm` product)
+remains for the seed's functional `ops.matmul(x, w)`, which has no module to convert.
 Whether FP8 is used at all when the user leaves it to the machine is measured (`training/fp8_choice.py`).
 """
 
