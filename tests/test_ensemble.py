@@ -287,9 +287,9 @@ def test_a_stopped_ensemble_resumes_its_unfinished_members(corpus_dir, tmp_path)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=ROOT,
                             start_new_session=True)
     try:
-        metrics = run / "members" / "0" / "metrics.jsonl"
+        metrics = [run / "members" / str(i) / "metrics.jsonl" for i in (0, 1)]
         deadline = time.monotonic() + 240
-        while not (metrics.exists() and '"train"' in metrics.read_text()):  # member 0 has taken a step
+        while not all(m.exists() and '"train"' in m.read_text() for m in metrics):  # each member took a step
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "timeout"
             time.sleep(0.1)
         proc.send_signal(signal.SIGINT)
