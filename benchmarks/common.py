@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# the package's progress lines (data, optimizers, plans) would interleave with the tables: warnings only
+logging.getLogger("blueberry").setLevel(logging.WARNING)
 sys.path.insert(0, str(ROOT))
 
 

@@ -51,7 +51,7 @@ def main() -> None:
         [load_model(str(m), "cpu")[0] for m in ensemble_members(run)]).eval())
     rows.append(["load the members", f"{seconds:.1f}", ""])
     seconds, (tokenizer, corpus, _, val_loader) = best_of(
-        args.repeats, lambda: build_data(config, lambda *a, **k: None, 0, 1))
+        args.repeats, lambda: build_data(config, 0, 1))
     rows.append(["data from the cache", f"{seconds:.1f}", ""])
     precision = choose_precision(config, config.capabilities())
     seconds, result = best_of(args.repeats, lambda: evaluate_model(

@@ -61,7 +61,7 @@ def worker(variant: str, model_type: str, preset: str, steps: int, n_layers: int
         from transformers import AutoModelForCausalLM
 
         experts = {"experts_implementation": "eager"} if variant == "hf-loop" else {}
-        model = AutoModelForCausalLM.from_config(hf_config(cfg), attn_implementation="sdpa", **experts).to(device)
+        model = AutoModelForCausalLM.from_config(hf_config(cfg.model), attn_implementation="sdpa", **experts).to(device)
         model.config.output_router_logits = True
         model.config.router_aux_loss_coef = cfg.load_balancing_weight
     else:  # FP8 applied from outside as training applies it (linears and, on Hopper+, the experts)

@@ -5,11 +5,12 @@ Sub-packages, one job each, each importing only from those above it:
   ops/         numerical kernels chosen from those capabilities (fused cross-entropy, grouped matmuls, FP8)
   configs/     the run configuration: one dataclass per concern, presets, files, validation
   data/        corpora, tokenizers, cache, datasets, chat data and resumable batch loaders
-  models/      plain PyTorch dense and MoE transformers and sampling
-  export/      Hugging Face conversion, both directions
+  models/      plain PyTorch models: dense, MoE, Mamba-2, retention, hybrids; sampling
+  runs/        a run directory: its layout, its checkpoints (single-file and sharded), loading any run
+  export/      Hugging Face and GGUF conversion
   optimizers/  Muon, Lion, the hybrid set-up and learning-rate schedules
-  training/    the training loop, evaluation, checkpoints, FP8 and distributed transforms, metrics
-  inference/   the generation engine, quantization, speculative decoding, the server and the chat
+  training/    the training loop, evaluation, FP8, checkpointing and distributed transforms, metrics
+  inference/   the generation engine, quantizing a run, speculative decoding, the server and the chat
   evaluation/  task scoring, generation metrics, the lm-eval backend and run comparison
   cli/         the command line (`python train.py`, `python -m blueberry`)
 """

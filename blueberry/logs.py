@@ -46,7 +46,8 @@ def _root() -> logging.Logger:
         handler.setFormatter(logging.Formatter("%(message)s"))
         handler.addFilter(_MainProcessOnly())
         root.addHandler(handler)
-        root.setLevel(logging.INFO)
+        if root.level == logging.NOTSET:  # a level the application set first is kept
+            root.setLevel(logging.INFO)
         root.propagate = False  # printed once, here, whatever the application does with the root logger
     return root
 

@@ -56,3 +56,18 @@ def test_no_function_takes_a_log_callback():
               if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
               and any(a.arg in ("log", "say") for a in node.args.args + node.args.kwonlyargs)]
     assert not taking, taking
+
+
+def test_a_level_set_before_the_first_message_is_kept(capsys):
+    """An application (a benchmark) that sets the package's level before its first message keeps that level."""
+    root = logging.getLogger("blueberry")
+    saved, level = root.handlers[:], root.level
+    root.handlers.clear()  # as before the package's first message
+    try:
+        root.setLevel(logging.WARNING)
+        get_logger("blueberry.x").info("hidden")
+        get_logger("blueberry.x").warning("shown")
+        assert capsys.readouterr().out == "shown\n"
+    finally:
+        root.handlers[:] = saved
+        root.setLevel(level)

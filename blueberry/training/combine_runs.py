@@ -136,7 +136,7 @@ def check_out(out: Path, members: list[Member]) -> None:
 def _summary(members: list[Member], mixture: dict, each: list[dict], seconds: float) -> dict:
     """The ensemble's figures, then each member's on the same windows and from its own summary."""
     keep = ("bits_per_byte", "loss", "perplexity", "accuracy", "tokens")
-    rows = [{"run_dir": str(m.run_dir), "seed": m.config.seed, **{k: r.get(k) for k in keep},
+    rows = [{"run_dir": str(m.run_dir), "seed": m.config.training.seed, **{k: r.get(k) for k in keep},
              "own_bits_per_byte": m.summary.get("bits_per_byte"),
              **{k: m.summary.get(k) for k in ("test_bits_per_byte", "step", "elapsed", "train_tokens_per_sec")}}
             for m, r in zip(members, each)]
@@ -160,7 +160,7 @@ def _print_table(out: Path, members: list[Member], metrics: dict, config) -> Non
         f"({metrics['tokens']:,} tokens):")
     log(f"  {'run':<48} {'bits per byte':>13} {'val loss':>9}")
     for m, row in zip(members, metrics["members"]):
-        name = f"{m.run_dir} (seed {m.config.seed})"
+        name = f"{m.run_dir} (seed {m.config.training.seed})"
         log(f"  {name[-48:]:<48} {row['bits_per_byte']:>13.4f} {row['loss']:>9.4f}")
     log(f"  {'mixture':<48} {metrics['bits_per_byte']:>13.4f} {metrics['loss']:>9.4f}")
     if "test_bits_per_byte" in metrics:

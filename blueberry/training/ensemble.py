@@ -186,11 +186,11 @@ def _train_side_by_side(members) -> dict | None:
     if failed:
         i, code = next(iter(failed.items()))
         raise RunError(f"ensemble member {i} failed (exit code {code}); its messages are above and its run in "
-                            f"{members[i].out_dir}")
+                            f"{members[i].training.out_dir}")
     stopped = [i for i, c in codes.items() if c]
     if not stopped:
         return None
-    summary = read_summary(members[stopped[0]].out_dir)  # {} when stopped before its first step
+    summary = read_summary(members[stopped[0]].training.out_dir)  # {} when stopped before its first step
     return summary or {"stopped_by_signal": True, "stop_signal": codes[stopped[0]] - 128}
 
 
@@ -225,13 +225,13 @@ def _score(config, members, ctx, start: float, task_scorer_factory) -> tuple[Ens
     device = resolve_device(config)
     if ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
-    models = [load_model(m.out_dir, str(device))[0] for m in members]
+    models = [load_model(m.training.out_dir, str(device))[0] for m in members]
     ensemble, tokenizer, result, _ = score_mixture(config, models, ctx)
-    summaries = [read_summary(m.out_dir) for m in members]
+    summaries = [read_summary(m.training.out_dir) for m in members]
     metrics = {**result, "ensemble": len(members),
                "step": config.training.max_steps, "elapsed": time.perf_counter() - start,
                "stopped_by_signal": False, "stop_signal": None,
-               "members": [{"run_dir": m.out_dir, "seed": m.seed,
+               "members": [{"run_dir": m.training.out_dir, "seed": m.training.seed,
                             **{k: s.get(k) for k in ("bits_per_byte", "test_bits_per_byte", "loss", "elapsed",
                                                      "train_tokens_per_sec")}} for m, s in zip(members, summaries)]}
     run_dir = Path(config.training.out_dir)
