@@ -4,6 +4,7 @@ ensemble run: every member, into an ensemble run of the quantized members)."""
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ from ..runs.checkpoint import read_state, resolve_run
 from ..runs.ensemble_dir import ensemble_members, is_ensemble, member_dir, write_ensemble_file
 from ..training.evaluation import evaluate_model
 from ..ops.quantize import quantize_model, weight_bytes
-from ..runs.layout import CONFIG, copy_tokenizer, read_config, write_config, write_report
+from ..runs.layout import CONFIG, copy_tokenizer, write_quantization_report
 from ..runs.loading import load_model, quantization_of
 from ..runs.quantized import save_quantized_run
 
@@ -33,9 +34,9 @@ def quantize_run(run: str, out: str, method: str, device: str | None, eval_batch
     refuse_non_empty(out)  # before the work: nothing is ever written over
     if is_ensemble(resolved):
         return _quantize_ensemble(resolved, Path(out), method, device, eval_batches)
-    if quantization_of(resolved):
-        raise UsageError(f"{run} is already quantized ({quantization_of(resolved)}); quantize the run it was "
-                         "made from")
+    already = quantization_of(resolved)
+    if already:
+        raise UsageError(f"{run} is already quantized ({already}); quantize the run it was made from")
     model, config, tokenizer, ckpt = load_model(run, device)
     report = {"weight_bytes_before": weight_bytes(model)}
     report["bits_per_byte_before"] = validation_bits_per_byte(model, config, tokenizer, eval_batches)
@@ -56,7 +57,7 @@ def _quantize_ensemble(run: Path, out: Path, method: str, device: str | None, ev
             quantize_run(str(member), str(member_dir(tmp, i)), method, device, eval_batches)
         write_ensemble_file(tmp, len(members))
         if (run / CONFIG).exists():
-            write_config(tmp, read_config(run))
+            shutil.copy2(run / CONFIG, tmp / CONFIG)  # the ensemble's own config, as it was
         copy_tokenizer(run, tmp)
         report = {}
         for when, path in (("before", run), ("after", tmp)):
@@ -64,5 +65,5 @@ def _quantize_ensemble(run: Path, out: Path, method: str, device: str | None, ev
             report[f"weight_bytes_{when}"] = weight_bytes(model)
             report[f"bits_per_byte_{when}"] = validation_bits_per_byte(model, config, tokenizer, eval_batches)
         report["bits_per_byte_change_percent"] = 100 * (report["bits_per_byte_after"] / report["bits_per_byte_before"] - 1)
-        write_report(tmp, {"method": method, **report})
+        write_quantization_report(tmp, {"method": method, **report})
     return report

@@ -48,8 +48,8 @@ def read_summary(run_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def write_report(run_dir: Path, report: dict, name: str = QUANTIZATION) -> None:
-    atomic_write_text(Path(run_dir) / name, json.dumps(report, indent=2) + "\n")
+def write_quantization_report(run_dir: Path, report: dict) -> None:
+    atomic_write_text(Path(run_dir) / QUANTIZATION, json.dumps(report, indent=2) + "\n")
 
 
 def copy_tokenizer(source_run: Path, run_dir: Path) -> None:

@@ -8,18 +8,17 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..atomic import refuse_non_empty
 from ..configs import AdaptiveMoEModelConfig
-from ..errors import UsageError
 from .checkpoint import save_checkpoint
-from .layout import TOKENIZER, write_config, write_report
+from .layout import TOKENIZER, write_config, write_quantization_report
 
 
 def save_quantized_run(model: nn.Module, state: dict, tokenizer, out_dir, method: str, report: dict) -> Path:
     """Write a run directory holding the quantized model as its one checkpoint (loadable by generate, eval,
     serve and chat), its config and tokenizer, and `quantization.json` with the quality report."""
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise UsageError(f"{out} exists and is not empty; choose a new output directory")
+    refuse_non_empty(out)
     out.mkdir(parents=True, exist_ok=True)
     write_config(out, AdaptiveMoEModelConfig.from_dict(state["config"]))
     tokenizer.save(out / TOKENIZER)
@@ -29,5 +28,5 @@ def save_quantized_run(model: nn.Module, state: dict, tokenizer, out_dir, method
     meta = {"config": state["config"], "tokenizer": state.get("tokenizer"), "quantization": {"method": method},
             "world_size": 1}
     save_checkpoint(out, state.get("step", 0), weights, meta, keep=1)
-    write_report(out, {"method": method, **report})
+    write_quantization_report(out, {"method": method, **report})
     return out

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import building_dir, refuse_non_empty
 from ..configs import AdaptiveMoEModelConfig
 from ..errors import UsageError
 from ..export.huggingface import ImportRefused, is_hf_dir, model_fields_from_hf, read_hf_weights
@@ -65,16 +66,13 @@ def import_hf_run(hf_dir: str, run_dir: str, seq_len: int | None = None) -> Path
     if not is_hf_dir(hf_dir):
         raise UsageError(f"{hf_dir} is not a transformers model directory (no config.json with architectures)")
     out = Path(run_dir)
-    if out.exists() and any(out.iterdir()):
-        raise UsageError(f"{out} exists and is not empty; choose a new run directory")
+    refuse_non_empty(out, "run directory")
     fields = model_fields_from_hf(hf_dir)
     if seq_len:
         fields["max_seq_len"] = seq_len
     tokenizer_dir = (out / HF_TOKENIZER).resolve()
     config = AdaptiveMoEModelConfig(**fields, tokenizer=str(tokenizer_dir), use_fp8=False)
     weights = read_hf_weights(hf_dir, config.model)
-    from ..atomic import building_dir
-
     with building_dir(out, "run directory") as tmp:  # renamed to `out` when complete: a kill leaves no half
         AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True).save_pretrained(str(tmp / HF_TOKENIZER))
         # its identity names the directory it is loaded from: the final one, as a later load will see it
