@@ -156,9 +156,9 @@ def test_a_failed_shared_forward_fails_the_batch_then_the_engine_recovers(tok):
         return real(*args)
 
     engine._decode = fails_once
+    first = [engine.submit(p, params) for p in prompts(2)]  # both queued before the loop's first step
     loop = EngineLoop(engine)
     try:
-        first = [loop.submit(p, params) for p in prompts(2)]
         assert all(s.done.wait(30) for s in first)
         assert {s.finish_reason for s in first} == {"error"}
         again = loop.submit(prompts(1)[0], params)
