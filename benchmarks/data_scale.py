@@ -91,10 +91,10 @@ def cache_hit_seconds(source: Path, store: Path, workers: int) -> float:
 
 
 def loader_speed(store: Path, batch: int = 32, seq_len: int = 1024, batches: int = 200) -> float:
-    from blueberry.data.sharded_loader import Prefetched, ShardedLoader
+    from blueberry.data.sharded_loader import Prefetched, ShardedLoader, packed_windows
     from blueberry.data.token_store import open_split
 
-    loader = Prefetched(ShardedLoader(open_split(store, "train"), seq_len, batch, seed=0), depth=4)
+    loader = Prefetched(ShardedLoader(packed_windows(open_split(store, "train"), seq_len), batch, seed=0), depth=4)
     loader.next_batch()
     t0 = time.perf_counter()
     for _ in range(batches):

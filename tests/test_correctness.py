@@ -94,7 +94,7 @@ def test_token_bytes_count_real_utf8_bytes(tmp_path):
 
 
 def test_bits_per_byte_leaves_out_end_of_text_and_counts_real_bytes():
-    from blueberry.data import BatchLoader, create_dataset
+    from blueberry.data import ShardedLoader, create_dataset
     from blueberry.training.evaluation import evaluate_model
 
     tok = train_bpe(MIXED_TEXT * 30, 400)
@@ -107,7 +107,7 @@ def test_bits_per_byte_leaves_out_end_of_text_and_counts_real_bytes():
     tokens = np.array(stream[:n * seq + 1], dtype=np.int64)
     cfg = _model_config(vocab_size=400, max_seq_len=seq, model_type="standard")
     model = create_model(cfg).eval()
-    loader = BatchLoader(create_dataset(tokens, "packed", seq), 4, shuffle=False)
+    loader = ShardedLoader([create_dataset(tokens, "packed", seq)], 4, shuffle=False)
     result = evaluate_model(model, loader, cfg, token_bytes=tok.token_bytes())
 
     # reference: float64 log-probabilities of every target that is not end-of-text, over the UTF-8 bytes

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from blueberry.data import (BatchLoader, DocumentDataset, PackedDataset, RandomChunkDataset, TextTokenDataset,
+from blueberry.data import (DocumentDataset, ShardedLoader, PackedDataset, RandomChunkDataset, TextTokenDataset,
                             create_dataloaders, create_dataset, iter_hf_dataset, load_and_cache_data,
                             load_documents, split_documents)
 from blueberry.data.sources import markdown_to_text
@@ -107,7 +107,7 @@ def test_corrupted_cache_is_rebuilt_with_warning(tiny):
     _, _, c1 = load_and_cache_data(cfg)
     original = np.array(c1.train)
     entry = __import__("pathlib").Path(cfg.cache_dir) / c1.meta["key"]
-    train_bin = entry / "train.bin"
+    train_bin = entry / "shard-00000" / "train.bin"  # the cache entry is a token store of one shard
     data = bytearray(train_bin.read_bytes())
     data[10] ^= 0xFF
     train_bin.write_bytes(bytes(data))
@@ -164,19 +164,19 @@ def test_dataset_types_shapes_and_boundaries():
 
 def test_sampler_resume_is_exact():
     ds = PackedDataset(np.arange(5000, dtype=np.uint16), 10)
-    a = BatchLoader(ds, 8, seed=3)
+    a = ShardedLoader([ds], 8, seed=3)
     for _ in range(70):  # crosses an epoch boundary (62 batches per epoch)
         a.next_batch()
     state = a.state_dict()
     expected = [a.next_batch()[0] for _ in range(5)]
-    b = BatchLoader(ds, 8, seed=3)
+    b = ShardedLoader([ds], 8, seed=3)
     b.load_state_dict(state)
     assert all(torch.equal(e, b.next_batch()[0]) for e in expected)
 
 
 def test_ranks_read_disjoint_samples():
     ds = PackedDataset(np.arange(2000, dtype=np.uint16), 10)
-    r0, r1 = BatchLoader(ds, 4, seed=1, rank=0, world_size=2), BatchLoader(ds, 4, seed=1, rank=1, world_size=2)
+    r0, r1 = ShardedLoader([ds], 4, seed=1, rank=0, world_size=2), ShardedLoader([ds], 4, seed=1, rank=1, world_size=2)
     seen0 = {int(x[0]) for _ in range(10) for x in r0.next_batch()[0]}
     seen1 = {int(x[0]) for _ in range(10) for x in r1.next_batch()[0]}
     assert not seen0 & seen1

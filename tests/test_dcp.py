@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from blueberry.data.batch_loader import BatchLoader
-from blueberry.data.sharded_loader import ShardedLoader
+from blueberry.data.sharded_loader import ShardedLoader, packed_windows
 from blueberry.data.token_store import Shard
 from blueberry.errors import CheckpointError
 from blueberry.models import create_model
@@ -31,7 +30,9 @@ GLOBAL_BATCH = 12  # windows per step, whatever the world size (1 x 12, 2 x 6, 3
 
 
 class IndexDataset:
-    """Sample i is the window numbered i."""
+    """Sample i is the window numbered i (one shard held in memory)."""
+
+    seq_len = 1
 
     def __init__(self, n: int):
         self.n = n
@@ -47,7 +48,7 @@ class IndexDataset:
 
 
 def batch_loaders(world: int, per_rank: int) -> list:
-    return [BatchLoader(IndexDataset(101), per_rank, seed=3, rank=r, world_size=world) for r in range(world)]
+    return [ShardedLoader([IndexDataset(101)], per_rank, seed=3, rank=r, world_size=world) for r in range(world)]
 
 
 def sharded_loaders(world: int, per_rank: int) -> list:
@@ -55,7 +56,7 @@ def sharded_loaders(world: int, per_rank: int) -> list:
     starts, sizes = (0, 1000, 2000), (41, 29, 53)
     shards = [Shard(Path(f"s{i}"), np.arange(a, a + n, dtype=np.int64), np.array([0])) for i, (a, n) in
               enumerate(zip(starts, sizes))]
-    return [ShardedLoader(shards, 4, per_rank, seed=3, rank=r, world_size=world) for r in range(world)]
+    return [ShardedLoader(packed_windows(shards, 4), per_rank, seed=3, rank=r, world_size=world) for r in range(world)]
 
 
 def take(loaders: list, steps: int) -> list[tuple[int, int]]:

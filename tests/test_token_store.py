@@ -16,7 +16,7 @@ import torch
 
 from blueberry.data import prepare as prepare_module
 from blueberry.data.prepare import PrepareSettings, prepare
-from blueberry.data.sharded_loader import MixtureLoader, Prefetched, ShardedLoader
+from blueberry.data.sharded_loader import MixtureLoader, Prefetched, ShardedLoader, packed_windows
 from blueberry.data.token_store import merge_stores, open_split, read_manifest
 from blueberry.data.tokenizer import load_tokenizer
 
@@ -171,7 +171,7 @@ def test_ranks_read_disjoint_windows_that_cover_the_store(tmp_path):
     write_corpus(tmp_path / "src")
     prepare(settings(tmp_path / "src"), tmp_path / "store")
     shards = open_split(tmp_path / "store", "train")
-    loaders = [ShardedLoader(shards, 16, 4, seed=3, rank=r, world_size=2) for r in range(2)]
+    loaders = [ShardedLoader(packed_windows(shards, 16), 4, seed=3, rank=r, world_size=2) for r in range(2)]
     seen = [set(), set()]
     for r, loader in enumerate(loaders):
         for _ in range(loader.batches_per_epoch):
@@ -189,7 +189,7 @@ def test_the_loader_resumes_exactly_across_shards_and_epochs(tmp_path, prefetch)
     assert len(shards) > 3
 
     def make():
-        loader = ShardedLoader(shards, 16, 8, seed=1, document_mask=True)
+        loader = ShardedLoader(packed_windows(shards, 16, document_mask=True), 8, seed=1)
         return Prefetched(loader, prefetch) if prefetch else loader
 
     full = make()
@@ -216,8 +216,8 @@ def test_a_mixture_samples_in_proportion_and_resumes_exactly(tmp_path):
     prepare(settings(tmp_path / "b", tokenizer=tok), tmp_path / "sb")
 
     def make():
-        parts = {"a": ShardedLoader(open_split(tmp_path / "sa", "train"), 16, 1, seed=0),
-                 "b": ShardedLoader(open_split(tmp_path / "sb", "train"), 16, 1, seed=1)}
+        parts = {"a": ShardedLoader(packed_windows(open_split(tmp_path / "sa", "train"), 16), 1, seed=0),
+                 "b": ShardedLoader(packed_windows(open_split(tmp_path / "sb", "train"), 16), 1, seed=1)}
         return MixtureLoader(parts, {"a": 0.8, "b": 0.2}, batch_size=10, seed=5)
 
     mix = make()
@@ -277,7 +277,7 @@ def test_a_store_loader_batch_matches_the_tokens_on_disk(tmp_path):
     write_corpus(tmp_path / "src")
     prepare(settings(tmp_path / "src"), tmp_path / "store")
     shards = open_split(tmp_path / "store", "train")
-    loader = ShardedLoader(shards, 16, 4, shuffle=False)
+    loader = ShardedLoader(packed_windows(shards, 16), 4, shuffle=False)
     x, y = next(iter(loader))
     raw = np.fromfile(tmp_path / "store" / "shard-00000" / "train.bin", dtype=np.uint16).astype(np.int64)
     for w in range(4):

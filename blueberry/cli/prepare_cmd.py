@@ -27,6 +27,8 @@ def add_parser(sub) -> None:
     p.add_argument("--bpe-sample-mb", type=float, default=64.0, help="MB of training text the BPE learns from")
     p.add_argument("--text-field", default="text", help="JSONL field / parquet column holding the text")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of documents held out (by text hash)")
+    p.add_argument("--test-fraction", type=float, default=0.0, help="share of documents held out as a test split "
+                   "(by text hash; scored once when a run ends)")
     p.add_argument("--split-seed", type=int, default=0, help="which documents are held out")
     p.add_argument("--num-documents", type=int, default=None, help="stop after this many documents")
     p.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens")
@@ -53,7 +55,8 @@ def prepare_command(args) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must not be negative, got {value}")
     settings = PrepareSettings(
         source=args.source, text_field=args.text_field, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-        val_fraction=args.val_fraction, split_seed=args.split_seed, num_documents=args.num_documents,
+        val_fraction=args.val_fraction, test_fraction=args.test_fraction, split_seed=args.split_seed,
+        num_documents=args.num_documents,
         max_tokens=args.max_tokens, shard_tokens=args.shard_tokens, workers=args.workers,
         shard_index=args.shard_index, num_shards=args.num_shards, bpe_sample_mb=args.bpe_sample_mb)
     prepare(settings, Path(args.out))

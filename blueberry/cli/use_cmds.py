@@ -187,10 +187,11 @@ def chat_command(args) -> int:
 
 
 def _packed_loader(tokens, config, batches):
-    from ..data import BatchLoader, create_dataset
+    """Packed windows of a token stream in order: a one-shard store in memory, read by the one loader."""
+    from ..data import ShardedLoader, create_dataset
 
     dataset = create_dataset(tokens, "packed", config.model.max_seq_len)
-    return BatchLoader(dataset, min(config.training.batch_size, len(dataset)), shuffle=False, max_batches=batches)
+    return ShardedLoader([dataset], min(config.training.batch_size, len(dataset)), shuffle=False, max_batches=batches)
 
 
 def _check_bertscore_flags(args) -> None:

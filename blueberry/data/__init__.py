@@ -1,7 +1,9 @@
-"""Data pipeline: sources -> document split -> tokenizer -> cached token streams (corpus.py) -> datasets
--> batches (batch_loader.py)."""
+"""Data pipeline: sources -> document split -> tokenizer -> one token store (a small corpus's one shard in the
+cache, corpus.py; a large one's shards, prepare.py) -> windows (dataset.py) -> batches (loaders.py,
+sharded_loader.py)."""
 
-from .batch_loader import BatchLoader, create_dataloaders
+from .loaders import create_dataloaders, held_out_loader, open_corpus
+from .sharded_loader import ShardedLoader
 from .dataset import (
     DocumentDataset,
     PackedDataset,
@@ -14,7 +16,7 @@ from .sources import Document, iter_hf_dataset, load_documents
 from .tokenizer import Tokenizer, load_tokenizer, train_bpe
 
 __all__ = [
-    "BatchLoader", "Document", "DocumentDataset", "PackedDataset", "RandomChunkDataset", "TextTokenDataset",
-    "TokenizedCorpus", "Tokenizer", "create_dataloaders", "create_dataset", "iter_hf_dataset",
-    "load_and_cache_data", "load_documents", "load_tokenizer", "split_documents", "train_bpe",
+    "Document", "DocumentDataset", "PackedDataset", "RandomChunkDataset", "TextTokenDataset",
+    "ShardedLoader", "TokenizedCorpus", "Tokenizer", "create_dataloaders", "create_dataset", "held_out_loader",
+    "iter_hf_dataset", "load_and_cache_data", "load_documents", "load_tokenizer", "open_corpus", "split_documents", "train_bpe",
 ]

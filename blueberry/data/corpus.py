@@ -7,13 +7,18 @@ Order of work, each step deterministic:
   3. tokenizer: the one given, or a byte-level BPE trained on the training documents only (cached);
   4. encode in batches; each document is preceded by the end-of-text token; `max_tokens` caps the
      total exactly (val gets ceil(max_tokens * val_fraction) of it);
-  5. store as memory-mapped arrays under a key hashing every input of steps 1-4.
+  5. write a token store of one shard (token_store.py: train, val and, with --test-fraction, test) under
+     a key hashing every input of steps 1-4, checked against its checksums when read again.
+The loaders read it as they read any store (sharded_loader.py): one data path for every corpus size.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
+import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +27,9 @@ import numpy as np
 
 from ..errors import DataError
 from ..logs import get_logger
-from .cache import CacheCorrupt, cache_key, read_entry, token_dtype, write_entry
+from .cache import cache_key, token_dtype
 from .sources import Document, load_documents, source_identity
+from .token_store import STORE_FORMAT, Shard, ShardWriter, has_split, open_split, read_manifest, write_manifest
 from .tokenizer import Tokenizer, fingerprint_texts, load_tokenizer, train_bpe
 
 log = get_logger(__name__).info
@@ -35,6 +41,8 @@ ENCODE_BATCH = 64
 
 @dataclass
 class TokenizedCorpus:
+    """A corpus small enough for memory: a token store of one shard (in the cache, or in memory for
+    fine-tuning conversations, which carry their loss masks)."""
     train: np.ndarray
     val: np.ndarray
     train_doc_starts: np.ndarray
@@ -42,6 +50,11 @@ class TokenizedCorpus:
     eot_id: int
     token_bytes: np.ndarray  # UTF-8 bytes per token id, for bits per byte
     meta: dict = field(default_factory=dict)
+    test: np.ndarray | None = None
+    test_doc_starts: np.ndarray | None = None
+    train_mask: np.ndarray | None = None  # fine-tuning: 1 on the tokens learned
+    val_mask: np.ndarray | None = None
+    store: Path | None = None  # where the shard lies (None: in memory)
 
     @property
     def n_train(self) -> int:
@@ -54,6 +67,18 @@ class TokenizedCorpus:
     @property
     def val_bytes(self) -> int:
         return int(self.token_bytes[np.asarray(self.val, dtype=np.int64)].sum())
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return {self.meta.get("source", "corpus"): 1.0}
+
+    def shards(self, split: str) -> dict[str, list[Shard]]:
+        """{source: [its one shard of `split`]}, as a token store's (stores.StoreCorpus.shards)."""
+        tokens = getattr(self, split)
+        if tokens is None:
+            raise DataError(f"this corpus has no {split} split: give the run a --{split}-fraction")
+        return {name: [Shard(self.store, tokens, getattr(self, f"{split}_doc_starts"),
+                             getattr(self, f"{split}_mask", None))] for name in self.weights}
 
 
 def split_documents(docs: list[Document], val_fraction: float, seed: int,
@@ -152,54 +177,95 @@ def run_documents(config) -> list[Document]:
 
 
 def load_and_cache_data(config) -> tuple[list[str], Tokenizer, TokenizedCorpus]:
-    """(texts, tokenizer, tokens): the documents' texts, the tokenizer, and the cached token streams."""
+    """(texts, tokenizer, tokens): the documents' texts, the tokenizer, and the corpus (a one-shard token
+    store in the cache)."""
     docs = run_documents(config)
     data = config.data
     train_docs, val_docs = split_documents(docs, data.val_fraction, data.split_seed, data.test_fraction)
     tokenizer = _get_tokenizer(config, train_docs)
-
     parts = {
-        "source": source_identity(config.data.dataset),
+        "source": source_identity(data.dataset),
         "content": fingerprint_texts(d.name + "\x01" + d.text for d in docs),
         "tokenizer": tokenizer.identity,
-        "num_documents": config.data.num_documents,
-        "max_tokens": config.data.max_tokens,
-        "val_fraction": config.data.val_fraction,
-        "split_seed": config.data.split_seed,
-        "test_fraction": config.data.test_fraction,
-        "text_field": config.data.text_field,
+        "num_documents": data.num_documents,
+        "max_tokens": data.max_tokens,
+        "val_fraction": data.val_fraction,
+        "split_seed": data.split_seed,
+        "test_fraction": data.test_fraction,
+        "text_field": data.text_field,
     }
-    key = cache_key(parts)
-    entry = Path(config.data.cache_dir) / key
-    try:
-        meta, arrays = read_entry(entry)
-        log(f"Data cache hit: {entry}")
-    except FileNotFoundError:
-        meta, arrays = _build_entry(config, tokenizer, train_docs, val_docs, parts, key)
-    except CacheCorrupt as exc:
-        warnings.warn(f"data cache entry damaged ({exc}); rebuilding it", stacklevel=2)
-        meta, arrays = _build_entry(config, tokenizer, train_docs, val_docs, parts, key)
-
-    corpus = TokenizedCorpus(arrays["train"], arrays["val"], arrays["train_docs"], arrays["val_docs"],
-                             eot_id=tokenizer.eot_id, token_bytes=tokenizer.token_bytes(), meta=meta)
-    log(f"Data: {meta['n_train_documents']} train / {meta['n_val_documents']} val documents, "
-        f"{meta['n_train']:,} train / {meta['n_val']:,} val tokens, vocab {tokenizer.vocab_size}")
+    store = Path(data.cache_dir) / cache_key(parts)
+    manifest = read_manifest(store)
+    if manifest is not None and manifest.get("inputs") == parts and manifest.get("complete"):
+        try:
+            corpus = _open(store, manifest, tokenizer, verify=True)
+            log(f"Data cache hit: {store}")
+        except DataError as exc:
+            warnings.warn(f"data cache entry damaged ({exc}); rebuilding it", stacklevel=2)
+            corpus = None
+    else:
+        corpus = None
+    if corpus is None:
+        splits = {"train": train_docs, "val": val_docs}
+        if data.test_fraction > 0:
+            splits["test"] = test_documents(docs, data.val_fraction, data.split_seed, data.test_fraction)
+        manifest = _write_store(store, tokenizer, splits, _caps(config), parts)
+        corpus = _open(store, manifest, tokenizer, verify=False)
+    info = corpus.meta
+    log(f"Data: {info['n_train_documents']} train / {info['n_val_documents']} val documents, "
+        f"{info['n_train']:,} train / {info['n_val']:,} val tokens, vocab {tokenizer.vocab_size}")
     return [d.text for d in docs], tokenizer, corpus
 
 
-def _build_entry(config, tokenizer, train_docs, val_docs, parts, key):
-    log(f"Tokenizing {len(train_docs) + len(val_docs)} documents...")
-    val_cap = train_cap = None
-    if config.data.max_tokens is not None:
-        val_cap = max(1, math.ceil(config.data.max_tokens * config.data.val_fraction))
-        train_cap = config.data.max_tokens - val_cap
-    train, train_starts = encode_documents(tokenizer, train_docs, train_cap)
-    val, val_starts = encode_documents(tokenizer, val_docs, val_cap)
-    if train_cap is not None and train.size < train_cap:
-        log(f"Note: max_tokens={config.data.max_tokens} asked, the corpus has {train.size + val.size:,} tokens")
-    dtype = token_dtype(tokenizer.vocab_size)
-    info = dict(parts, n_train_documents=len(train_starts), n_val_documents=len(val_starts),
-                val_document_names=[d.name for d in val_docs][:1000])
-    write_entry(Path(config.data.cache_dir), key, train.astype(dtype), val.astype(dtype), train_starts, val_starts,
-                info)
-    return read_entry(Path(config.data.cache_dir) / key, verify_checksums=False)
+def _caps(config) -> dict[str, int | None]:
+    """Tokens per split: max_tokens exactly, the validation split ceil(max_tokens * val_fraction) of it."""
+    if config.data.max_tokens is None:
+        return {}
+    val = max(1, math.ceil(config.data.max_tokens * config.data.val_fraction))
+    return {"train": config.data.max_tokens - val, "val": val}
+
+
+def _write_store(store: Path, tokenizer: Tokenizer, splits: dict[str, list[Document]], caps: dict,
+                 parts: dict) -> dict:
+    """Tokenize each split into one shard, in a temporary directory renamed into place (a crash leaves no
+    half-written store under its key); returns the manifest."""
+    log(f"Tokenizing {sum(len(d) for d in splits.values())} documents...")
+    store.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{store.name}.", dir=store.parent))
+    try:
+        writer = ShardWriter(tmp, 0, token_dtype(tokenizer.vocab_size), tuple(splits))
+        for split, docs in splits.items():
+            stream, starts = encode_documents(tokenizer, docs, caps.get(split))
+            for a, b in zip(starts, [*starts[1:], len(stream)]):
+                writer.add(split, stream[a:b])
+        entry = writer.seal(0, sum(len(d) for d in splits.values()))
+        if caps and entry["train"]["tokens"] < caps["train"]:
+            log(f"Note: max_tokens={parts['max_tokens']} asked, the corpus has "
+                f"{entry['train']['tokens'] + entry['val']['tokens']:,} tokens")
+        manifest = {"format": STORE_FORMAT, "source": parts["source"], "inputs": parts, "tokenizer": tokenizer.identity,
+                    "vocab_size": tokenizer.vocab_size, "dtype": np.dtype(token_dtype(tokenizer.vocab_size)).name,
+                    "split": {k: parts[k] for k in ("val_fraction", "split_seed", "test_fraction")},
+                    "part": {"index": 0, "count": 1}, "shards": [entry], "documents": entry["documents"],
+                    "complete": True, "val_document_names": [d.name for d in splits["val"]][:1000]}
+        write_manifest(tmp, manifest)
+        if store.exists():  # an entry under our own key that failed its checks
+            shutil.rmtree(store)
+        os.replace(tmp, store)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _open(store: Path, manifest: dict, tokenizer: Tokenizer, verify: bool) -> TokenizedCorpus:
+    split = {name: open_split(store, name, verify=verify)[0] for name in ("train", "val", "test")
+             if has_split(store, name)}
+    entry = manifest["shards"][0]
+    meta = dict(manifest["inputs"], key=store.name, n_train=len(split["train"].tokens), n_val=len(split["val"].tokens),
+                n_train_documents=entry["train"]["documents"], n_val_documents=entry["val"]["documents"],
+                val_document_names=manifest.get("val_document_names", []))
+    test = split.get("test")
+    return TokenizedCorpus(split["train"].tokens, split["val"].tokens, split["train"].doc_starts,
+                           split["val"].doc_starts, eot_id=tokenizer.eot_id, token_bytes=tokenizer.token_bytes(),
+                           meta=meta, test=None if test is None else test.tokens,
+                           test_doc_starts=None if test is None else test.doc_starts, store=store)

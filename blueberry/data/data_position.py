@@ -1,7 +1,7 @@
 """The data position a checkpoint saves: where the loaders' global order stands, whatever the world size.
 
-BatchLoader and ShardedLoader read one global order per epoch, each step taking the next world * batch items
-(rank r those at offsets r, r + world, ...). Their state is the number of items of the epoch's order taken
+ShardedLoader reads one global order per epoch, each step taking the next world * batch items
+(rank r those at offsets r, r + world, ...). Its state is the number of items of the epoch's order taken
 by all ranks together (`consumed`), so N ranks stopped and M ranks resumed continue the same order; a state
 saved before that (`position`: steps of its own world size) continues on that world size only. A mixture's
 position is per rank (each rank draws its own sources) and cannot be re-partitioned.

@@ -1,12 +1,13 @@
-"""Datasets of (input, target) windows over a token stream; `create_dataset` picks one by name.
+"""Ways of cutting (input, target) windows from a token stream (one shard of a token store); `create_dataset`
+picks one by name (`--dataset-type`).
 
   text_token    windows every `stride` tokens (the seed's TextTokenDataset; stride 1 = every offset)
   packed        non-overlapping windows (stride = seq_len): every token seen once per epoch
   random_chunk  windows at random offsets drawn from (seed, epoch, index)
-  document      windows starting at document starts (long documents continue in further windows);
-                with `return_doc_ids` each item also carries a document id per position, so that
-                attention can be stopped at document boundaries
-Each item is (x, y) or (x, y, doc_ids), numpy int64 arrays of length seq_len.
+  document      windows starting at document starts (long documents continue in further windows)
+Given the document starts and `return_doc_ids` (--document-mask), each item also carries a document id per
+position, so that attention can be stopped at document boundaries. Each item is (x, y) or (x, y, doc_ids),
+numpy int64 arrays of length seq_len.
 """
 
 from __future__ import annotations
@@ -26,11 +27,15 @@ def _check_length(tokens, seq_len: int) -> None:
 
 
 class TextTokenDataset(Dataset):
-    def __init__(self, tokens, seq_len: int = 512, stride: int = 1):
+    def __init__(self, tokens, seq_len: int = 512, stride: int = 1, doc_starts=None, return_doc_ids: bool = False):
         _check_length(tokens, seq_len)
         if stride <= 0:
             raise ValueError(f"stride must be positive, got {stride}")
+        if return_doc_ids and doc_starts is None:
+            raise ValueError("document ids need doc_starts (the offsets where documents begin)")
         self.tokens, self.seq_len, self.stride = tokens, seq_len, stride
+        self.doc_starts = None if doc_starts is None else np.asarray(doc_starts, dtype=np.int64)
+        self.return_doc_ids = return_doc_ids
         self.starts = np.arange(0, len(tokens) - seq_len, stride, dtype=np.int64)
 
     def __len__(self) -> int:
@@ -38,7 +43,10 @@ class TextTokenDataset(Dataset):
 
     def window(self, start: int):
         chunk = np.asarray(self.tokens[start:start + self.seq_len + 1], dtype=np.int64)
-        return chunk[:-1], chunk[1:]
+        if not self.return_doc_ids:
+            return chunk[:-1], chunk[1:]
+        doc_ids = np.searchsorted(self.doc_starts, np.arange(start, start + self.seq_len), side="right") - 1
+        return chunk[:-1], chunk[1:], doc_ids.astype(np.int64)
 
     def __getitem__(self, i: int):
         return self.window(int(self.starts[i]))
@@ -48,13 +56,14 @@ class TextTokenDataset(Dataset):
 
 
 class PackedDataset(TextTokenDataset):
-    def __init__(self, tokens, seq_len: int = 512):
-        super().__init__(tokens, seq_len, stride=seq_len)
+    def __init__(self, tokens, seq_len: int = 512, doc_starts=None, return_doc_ids: bool = False):
+        super().__init__(tokens, seq_len, stride=seq_len, doc_starts=doc_starts, return_doc_ids=return_doc_ids)
 
 
 class RandomChunkDataset(TextTokenDataset):
-    def __init__(self, tokens, seq_len: int = 512, num_samples: int | None = None, seed: int = 0):
-        super().__init__(tokens, seq_len, stride=seq_len)
+    def __init__(self, tokens, seq_len: int = 512, num_samples: int | None = None, seed: int = 0, doc_starts=None,
+                 return_doc_ids: bool = False):
+        super().__init__(tokens, seq_len, stride=seq_len, doc_starts=doc_starts, return_doc_ids=return_doc_ids)
         self.num_samples = num_samples or max(1, len(tokens) // seq_len)
         self.seed, self.epoch = seed, 0
 
@@ -94,29 +103,23 @@ class DocumentDataset(TextTokenDataset):
             self.starts = np.array([last_start], dtype=np.int64)
 
     def __getitem__(self, i: int):
-        start = int(self.starts[i])
-        x, y = self.window(start)
+        x, y, *doc_ids = self.window(int(self.starts[i]))
         if self.score_once:
             y = y.copy()
             y[int(self.owned[i]):] = IGNORE_INDEX
-        if not self.return_doc_ids:
-            return x, y
-        positions = np.arange(start, start + self.seq_len)
-        doc_ids = np.searchsorted(self.doc_starts, positions, side="right") - 1
-        return x, y, doc_ids.astype(np.int64)
-
-
+        return (x, y, *doc_ids)
 
 
 def create_dataset(tokens, dataset_type: str = "packed", seq_len: int = 512, *, stride: int | None = None,
                    doc_starts=None, document_mask: bool = False, seed: int = 0, num_samples: int | None = None,
                    score_once: bool = False):
+    ids = dict(doc_starts=doc_starts, return_doc_ids=document_mask)
     if dataset_type == "text_token":
-        return TextTokenDataset(tokens, seq_len, stride or max(1, seq_len // 2))
+        return TextTokenDataset(tokens, seq_len, stride or max(1, seq_len // 2), **ids)
     if dataset_type == "packed":
-        return PackedDataset(tokens, seq_len)
+        return PackedDataset(tokens, seq_len, **ids)
     if dataset_type == "random_chunk":
-        return RandomChunkDataset(tokens, seq_len, num_samples=num_samples, seed=seed)
+        return RandomChunkDataset(tokens, seq_len, num_samples=num_samples, seed=seed, **ids)
     if dataset_type == "document":
         if doc_starts is None:
             raise ValueError("the document dataset needs doc_starts (the offsets where documents begin)")

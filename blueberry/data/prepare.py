@@ -2,8 +2,9 @@
 
     1. documents stream from the source (sources.py); with --shard-index i --num-shards n, a machine
        takes every n-th file of a local source (every n-th document of a stream);
-    2. each document goes to train or val by a hash of its text and --split-seed: deterministic, no
-       global shuffle, stable as the corpus grows, and duplicates of a text land in the same split;
+    2. each document goes to train, val or test (--test-fraction) by a hash of its text and --split-seed:
+       deterministic, no global shuffle, stable as the corpus grows, duplicates of a text land in the same
+       split, and the validation documents do not depend on the test fraction;
     3. the tokenizer: --tokenizer, or a byte-level BPE trained on the first --bpe-sample-mb of training
        documents of the whole source (saved as STORE/tokenizer.json): every machine of a --num-shards job
        trains the same one (deterministic), so their parts merge;
@@ -55,6 +56,7 @@ class PrepareSettings:
     vocab_size: int = 8192
     val_fraction: float = 0.1
     split_seed: int = 0
+    test_fraction: float = 0.0
     num_documents: int | None = None
     max_tokens: int | None = None
     shard_tokens: int = 100_000_000
@@ -67,13 +69,24 @@ class PrepareSettings:
         """What decides the store's content (not how fast it is made)."""
         d = asdict(self)
         d.pop("workers")
+        if not self.test_fraction:  # a store made before the test split existed stays up to date
+            d.pop("test_fraction")
         d["source"] = source_identity(self.source)
         return d
 
 
-def is_validation(text: str, val_fraction: float, seed: int) -> bool:
-    digest = hashlib.blake2b(text.encode("utf-8", errors="replace"), digest_size=8, key=str(seed).encode()).digest()
-    return int.from_bytes(digest, "big") < val_fraction * 2**64
+def split_of(text: str, settings: PrepareSettings) -> str:
+    """"val", "test" or "train": where a hash of the text (keyed by the split seed) falls."""
+    digest = hashlib.blake2b(text.encode("utf-8", errors="replace"), digest_size=8,
+                             key=str(settings.split_seed).encode()).digest()
+    u = int.from_bytes(digest, "big") / 2**64
+    if u < settings.val_fraction:
+        return "val"
+    return "test" if u < settings.val_fraction + settings.test_fraction else "train"
+
+
+def splits_of(settings: PrepareSettings) -> tuple[str, ...]:
+    return ("train", "val", "test") if settings.test_fraction > 0 else ("train", "val")
 
 
 def file_records(files: list[Path], with_hash: bool) -> list[dict]:
@@ -132,7 +145,8 @@ def prepare(settings: PrepareSettings, store: Path) -> dict:
                     "files": file_records(files, with_hash=True) if files is not None else [],
                     "tokenizer": tokenizer.identity, "vocab_size": tokenizer.vocab_size,
                     "dtype": np.dtype(token_dtype(tokenizer.vocab_size)).name,
-                    "split": {"val_fraction": settings.val_fraction, "split_seed": settings.split_seed},
+                    "split": {"val_fraction": settings.val_fraction, "split_seed": settings.split_seed,
+                              "test_fraction": settings.test_fraction},
                     "part": {"index": settings.shard_index, "count": settings.num_shards},
                     "shards": [], "documents": 0, "complete": False}
         write_manifest(store, manifest)
@@ -144,6 +158,8 @@ def _check(settings: PrepareSettings) -> None:
         raise DataError(f"--shard-index {settings.shard_index} must be in 0..{settings.num_shards - 1}")
     if not 0 < settings.val_fraction < 1:
         raise DataError(f"--val-fraction must be in (0, 1), got {settings.val_fraction}")
+    if not 0 <= settings.test_fraction < 1 - settings.val_fraction:
+        raise DataError(f"--test-fraction must be in [0, 1 - val fraction), got {settings.test_fraction}")
     if settings.shard_tokens < 1:
         raise DataError(f"--shard-tokens must be positive, got {settings.shard_tokens}")
 
@@ -183,7 +199,7 @@ def _tokenizer(settings: PrepareSettings, store: Path, manifest: dict | None) ->
     sample_files = local_files(settings.source) if is_local(settings.source) else None
     budget, texts = settings.bpe_sample_mb * 1e6, []
     for doc in iter_documents(settings.source, settings.text_field, sample_files):
-        if not is_validation(doc.text, settings.val_fraction, settings.split_seed):
+        if split_of(doc.text, settings) == "train":
             texts.append(doc.text)
             budget -= len(doc.text)
             if budget <= 0:
@@ -244,7 +260,7 @@ def _encoded_batches(batches, workers: int, tokenizer_spec: str):
 
 
 def _document_batches(settings: PrepareSettings, files, skip: int):
-    """Batches of (is_val, text) from document `skip` on (documents before it are in sealed shards)."""
+    """Batches of (split, text) from document `skip` on (documents before it are in sealed shards)."""
     batch, position = [], -1
     docs = iter_documents(settings.source, settings.text_field, files)
     for i, doc in enumerate(docs):
@@ -253,7 +269,7 @@ def _document_batches(settings: PrepareSettings, files, skip: int):
         position += 1
         if position < skip:
             continue
-        batch.append((is_validation(doc.text, settings.val_fraction, settings.split_seed), doc.text))
+        batch.append((split_of(doc.text, settings), doc.text))
         if len(batch) == BATCH_DOCUMENTS:
             yield batch
             batch = []
@@ -266,36 +282,38 @@ def _fill(settings, store, manifest, tokenizer, tokenizer_spec, files) -> dict:
     dtype = np.dtype(manifest["dtype"])
     done = manifest["documents"]
     total_tokens = sum(s["train"]["tokens"] + s["val"]["tokens"] for s in manifest["shards"])
-    writer, first = ShardWriter(store, len(manifest["shards"]), dtype), done
+    splits = splits_of(settings)
+    writer, first = ShardWriter(store, len(manifest["shards"]), dtype, splits), done
     t0, eot = time.perf_counter(), np.asarray([tokenizer.eot_id], dtype=np.int64)
     stop = False
     try:
         for batch, encoded in _encoded_batches(_document_batches(settings, files, done), workers, tokenizer_spec):
-            for (is_val, _), ids in zip(batch, encoded):
+            for (split, _), ids in zip(batch, encoded):
                 tokens = np.concatenate([eot, ids])
                 if settings.max_tokens is not None and total_tokens + len(tokens) >= settings.max_tokens:
                     tokens, stop = tokens[:settings.max_tokens - total_tokens], True
-                writer.add("val" if is_val else "train", tokens)
+                writer.add(split, tokens)
                 total_tokens += len(tokens)
                 done += 1
                 stop = stop or (settings.num_documents is not None and done >= settings.num_documents)
                 if writer.tokens["train"] >= settings.shard_tokens or stop:
                     manifest = _seal(store, manifest, writer, first, done, t0)
-                    writer, first = ShardWriter(store, len(manifest["shards"]), dtype), done
+                    writer, first = ShardWriter(store, len(manifest["shards"]), dtype, splits), done
                 if stop:
                     break
             if stop:
                 break
-        if writer.tokens["train"] + writer.tokens["val"]:
+        if sum(writer.tokens.values()):
             manifest = _seal(store, manifest, writer, first, done, t0)
         else:
             writer.discard()
     except BaseException:
         writer.discard()
         raise
-    if not manifest["shards"] or not any(s["val"]["tokens"] for s in manifest["shards"]):
-        raise DataError(f"{settings.source}: {done} document(s) gave no validation documents at --val-fraction "
-                        f"{settings.val_fraction}; use more documents or a larger fraction")
+    for split in splits[1:]:
+        if not manifest["shards"] or not any(s[split]["tokens"] for s in manifest["shards"]):
+            raise DataError(f"{settings.source}: {done} document(s) gave no {split} documents at --{split}-fraction "
+                            f"{getattr(settings, split + '_fraction')}; use more documents or a larger fraction")
     manifest["complete"] = True
     write_manifest(store, manifest)
     log(f"Token store ready: {store} ({_counts(manifest)}) in {time.perf_counter() - t0:.1f} s")

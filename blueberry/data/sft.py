@@ -18,7 +18,6 @@ Conversations are split into train/val by a seeded shuffle (val_fraction, split_
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -133,12 +132,6 @@ def _encode_all(numbered: list[tuple[int, list[dict]]], tokenizer, path) -> list
     return out
 
 
-@dataclass
-class SFTCorpus(TokenizedCorpus):
-    train_mask: np.ndarray = None
-    val_mask: np.ndarray = None
-
-
 def _pack(encoded: list[tuple[list[int], list[int]]]):
     ids, mask, starts = [], [], []
     for i, m in encoded:
@@ -157,7 +150,7 @@ def split_conversations(config) -> tuple[list[tuple[int, list[dict]]], list[tupl
     return ([conversations[i] for i in sorted(order[n_val:])], [conversations[i] for i in sorted(order[:n_val])])
 
 
-def load_sft_data(config, tokenizer: Tokenizer | None = None) -> tuple[Tokenizer, SFTCorpus]:
+def load_sft_data(config, tokenizer: Tokenizer | None = None) -> tuple[Tokenizer, TokenizedCorpus]:
     """Tokenizer and packed conversations of config.data.dataset; `tokenizer` (a trained run's) is used as it is,
     else --tokenizer, else a BPE trained on the training conversations."""
     train, val = split_conversations(config)
@@ -169,8 +162,9 @@ def load_sft_data(config, tokenizer: Tokenizer | None = None) -> tuple[Tokenizer
     val_ids, val_mask, val_starts = _pack(_encode_all(val, tokenizer, config.data.dataset))
     log(f"SFT data: {len(train)} train / {len(val)} val conversations, {len(train_ids):,} / {len(val_ids):,} "
         f"tokens, {int(train_mask.sum()):,} train tokens learned")
-    corpus = SFTCorpus(train_ids, val_ids, train_starts, val_starts, tokenizer.eot_id, tokenizer.token_bytes(),
-                       meta={"task": "sft"}, train_mask=train_mask, val_mask=val_mask)
+    corpus = TokenizedCorpus(train_ids, val_ids, train_starts, val_starts, tokenizer.eot_id, tokenizer.token_bytes(),
+                             meta={"task": "sft", "source": str(config.data.dataset)}, train_mask=train_mask,
+                             val_mask=val_mask)  # a store of one shard in memory, with its loss masks
     return tokenizer, corpus
 
 

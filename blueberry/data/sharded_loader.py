@@ -1,11 +1,12 @@
-"""Batches from token stores (token_store.py), for corpora far larger than memory.
+"""The one batch loader: batches from the shards of a token store (token_store.py), whatever their size.
 
-`ShardedLoader`: packed windows of seq_len + 1 tokens, read by memory map. An epoch visits the shards in
-a permutation drawn from (seed, epoch) and each shard's windows in a permutation drawn from (seed,
-epoch, shard); a step of w ranks takes the next w * batch windows of that sequence, rank r every w-th from
-offset r, so ranks read disjoint data. No window crosses a shard. The state is (epoch, windows consumed by all
-ranks together): independent of the world size, so a resume on another number of processes continues where
-the run stopped, no window twice or skipped (as BatchLoader).
+`ShardedLoader`: one window set per shard (dataset.py: packed, document, random_chunk or text_token windows,
+or sft.py's masked conversations), read by memory map. An epoch visits the shards in a permutation drawn
+from (seed, epoch) and each shard's windows in a permutation drawn from (seed, epoch, shard); a step of w ranks
+takes the next w * batch windows of that sequence, rank r every w-th from offset r, so ranks read disjoint
+data. No window crosses a shard. The state is (epoch, windows consumed by all ranks together): independent of
+the world size, so a resume on another number of processes continues where the run stopped, no window twice
+or skipped. A corpus small enough for memory is a store of one shard: the same loader, state and resume.
 
 `MixtureLoader`: several sources with weights. Each row of a batch comes from a source drawn with a
 generator seeded by (seed, rank, batch number), so the draw needs no saved RNG: its state is the batch
@@ -25,20 +26,28 @@ import torch
 
 from ..errors import CheckpointError, DataError
 from .data_position import consumed_of
+from .dataset import PackedDataset
 from .token_store import Shard
 
 
+def packed_windows(shards: list[Shard], seq_len: int, document_mask: bool = False) -> list[PackedDataset]:
+    """Packed windows of each shard long enough for one (the store's default way of cutting windows)."""
+    return [PackedDataset(s.tokens, seq_len, s.doc_starts, document_mask) for s in shards if len(s.tokens) > seq_len]
+
+
 class ShardedLoader:
-    def __init__(self, shards: list[Shard], seq_len: int, batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, document_mask: bool = False, max_batches: int | None = None):
-        self.shards, self.seq_len, self.batch_size = shards, seq_len, batch_size
+    def __init__(self, parts: list, batch_size: int, *, shuffle: bool = True, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, max_batches: int | None = None):
+        if not parts:
+            raise DataError("no shard holds one window of --seq-len + 1 tokens; use more data or a smaller --seq-len")
+        self.parts, self.seq_len, self.batch_size = parts, parts[0].seq_len, batch_size
         self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
-        self.document_mask, self.max_batches = document_mask, max_batches
-        self.windows = np.array([max(0, (len(s.tokens) - 1) // seq_len) for s in shards], dtype=np.int64)
+        self.max_batches = max_batches
+        self.windows = np.array([len(p) for p in parts], dtype=np.int64)
         self.epoch, self.consumed = 0, 0  # windows of this epoch's sequence taken, by all ranks together
         self._orders: dict = {}  # the permutations of one epoch, drawn when first needed
         if self.batches_per_epoch == 0:
-            raise DataError(f"{int(self.windows.sum())} windows of {seq_len + 1} tokens cannot fill one batch of "
+            raise DataError(f"{int(self.windows.sum())} windows of {self.seq_len + 1} tokens cannot fill one batch of "
                             f"{batch_size} per process on {world_size} process(es); use a smaller --batch-size "
                             "or --seq-len, or more data")
 
@@ -73,9 +82,9 @@ class ShardedLoader:
 
     def _shard_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         def make():
-            order = np.arange(len(self.shards))
+            order = np.arange(len(self.parts))
             if self.shuffle:
-                order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+                order = np.random.default_rng([self.seed, epoch]).permutation(len(self.parts))
             return order, np.cumsum(self.windows[order])
         return self._cached((epoch, "shards"), make)
 
@@ -91,15 +100,10 @@ class ShardedLoader:
         local = i - (int(ends[k - 1]) if k else 0)
         return shard, int(self._window_order(epoch, shard)[local]) if self.shuffle else local
 
-    def _window(self, shard: int, window: int) -> tuple[np.ndarray, ...]:
-        s = self.shards[shard]
-        start = window * self.seq_len
-        chunk = np.asarray(s.tokens[start:start + self.seq_len + 1], dtype=np.int64)
-        x, y = chunk[:-1], chunk[1:]
-        if not self.document_mask:
-            return x, y
-        docs = np.searchsorted(s.doc_starts, np.arange(start, start + self.seq_len), side="right") - 1
-        return x, y, docs.astype(np.int64)
+    def _window(self, epoch: int, shard: int, window: int) -> tuple[np.ndarray, ...]:
+        part = self.parts[shard]
+        part.set_epoch(epoch)  # random_chunk draws its offsets per epoch
+        return part[window]
 
     def batch(self, epoch: int, b: int) -> tuple[torch.Tensor, ...]:
         return self._batch_at(epoch, b * self.step_windows)
@@ -107,10 +111,11 @@ class ShardedLoader:
     def _batch_at(self, epoch: int, start: int) -> tuple[torch.Tensor, ...]:
         """This rank's share of the step whose windows start at `start` of the epoch's sequence."""
         first = start + self.rank
-        items = [self._window(*self._locate(epoch, first + j * self.world_size)) for j in range(self.batch_size)]
+        items = [self._window(epoch, *self._locate(epoch, first + j * self.world_size))
+                 for j in range(self.batch_size)]
         return tuple(torch.from_numpy(np.stack(col)) for col in zip(*items))
 
-    # ---- the training interface (as BatchLoader) ----
+    # ---- the training interface ----
     def next_batch(self) -> tuple[torch.Tensor, ...]:
         if self.consumed + self.step_windows > self.num_windows or (
                 self.max_batches and self.position >= self.max_batches):

@@ -1,12 +1,13 @@
-"""Training on token stores: which datasets take the large-data path, mixtures, and their loaders.
+"""The stores of a run: which datasets `blueberry prepare` makes a store of, mixtures, opening them.
 
-The large-data path (prepare.py -> token_store.py -> sharded_loader.py) is taken for
+A store prepared here (prepare.py -> token_store.py) is made for
   - a prepared store (`--dataset STORE`, a directory with a manifest.json),
   - a Hugging Face stream (`hf:NAME`) or a local source over LARGE_LOCAL_BYTES,
   - a mixture: `--dataset "web.parquet:0.7,code/:0.3"` (SOURCE:WEIGHT, comma-separated) or a .yaml
     file holding a list of {source: ..., weight: ...},
   - or whenever --token-store says so (--no-token-store keeps a source in memory).
-Small corpora (Shakespeare) keep the in-memory path of corpus.py, which starts in seconds.
+Smaller corpora (Shakespeare) become a store of one shard in the data cache (corpus.py), which starts in
+seconds; both are read by the same loaders (loaders.py).
 
 Stores made implicitly live in CACHE_DIR/stores/<key of the prepare settings>. A mixture's sources share
 one tokenizer: --tokenizer, or the BPE trained for its first source.
@@ -24,9 +25,8 @@ import numpy as np
 from ..errors import DataError
 from ..logs import get_logger
 from .prepare import PrepareSettings, prepare
-from .sharded_loader import EvalConcat, MixtureLoader, Prefetched, ShardedLoader
 from .sources import is_local, local_files
-from .token_store import is_store, open_split, read_manifest
+from .token_store import Shard, is_store, open_split, read_manifest
 from .tokenizer import Tokenizer, load_tokenizer
 
 log = get_logger(__name__).info
@@ -77,7 +77,7 @@ def uses_token_store(config) -> bool:
 def settings_for(config, source: str, tokenizer: str | None) -> PrepareSettings:
     return PrepareSettings(source=source, text_field=config.data.text_field, tokenizer=tokenizer,
                            vocab_size=config.model.vocab_size, val_fraction=config.data.val_fraction,
-                           split_seed=config.data.split_seed,
+                           test_fraction=config.data.test_fraction, split_seed=config.data.split_seed,
                            num_documents=config.data.num_documents, max_tokens=config.data.max_tokens,
                            shard_tokens=config.data.shard_tokens, workers=config.data.prepare_workers)
 
@@ -123,8 +123,12 @@ class StoreCorpus:
     meta: dict = field(default_factory=dict)
 
     @property
-    def train_shards(self):
-        return {source: open_split(store, "train") for source, store, _ in self.sources}
+    def weights(self) -> dict[str, float]:
+        return {source: w for source, _, w in self.sources}
+
+    def shards(self, split: str) -> dict[str, list[Shard]]:
+        """{source: its store's shards of `split`}."""
+        return {source: open_split(store, split) for source, store, _ in self.sources}
 
     @property
     def first_val(self):
@@ -158,34 +162,3 @@ def open_stores(sources: list[tuple[str, Path, float]]) -> tuple[Tokenizer, Stor
     log(f"Data: token store(s) {', '.join(str(st) for _, st, _ in sources)}: {corpus.n_train:,} train / "
         f"{corpus.n_val:,} val tokens, vocab {tokenizer.vocab_size}")
     return tokenizer, corpus
-
-
-def create_store_loaders(config, corpus: StoreCorpus, rank: int = 0, world_size: int = 1):
-    """Training loader (one store, or a mixture) read ahead by a thread; validation loader."""
-    common = dict(rank=rank, world_size=world_size, document_mask=config.data.document_mask)
-    train_shards = corpus.train_shards
-    weights = {source: w for source, _, w in corpus.sources}
-    if len(train_shards) == 1:
-        (shards,) = train_shards.values()
-        train = ShardedLoader(shards, config.model.max_seq_len, config.training.batch_size, seed=config.training.seed,
-                              **common)
-    else:
-        parts = {s: ShardedLoader(shards, config.model.max_seq_len, 1, seed=config.training.seed + i, **common)
-                 for i, (s, shards) in enumerate(train_shards.items())}
-        train = MixtureLoader(parts, weights, config.training.batch_size, seed=config.training.seed, rank=rank)
-    if config.data.prefetch > 0:
-        train = Prefetched(train, config.data.prefetch)
-    total = sum(weights.values())
-    vals = [validation_loader(store, config, max(1, round(config.training.eval_batches * w / total))
-                              if len(corpus.sources) > 1 else config.training.eval_batches, rank, world_size)
-            for _, store, w in corpus.sources]
-    return train, vals[0] if len(vals) == 1 else EvalConcat(vals)
-
-
-def validation_loader(store: Path, config, max_batches: int | None, rank: int = 0, world_size: int = 1) -> ShardedLoader:
-    """A store's validation windows in order (the first `max_batches` batches; all when None)."""
-    shards = open_split(store, "val")
-    windows = sum((len(s.tokens) - 1) // config.model.max_seq_len for s in shards)
-    batch = max(1, min(config.training.batch_size, windows // world_size))
-    return ShardedLoader(shards, config.model.max_seq_len, batch, shuffle=False, max_batches=max_batches, rank=rank,
-                         world_size=world_size, document_mask=config.data.document_mask)

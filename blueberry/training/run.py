@@ -12,8 +12,7 @@ from pathlib import Path
 import torch
 import torch._dynamo
 
-from ..data import create_dataloaders, load_and_cache_data
-from ..data.stores import uses_token_store
+from ..data import create_dataloaders, open_corpus
 from ..errors import CheckpointError, UsageError
 from ..logs import get_logger
 from ..models import create_model
@@ -51,14 +50,7 @@ def build_everything(config, rank: int = 0, world_size: int = 1):
 
 def build_data(config, rank: int = 0, world_size: int = 1):
     """(tokenizer, corpus, train loader, validation loader) of `config`, the data cache built on first use."""
-    if config.data.task == "sft":
-        from ..data.sft import load_sft_data
-
-        tokenizer, corpus = load_sft_data(config)
-    elif uses_token_store(config):
-        tokenizer, corpus = _token_stores(config)
-    else:
-        _, tokenizer, corpus = load_and_cache_data(config)
+    tokenizer, corpus = open_corpus(config)
     if tokenizer.vocab_size > config.model.vocab_size:
         if "vocab_size" in config.auto_fields:
             config.derive(vocab_size=(tokenizer.vocab_size + 63) // 64 * 64)
@@ -68,19 +60,6 @@ def build_data(config, rank: int = 0, world_size: int = 1):
                              f"{tokenizer.vocab_size} ids; pass --vocab-size {tokenizer.vocab_size} or more")
     train_loader, val_loader = create_dataloaders(config, corpus, rank=rank, world_size=world_size)
     return tokenizer, corpus, train_loader, val_loader
-
-
-def _token_stores(config):
-    """Prepare (or find: rank 0 runs first, see _build_on_every_rank) and open the token stores."""
-    from ..data.stores import open_stores, prepare_stores
-
-    if config.data.test_fraction > 0:
-        raise UsageError("--test-fraction holds out documents of an in-memory corpus; a token store has its "
-                         "train/val split only: drop --test-fraction or use --no-token-store")
-    if config.data.dataset_type != "packed":
-        raise UsageError(f"--dataset-type {config.data.dataset_type}: a token store serves packed windows only; drop "
-                         "the flag or use --no-token-store")
-    return open_stores(prepare_stores(config))
 
 
 def sample_prompts(tokenizer, corpus, n: int = 2, tokens: int = 8) -> tuple[str, ...]:
@@ -162,7 +141,7 @@ def train_in_group(config, ctx, resume_state, resume_checkpoint, task_scorer_fac
             task_scorer=task_scorer_factory(config, tokenizer) if task_scorer_factory else None, planner=planner)
     finally:
         if hasattr(train_loader, "stop"):
-            train_loader.stop()  # the read-ahead thread of a token-store loader
+            train_loader.stop()  # the loader's read-ahead thread
     if expert_parallel_of(model) is not None:
         expert_parallel_of(model).gather()  # every expert on every rank again: the test split, the summary
     del wrapped  # the DDP reducer must go before the process group (see distributed.teardown)
@@ -212,7 +191,7 @@ def _build_on_every_rank(config, ctx, plan: dict | None, started: float | None, 
 
 def check_resumable(state: dict, checkpoint: Path, tokenizer, ctx, config) -> None:
     """Refuse a resume that could not continue where the run stopped: another tokenizer or engine, or another
-    world size where the data position cannot be re-partitioned (see batch_loader.repartition_refusal).
+    world size where the data position cannot be re-partitioned (see data_position.repartition_refusal).
     Weights and optimizer states reshard: a sharded checkpoint on read, a single-file one holds them whole."""
     from ..data.data_position import repartition_refusal
 

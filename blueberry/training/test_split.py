@@ -6,9 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..data import BatchLoader, create_dataset
-from ..data.corpus import encode_documents, run_documents, test_documents
-from ..errors import DataError
+from ..data.loaders import held_out_loader, open_corpus
 from ..logs import get_logger, quiet
 from ..runs.layout import write_summary
 from .evaluation import evaluate_model
@@ -17,29 +15,25 @@ from .precision import choose_precision
 log = get_logger(__name__).info
 
 
-def held_out_test_loader(config, tokenizer, rank: int = 0, world_size: int = 1) -> tuple[BatchLoader, list]:
-    """(a loader over every window of the run's test documents, this rank's share; the documents)."""
-    with quiet():  # the documents were announced when the run read them
-        documents = run_documents(config)
-    docs = test_documents(documents, config.data.val_fraction, config.data.split_seed, config.data.test_fraction)
-    tokens, _ = encode_documents(tokenizer, docs, None)
-    dataset = create_dataset(tokens, "packed", config.model.max_seq_len)
-    if len(dataset) < world_size:
-        raise DataError(f"the test split ({len(tokens)} tokens) is shorter than one window per process")
-    batch = max(1, min(config.training.batch_size, len(dataset) // world_size))
-    return BatchLoader(dataset, batch, shuffle=False, rank=rank, world_size=world_size), docs
+def held_out_test_loader(config, tokenizer, rank: int = 0, world_size: int = 1) -> tuple[object, int]:
+    """(a loader over every window of the run's test split, this rank's share; how many documents it holds).
+    The split is the corpus's own (its token store's test shards): made with the train and val splits."""
+    with quiet():  # the corpus was announced when the run read it
+        _, corpus = open_corpus(config, tokenizer)
+    documents = sum(len(s.doc_starts) for shards in corpus.shards("test").values() for s in shards)
+    return held_out_loader(config, corpus, "test", None, rank, world_size), documents
 
 
 def score_test_split(model, config, tokenizer, ctx, run_dir: Path, metrics: dict) -> dict:
     """Evaluate `model` (every rank takes part) on the run's test documents; updates `metrics` and the summary."""
     if config.data.test_fraction <= 0:
         return metrics
-    loader, docs = held_out_test_loader(config, tokenizer, ctx.rank, ctx.world_size)
+    loader, documents = held_out_test_loader(config, tokenizer, ctx.rank, ctx.world_size)
     result = evaluate_model(model, loader, config, token_bytes=tokenizer.token_bytes(),
                             precision=choose_precision(config, config.capabilities()), ranks=ctx)
     metrics.update(test_loss=result["loss"], test_bits_per_byte=result["bits_per_byte"], test_tokens=result["tokens"],
-                   test_documents=len(docs))
-    log(f"  test split     bits per byte {result['bits_per_byte']:.4f} ({len(docs)} documents never trained or "
+                   test_documents=documents)
+    log(f"  test split     bits per byte {result['bits_per_byte']:.4f} ({documents} documents never trained or "
         "validated on)")
     if ctx.is_main:
         write_summary(run_dir, metrics)
