@@ -223,3 +223,26 @@ def test_the_test_split_is_held_out_of_training_and_validation_and_scored_at_the
     run_training(cfg)
     summary = json.loads((Path(cfg.out_dir) / "summary.json").read_text())
     assert summary["test_documents"] == len(test) and 0 < summary["test_bits_per_byte"] < 20
+
+
+@pytest.mark.parametrize("kind", ["packed", "random_chunk", "document"])
+@pytest.mark.parametrize("store", [False, True], ids=["cached", "token-store"])
+def test_every_corpus_is_read_by_one_loader_whose_document_ids_follow_the_end_of_text_tokens(tiny, kind, store):
+    """One data path: a small corpus (one shard in the cache) and a prepared token store give the same kind of
+    loader and loader state, every --dataset-type cuts windows from either, and with --document-mask each
+    window's document id steps up exactly where the window holds an end-of-text token (documents begin with
+    one), read from the tokens themselves."""
+    from blueberry.data import open_corpus
+
+    cfg = tiny(dataset_type=kind, document_mask=True, token_store=store, shard_tokens=4000, prepare_workers=1)
+    tokenizer, corpus = open_corpus(cfg)
+    train, val = create_dataloaders(cfg, corpus)
+    assert isinstance(train.loader, ShardedLoader)
+    assert set(train.state_dict()) == {"epoch", "consumed", "position", "seed", "world_size", "num_samples"}
+    boundaries = 0
+    for x, _, ids in [train.next_batch() for _ in range(train.batches_per_epoch)] + list(val):
+        steps = (ids[:, 1:] - ids[:, :-1]).tolist()
+        assert steps == (x[:, 1:] == tokenizer.eot_id).long().tolist()
+        boundaries += sum(map(sum, steps))
+    assert boundaries > 0
+    train.stop()

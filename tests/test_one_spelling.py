@@ -41,7 +41,7 @@ def test_the_package_never_reads_a_config_by_its_flat_name(tiny, tmp_path, flat_
     from blueberry.runs.loading import load_model
     from blueberry.training import run_training
 
-    config = tiny(test_fraction=0 if store else 0.1, token_store=store)  # a store has no test split (yet)
+    config = tiny(test_fraction=0.1, token_store=store)
     run_training(config)
     checkpoint = resolve_checkpoint(config.out_dir)
     run_training(config.replace(max_steps=8), resume_state=read_state(checkpoint), resume_checkpoint=checkpoint)

@@ -17,7 +17,7 @@ import torch
 from blueberry.data import prepare as prepare_module
 from blueberry.data.prepare import PrepareSettings, prepare
 from blueberry.data.sharded_loader import MixtureLoader, Prefetched, ShardedLoader, packed_windows
-from blueberry.data.token_store import merge_stores, open_split, read_manifest
+from blueberry.data.token_store import has_split, merge_stores, open_split, read_manifest
 from blueberry.data.tokenizer import load_tokenizer
 
 from conftest import make_text
@@ -46,7 +46,9 @@ def settings(source, **kw) -> PrepareSettings:
 def stored_documents(store: Path) -> dict[str, list[list[int]]]:
     """Each split's documents as token lists (end-of-text dropped), in store order."""
     out = {}
-    for split in ("train", "val"):
+    for split in ("train", "val", "test"):
+        if split == "test" and not has_split(store, "test"):
+            continue
         docs = []
         for shard in open_split(store, split):
             bounds = list(shard.doc_starts) + [len(shard.tokens)]
@@ -254,20 +256,43 @@ def test_training_on_a_mixture_logs_tokens_per_source_and_resumes_bitwise(tmp_pa
     assert again == [r["loss"] for r in train][4:]
 
 
+def test_a_test_fraction_holds_documents_out_of_both_other_splits_and_leaves_validation_as_it_was(tmp_path):
+    texts = write_corpus(tmp_path / "src")
+    prepare(settings(tmp_path / "src"), tmp_path / "plain")
+    prepare(settings(tmp_path / "src", test_fraction=0.2), tmp_path / "with_test")
+    def decoded(store):
+        tokenizer = load_tokenizer(str(store / "tokenizer.json"))
+        return {k: [tokenizer.decode(d) for d in docs] for k, docs in stored_documents(store).items()}
+
+    plain, split = decoded(tmp_path / "plain"), decoded(tmp_path / "with_test")
+    assert "test" not in plain and 0.1 < len(split["test"]) / len(texts) < 0.3
+    assert split["val"] == plain["val"]  # the validation split does not move
+    assert not set(split["test"]) & (set(split["train"]) | set(split["val"]))
+    assert sorted(split["train"] + split["val"] + split["test"]) == sorted(texts)
+
+
 def test_train_on_a_prepared_store_from_the_command_line(tmp_path):
     write_corpus(tmp_path / "src")
     r = run_cli("prepare", tmp_path / "src", "--out", tmp_path / "store", "--vocab-size", "300",
-                "--shard-tokens", "3000", "--workers", "2")
+                "--shard-tokens", "3000", "--workers", "2", "--test-fraction", "0.1")
     assert r.returncode == 0, r.stderr[-2000:]
-    t = run_cli("train", "--dataset", tmp_path / "store", *TINY_FLAGS, "--max-steps", "3",
+    t = run_cli("train", "--dataset", tmp_path / "store", *TINY_FLAGS, "--max-steps", "3", "--test-fraction", "0.1",
                 "--out-dir", tmp_path / "run")
     assert t.returncode == 0, t.stderr[-2000:]
     assert "token store" in t.stdout + t.stderr
-    other = run_cli("train", "--dataset", tmp_path / "store", *TINY_FLAGS, "--dataset-type", "random_chunk",
-                    "--max-steps", "1", "--out-dir", tmp_path / "run2")
-    assert other.returncode == 2 and "packed windows only" in other.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    documents = sum(len(s.doc_starts) for s in open_split(tmp_path / "store", "test"))
+    assert summary["test_documents"] == documents > 0 and 0 < summary["test_bits_per_byte"] < 20
+    for kind in ("random_chunk", "document"):  # every window cut reads a store
+        other = run_cli("train", "--dataset", tmp_path / "store", *TINY_FLAGS, "--dataset-type", kind,
+                        "--document-mask", "--max-steps", "1", "--out-dir", tmp_path / kind)
+        assert other.returncode == 0, other.stderr[-2000:]
     e = run_cli("eval", "--checkpoint", tmp_path / "run")  # the store's validation split
     assert e.returncode == 0 and "bits_per_byte" in e.stdout, e.stderr[-2000:]
+    prepare(settings(tmp_path / "src"), tmp_path / "no_test")
+    refused = run_cli("train", "--dataset", tmp_path / "no_test", *TINY_FLAGS, "--test-fraction", "0.1",
+                      "--max-steps", "1", "--out-dir", tmp_path / "refused")
+    assert refused.returncode == 2 and "without a test split" in refused.stderr and "Traceback" not in refused.stderr
     missing = run_cli("prepare", tmp_path / "nope", "--out", tmp_path / "s2")
     assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
 

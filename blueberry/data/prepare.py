@@ -39,7 +39,7 @@ from ..logs import get_logger
 from .cache import file_sha256, token_dtype
 from .fast_encode import fast_encoder
 from .sources import is_local, iter_documents, local_files, source_identity
-from .token_store import ShardWriter, claim_store, read_manifest, write_manifest, write_marker, wrote_tokenizer
+from .token_store import OPTIONAL_SPLITS, SPLITS, ShardWriter, claim_store, read_manifest, write_manifest, write_marker, wrote_tokenizer
 from .tokenizer import Tokenizer, load_tokenizer, train_bpe
 
 log = get_logger(__name__).info
@@ -324,12 +324,12 @@ def _seal(store, manifest, writer, first, done, t0) -> dict:
     entry = writer.seal(first, done - first)
     manifest = {**manifest, "shards": manifest["shards"] + [entry], "documents": done}
     write_manifest(store, manifest)
-    log(f"  shard {entry['name']}: {entry['train']['tokens']:,} train / {entry['val']['tokens']:,} val tokens "
-        f"({done:,} documents, {time.perf_counter() - t0:.0f} s)")
+    tokens = " / ".join(f"{entry[split]['tokens']:,} {split}" for split in SPLITS + OPTIONAL_SPLITS if split in entry)
+    log(f"  shard {entry['name']}: {tokens} tokens ({done:,} documents, {time.perf_counter() - t0:.0f} s)")
     return manifest
 
 
 def _counts(manifest: dict) -> str:
-    train = sum(s["train"]["tokens"] for s in manifest["shards"])
-    val = sum(s["val"]["tokens"] for s in manifest["shards"])
-    return f"{len(manifest['shards'])} shard(s), {train:,} train / {val:,} val tokens, {manifest['documents']:,} documents"
+    splits = [split for split in SPLITS + OPTIONAL_SPLITS if manifest["shards"] and split in manifest["shards"][0]]
+    tokens = " / ".join(f"{sum(s[split]['tokens'] for s in manifest['shards']):,} {split}" for split in splits)
+    return f"{len(manifest['shards'])} shard(s), {tokens} tokens, {manifest['documents']:,} documents"
