@@ -22,8 +22,7 @@ import torch
 
 from common import table
 
-from blueberry.cli.use_cmds import _packed_loader
-from blueberry.data import load_and_cache_data
+from blueberry.data.held_out import validation_loader
 from blueberry.runs.loading import load_model
 from blueberry.training.evaluation import _batch_totals
 from blueberry.training.precision import choose_precision
@@ -61,12 +60,11 @@ def main() -> None:
     if any(t.token_bytes().tolist() != tokenizer.token_bytes().tolist() for _, _, t, _ in loaded[1:]):
         raise SystemExit("the runs have different tokenizers: their distributions cannot be mixed")
     if args.split == "test":
-        if config.test_fraction <= 0:
+        if config.data.test_fraction <= 0:
             raise SystemExit("these runs have no test split (--test-fraction)")
         loader, _ = held_out_test_loader(config, tokenizer)
     else:
-        _, _, corpus = load_and_cache_data(config)
-        loader = _packed_loader(corpus.val, config, args.batches or config.eval_batches)
+        loader = validation_loader(config, tokenizer, args.batches or config.training.eval_batches)
     alone, together = scores(models, loader, tokenizer.token_bytes(), choose_precision(config, config.capabilities()))
     rows = []
     for run, bpb in zip(args.runs, alone):

@@ -145,3 +145,24 @@ def test_the_seeds_aliases_live_in_the_compatibility_modules_and_the_package_doe
             used += [f"{rel}:{node.lineno} {n}" for n in names if n in SEED_ALIASES and rel != SEED_ALIASES[n]]
     assert defined == {name: [home] for name, home in SEED_ALIASES.items()}, defined
     assert not used, used
+
+
+# How a corpus is opened: a fine-tuning set, a small corpus (one shard in the data cache) or prepared stores.
+CORPUS_OPENERS = {"load_sft_data", "load_and_cache_data", "prepare_stores", "open_stores", "uses_token_store"}
+
+
+def test_one_data_path_one_module_chooses_the_corpus_and_one_module_batches_it():
+    """data/loaders.py alone chooses how a run's corpus is opened (everyone else calls open_corpus), and
+    data/sharded_loader.py alone defines loaders (a class with next_batch): one loader, one loader state."""
+    choosers, loaders = [], []
+    for path in PACKAGE.rglob("*.py"):
+        rel = str(path.relative_to(PACKAGE))
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call):
+                name = getattr(node.func, "id", getattr(node.func, "attr", None))
+                if name in CORPUS_OPENERS and rel != "data/loaders.py":
+                    choosers.append(f"{rel}:{node.lineno} {name}")
+            if isinstance(node, ast.ClassDef) and rel != "data/sharded_loader.py" and any(
+                    isinstance(f, ast.FunctionDef) and f.name == "next_batch" for f in node.body):
+                loaders.append(f"{rel} {node.name}")
+    assert not choosers and not loaders, choosers + loaders

@@ -33,7 +33,7 @@ class DataConfig:
                                              "mixtures, prepared stores and local data over 256 MB)")
     shard_tokens: int = setting(100_000_000, "token store: training tokens per shard")
     prepare_workers: int = setting(0, "token store: tokenizer processes when preparing (0: one per core)")
-    prefetch: int = setting(4, "token store: batches a background thread reads ahead (0: none)")
+    prefetch: int = setting(4, "batches a background thread reads ahead (0: none)")
 
     def validate(self) -> "DataConfig":
         check_positive(self, "stride", "num_documents", "max_tokens", optional=True)

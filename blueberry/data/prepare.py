@@ -39,7 +39,8 @@ from ..logs import get_logger
 from .cache import file_sha256, token_dtype
 from .fast_encode import fast_encoder
 from .sources import is_local, iter_documents, local_files, source_identity
-from .token_store import OPTIONAL_SPLITS, SPLITS, ShardWriter, claim_store, read_manifest, write_manifest, write_marker, wrote_tokenizer
+from .token_store import (OPTIONAL_SPLITS, SPLITS, ShardWriter, claim_store, read_manifest, write_manifest, write_marker,
+                          wrote_tokenizer)
 from .tokenizer import Tokenizer, load_tokenizer, train_bpe
 
 log = get_logger(__name__).info
