@@ -32,7 +32,7 @@ def main():
     h = torch.randn(args.tokens, args.d_model, device=device, requires_grad=True)
     w = (torch.randn(args.vocab, args.d_model, device=device) * 0.05).requires_grad_()
     targets = torch.randint(0, args.vocab, (args.tokens,), device=device)
-    auto_chunk = cross_entropy._chunk_rows(args.vocab, device)
+    auto_chunk = cross_entropy.chunk_rows(args.vocab, device)
 
     def run(fn):
         def step():
@@ -50,11 +50,11 @@ def main():
         rows.append(["compiled" if compiled else "eager", "unfused", f"{base * 1e3:.1f}", "1.00x"])
         for chunk in sorted({auto_chunk // 2, auto_chunk, auto_chunk * 4}):
             torch._dynamo.reset()
-            original = cross_entropy._chunk_rows
-            cross_entropy._chunk_rows = lambda vocab, device_type, c=chunk: c
+            original = cross_entropy.chunk_rows
+            cross_entropy.chunk_rows = lambda vocab, device_type, c=chunk: c
             fn = cross_entropy.linear_cross_entropy
             sec = timed(run(torch.compile(fn) if compiled else fn), repeats=args.repeats)
-            cross_entropy._chunk_rows = original
+            cross_entropy.chunk_rows = original
             label = f"fused, {chunk}-token chunks" + (" (default)" if chunk == auto_chunk else "")
             rows.append(["compiled" if compiled else "eager", label, f"{sec * 1e3:.1f}", f"{base / sec:.2f}x"])
     print(f"linear + cross-entropy fwd+bwd, {args.tokens} tokens, d_model {args.d_model}, vocab {args.vocab}, "

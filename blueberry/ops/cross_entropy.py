@@ -16,7 +16,7 @@ import torch
 IGNORE_INDEX = -100
 
 
-def _chunk_rows(vocab: int, device_type: str) -> int:
+def chunk_rows(vocab: int, device_type: str) -> int:
     """Tokens per chunk. CPU: ~16 MiB of fp32 logits (512 tokens for a 8192 vocabulary), which keeps the
     chunk's matmuls and softmax near the caches (`benchmarks/cross_entropy.py` measures the choice).
     GPU: ~1 GiB, large enough that the chunk loop costs nothing in launches."""
@@ -37,7 +37,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_x = torch.empty_like(x) if want_h else None
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want_w else None
-        step = _chunk_rows(w.shape[0], h.device.type)
+        step = chunk_rows(w.shape[0], h.device.type)
         for start in range(0, x.shape[0], step):
             rows = slice(start, start + step)
             tc = safe_targets[rows].unsqueeze(1)

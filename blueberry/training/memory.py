@@ -4,16 +4,19 @@
   gradients    the same
   optimizer    AdamW / Lion: 2 / 1 fp32 states per parameter; Muon hybrid: 1 momentum per hidden-matrix
                parameter, 2 states for the AdamW rest; Adafactor: ~0 (factored)
-  activations  kept for backward, per micro-batch and token, per block: 16 x d_model + 3 x active FFN width
-               values (attention through SDPA keeps no seq x seq scores; a Mamba-2 mixer 10 x expand x
-               d_model); with selective checkpointing only the matmul outputs, ~6 x d_model + 2 x FFN width
-               + d_model (Mamba-2: 3 x expand x d_model); with full checkpointing each block's input (d_model)
-               plus one block's whole activations while it is recomputed; plus one chunk of logits, at
-               2 bytes under bf16/fp16 autocast or 4 in fp32
+  activations  the peak of a step's tensors above those, per micro-batch token: what every block keeps for
+               its backward pass, plus the larger of two moments — the loss's chunk of logits (while the
+               embedding and final norm are also held) or the block being differentiated last (with
+               checkpointing: the one being recomputed); on a CPU under bf16 the attention's scores (of
+               ops/attention.py's matmul form) add batch x heads x seq^2 values
 Under FSDP2 the first three are divided by the number of processes. Weights, gradients and optimizer
 states are counted from the model (the optimizer part is checked against real AdamW and Muon states in
-tests/test_sft.py); the activation term is a rule of thumb, not a measurement. The check refuses a run
-whose estimate exceeds the device's memory (GPU: its total; CPU: what the system reports available).
+tests/test_sft.py). The activation term is the block's structural count (`block_values`: 16 x d_model + 3 x
+active FFN width for attention, 10 x expand x d_model for a Mamba-2 mixer) times coefficients measured per
+block kind, checkpointing mode and precision by `python benchmarks/memory_estimate.py --fit` on CPU (which
+prints `CALIBRATION` below); tests/test_memory_estimate.py holds the estimate to the measured peak at other
+shapes. The check refuses a run whose estimate exceeds the device's memory (GPU: its total; CPU: what the
+system reports available).
 """
 
 from __future__ import annotations
@@ -21,46 +24,80 @@ from __future__ import annotations
 from ..configs.fields import ACTIVATION_CHECKPOINTING
 from ..errors import UsageError
 from ..logs import get_logger
+from ..ops.attention import MATMUL_FORM_MAX_SEQ
+from ..ops.cross_entropy import chunk_rows
 
 log = get_logger(__name__).info
 
 GIB = 2**30
 
+# (mixer, ffn, precision) -> {checkpointing: (kept, transient)}, each a multiple of the block's structural count
+# in fp32 values per token (`block_values`); refitted by `python benchmarks/memory_estimate.py --fit`.
+CALIBRATION = {
+    ("attn", "mlp", "fp32"): {"none": (1.084, 0.0), "selective": (0.522, 1.198), "full": (0.04, 1.639)},
+    ("attn", "moe", "fp32"): {"none": (1.334, 0.0), "selective": (0.575, 1.257), "full": (0.036, 1.796)},
+    ("mamba", "mlp", "fp32"): {"none": (2.251, 0.0), "selective": (0.76, 3.285), "full": (0.035, 3.976)},
+    ("retention", "mlp", "fp32"): {"none": (1.262, 0.0), "selective": (0.72, 1.543), "full": (0.04, 2.183)},
+    ("attn", "mlp", "bf16"): {"none": (0.8, 0.0), "selective": (0.227, 1.269), "full": (0.04, 1.275)},
+    ("attn", "moe", "bf16"): {"none": (0.983, 0.0), "selective": (0.28, 1.281), "full": (0.036, 1.381)},
+    ("mamba", "mlp", "bf16"): {"none": (1.904, 0.0), "selective": (0.535, 2.985), "full": (0.035, 3.468)},
+    ("retention", "mlp", "bf16"): {"none": (0.888, 0.0), "selective": (0.38, 1.242), "full": (0.04, 1.562)},
+}
+# per token, outside the blocks: values x d_model (embedding, final norm) and copies of the loss chunk's logits
+HIDDEN = {"fp32": 7.07, "bf16": 4.37}
+LOGIT_COPIES = {"fp32": 2.25, "bf16": 2.68}
+# bytes per attention score (CPU, bf16, matmul form): kept by every attention block (full: by the recomputed one)
+SCORE_BYTES = {"none": 5.4, "selective": 3.3, "full": 7.4}
 
-def block_values_per_token(config, spec, checkpointing: str) -> int:
-    """Values one block keeps per token for its backward pass."""
+
+def block_values(config, spec) -> int:
+    """The block's structural count: values it would keep per token without checkpointing, by its shapes."""
     d = config.model.d_model
-    ffn = {"moe": config.model.expert_top_k * config.expert_d_ff, "mlp": config.model.d_ff, "none": 0}[spec.ffn]
-    mamba = spec.mixer == "mamba"
-    if checkpointing == "selective":
-        mixer = 3 * config.model.ssm_expand * d if mamba else 6 * d
-        return d + mixer + 2 * ffn + (d if ffn else 0)
-    return (10 * config.model.ssm_expand * d if mamba else 16 * d) + 3 * ffn
+    ffn = {"moe": config.model.expert_top_k * config.model.expert_d_ff, "mlp": config.model.d_ff, "none": 0}[spec.ffn]
+    return (10 * config.model.ssm_expand * d if spec.mixer == "mamba" else 16 * d) + 3 * ffn
 
 
-def activation_values_per_token(config, checkpointing: str | None = None) -> int:
-    """Values kept per token for the backward pass, the whole model (embedding and final norm included)."""
-    checkpointing = checkpointing or config.training.activation_checkpointing
-    specs = config.model.layer_pattern
-    if checkpointing == "full":
-        return 2 * config.model.d_model + len(specs) * config.model.d_model + max(
-            block_values_per_token(config, s, "none") for s in specs)
-    return 2 * config.model.d_model + sum(block_values_per_token(config, s, checkpointing) for s in specs)
+def calibration(spec, checkpointing: str, precision: str) -> tuple[float, float]:
+    """The measured coefficients of the nearest measured kind (a mixer with an MLP, else attention's)."""
+    for mixer, ffn in ((spec.mixer, spec.ffn), (spec.mixer, "mlp"), ("attn", "mlp")):
+        if (mixer, ffn, precision) in CALIBRATION:
+            return CALIBRATION[mixer, ffn, precision][checkpointing]
+    raise KeyError(f"no calibration for {precision}")
 
 
-def estimate(model, config, world_size: int = 1, checkpointing: str | None = None) -> dict:
+def uses_score_matrices(config, device_type: str) -> bool:
+    """Whether attention runs as matmuls holding its scores (ops/attention.py): CPU, bf16, short sequences."""
+    return device_type == "cpu" and config.training.use_amp and config.model.max_seq_len <= MATMUL_FORM_MAX_SEQ
+
+
+def activation_bytes(config, checkpointing: str | None = None, device_type: str = "cuda") -> float:
+    """The peak bytes of one micro-batch's activations (see the module docstring)."""
+    mode = checkpointing or config.training.activation_checkpointing
+    precision = "bf16" if config.training.use_amp else "fp32"
+    m = config.model
+    tokens = config.training.batch_size * m.max_seq_len
+    coefficients = [(calibration(s, mode, precision), block_values(config, s)) for s in m.layer_pattern]
+    kept = sum(c[0] * values for c, values in coefficients)
+    transient = max(c[1] * values for c, values in coefficients)
+    rows = min(tokens, chunk_rows(m.vocab_size, device_type))
+    loss_moment = HIDDEN[precision] * m.d_model + LOGIT_COPIES[precision] * m.vocab_size * rows / tokens
+    total = 4.0 * tokens * (kept + max(loss_moment, transient))
+    if uses_score_matrices(config, device_type):
+        attention = sum(s.mixer == "attn" for s in m.layer_pattern)
+        holders = min(attention, 1) if mode == "full" else attention
+        total += SCORE_BYTES[mode] * holders * config.training.batch_size * m.n_heads * m.max_seq_len ** 2
+    return total
+
+
+def estimate(model, config, world_size: int = 1, checkpointing: str | None = None, device_type: str = "cuda") -> dict:
     params = sum(p.numel() for p in model.parameters())
     matrices = sum(p.numel() for n, p in model.named_parameters()
                    if p.dim() >= 2 and not n.startswith(("embed", "lm_head")) and "router" not in n)
     states = {"adamw": 2 * params, "lion": params, "adafactor": 0,
               "muon": matrices + 2 * (params - matrices)}.get(config.optim.optimizer, 2 * params)
     shard = world_size if config.training.parallel == "fsdp" else 1
-    tokens = config.training.batch_size * config.model.max_seq_len
-    per_value = 2 if config.training.use_amp else 4
-    activations = tokens * activation_values_per_token(config, checkpointing) * per_value
-    activations += min(tokens, 1 << 14) * config.model.vocab_size * 4  # one chunk of fp32 logits
     out = {"parameters": params, "weights": params * 4 / shard, "gradients": params * 4 / shard,
-           "optimizer": states * 4 / shard, "activations": activations}
+           "optimizer": states * 4 / shard, "activations": activation_bytes(config, checkpointing, device_type)}
     out["total"] = out["weights"] + out["gradients"] + out["optimizer"] + out["activations"]
     out["checkpointing"] = checkpointing or config.training.activation_checkpointing
     return out
@@ -92,14 +129,15 @@ def choose_checkpointing(model, config, device, world_size: int = 1, available: 
     """The least activation checkpointing with which the run's estimate fits the device (or `available`
     bytes, for a device described rather than present: `--dry-run` of a GPU preset)."""
     available = available_bytes(device) if available is None else available
+    device_type = device.type if device is not None else "cuda"
     for mode in ACTIVATION_CHECKPOINTING:
-        if estimate(model, config, world_size, mode)["total"] <= available:
+        if estimate(model, config, world_size, mode, device_type)["total"] <= available:
             return mode
     return ACTIVATION_CHECKPOINTING[-1]  # check_fits then says what to lower
 
 
 def check_fits(model, config, device, world_size: int = 1) -> dict:
-    e = estimate(model, config, world_size)
+    e = estimate(model, config, world_size, device_type=device.type)
     available = available_bytes(device)
     log(describe(e, available))
     if e["total"] > available:
