@@ -72,7 +72,7 @@ def worker(mode: str, preset: str, batch_size: int | None, n_layers: int | None,
     sec = timed(step, warmup=0, repeats=steps, stat="min")
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    est = estimate(model, cfg, checkpointing=mode)["activations"] / 2**20
+    est = estimate(model, cfg, checkpointing=mode, device_type=device.type)["activations"] / 2**20
     return {"mode": mode, "step_s": sec, "activation_mb": peak - base, "estimate_mb": est,
             "tokens": cfg.batch_size * cfg.max_seq_len, "device": cfg.capabilities().device_name}
 
