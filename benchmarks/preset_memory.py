@@ -20,7 +20,7 @@ from blueberry.training.memory import GIB, estimate  # noqa: E402
 def main() -> None:
     rows = []
     for preset, (memory_gb, gpus) in PRESET_HARDWARE.items():
-        config = get_config(preset, device="cuda", use_fp8=False)
+        config = get_config(preset, device="cuda", use_fp8=False, use_amp=True)
         with torch.device("meta"):
             model = create_model(config)
         sizes = {mode: estimate(model, config, gpus, mode, "cuda") for mode in ACTIVATION_CHECKPOINTING}

@@ -238,7 +238,7 @@ def test_every_corpus_is_read_by_one_loader_whose_document_ids_follow_the_end_of
     tokenizer, corpus = open_corpus(cfg)
     train, val = create_dataloaders(cfg, corpus)
     assert isinstance(train.loader, ShardedLoader)
-    assert set(train.state_dict()) == {"epoch", "consumed", "position", "seed", "world_size", "num_samples"}
+    assert set(train.state_dict()) == {"epoch", "consumed", "position", "seed", "world_size", "num_samples", "order"}
     boundaries = 0
     for x, _, ids in [train.next_batch() for _ in range(train.batches_per_epoch)] + list(val):
         steps = (ids[:, 1:] - ids[:, :-1]).tolist()
@@ -246,3 +246,18 @@ def test_every_corpus_is_read_by_one_loader_whose_document_ids_follow_the_end_of
         boundaries += sum(map(sum, steps))
     assert boundaries > 0
     train.stop()
+
+
+def test_a_data_position_saved_before_the_one_loader_resumes_with_a_warning(caplog):
+    """Small corpora had their own loader and window order before the one data path: such a checkpoint's
+    position is taken as a count of windows, and the run says the order is new."""
+    ds = PackedDataset(np.arange(2000, dtype=np.uint16), 10)
+    state = ShardedLoader([ds], 4, seed=1).state_dict()
+    current = ShardedLoader([ds], 4, seed=1)
+    with caplog.at_level("WARNING"):
+        current.load_state_dict(state)
+    assert "earlier version" not in caplog.text
+    del state["order"]
+    with caplog.at_level("WARNING"):
+        current.load_state_dict(state)
+    assert "earlier version" in caplog.text and current.consumed == state["consumed"]

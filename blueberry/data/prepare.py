@@ -282,7 +282,7 @@ def _fill(settings, store, manifest, tokenizer, tokenizer_spec, files) -> dict:
     workers = settings.workers or os.cpu_count() or 1
     dtype = np.dtype(manifest["dtype"])
     done = manifest["documents"]
-    total_tokens = sum(s["train"]["tokens"] + s["val"]["tokens"] for s in manifest["shards"])
+    total_tokens = sum(s[split]["tokens"] for s in manifest["shards"] for split in SPLITS + OPTIONAL_SPLITS if split in s)
     splits = splits_of(settings)
     writer, first = ShardWriter(store, len(manifest["shards"]), dtype, splits), done
     t0, eot = time.perf_counter(), np.asarray([tokenizer.eot_id], dtype=np.int64)

@@ -25,9 +25,13 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, DataError
+from ..logs import get_logger
 from .data_position import consumed_of
 from .dataset import PackedDataset
 from .token_store import Shard
+
+log = get_logger(__name__)
+ORDER_VERSION = 2  # how windows are ordered (1: before the one data path, when small corpora had their own loader)
 
 
 def packed_windows(shards: list[Shard], seq_len: int, document_mask: bool = False) -> list[PackedDataset]:
@@ -131,9 +135,13 @@ class ShardedLoader:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "consumed": self.consumed, "position": self.position, "seed": self.seed,
-                "world_size": self.world_size, "num_samples": self.num_windows}
+                "world_size": self.world_size, "num_samples": self.num_windows, "order": ORDER_VERSION}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("order") != ORDER_VERSION:
+            log.warning("the checkpoint's data position was saved by an earlier version, which ordered the windows "
+                        "otherwise: the run goes on from the same count of windows in a new order (this epoch may "
+                        "repeat or skip some)")
         if state.get("num_samples") not in (None, self.num_windows):
             raise CheckpointError(f"the checkpoint's data position is for {state['num_samples']} windows, this "
                                   f"store has {self.num_windows}: resume with the same data and --seq-len")

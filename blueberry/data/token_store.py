@@ -7,7 +7,7 @@
                       test.bin test_docs.npy        the test split, when the store was made with one
                       train_mask.bin ...            loss masks (uint8, 1 = learned), a fine-tuning store's
 
-A shard holds the documents of a contiguous stretch of the source, both splits; it is closed at the first
+A shard holds the documents of a contiguous stretch of the source, every split; it is closed at the first
 document boundary past `shard_tokens` training tokens. Its files are written into a temporary directory,
 fsynced, checksummed (sha256, computed while writing) and renamed into place; then the manifest, rewritten
 atomically, lists it together with how many source documents have been consumed so far. So a killed
@@ -177,7 +177,11 @@ def open_split(store: Path, split: str, verify: bool = False) -> list[Shard]:
         tokens = _mapped(path / f"{split}.bin", dtype, info["tokens"], info["sha256"], verify)
         mask = (_mapped(path / f"{split}_mask.bin", np.dtype(np.uint8), info["tokens"], info["mask_sha256"], verify)
                 if "mask_sha256" in info else None)
-        shards.append(Shard(path, tokens, np.load(path / f"{split}_docs.npy"), mask))
+        try:
+            starts = np.load(path / f"{split}_docs.npy")
+        except (OSError, ValueError, EOFError) as exc:
+            raise DataError(f"{path / (split + '_docs.npy')}: unreadable ({exc}); prepare the store again") from exc
+        shards.append(Shard(path, tokens, starts, mask))
     return shards
 
 
@@ -214,9 +218,13 @@ def merge_stores(out: Path, parts: list[Path]) -> dict:
         manifests.append((Path(part), m))
     first = manifests[0][1]
     same = ("tokenizer", "dtype", "split")
+
+    def settled(m, key):  # a manifest from before --test-fraction has no test fraction: 0
+        return {"test_fraction": 0.0, **m[key]} if key == "split" else m[key]
+
     for part, m in manifests:
         for key in same:
-            if m[key] != first[key]:
+            if settled(m, key) != settled(first, key):
                 raise DataError(f"{part}: its {key} differs from {parts[0]}'s; parts of one store must agree")
     indices = sorted(m["part"]["index"] for _, m in manifests)
     n = first["part"]["count"]

@@ -66,8 +66,10 @@ def calibration(spec, checkpointing: str, precision: str) -> tuple[float, float]
 
 
 def uses_score_matrices(config, device_type: str) -> bool:
-    """Whether attention runs as matmuls holding its scores (ops/attention.py): CPU, bf16, short sequences."""
-    return device_type == "cpu" and config.training.use_amp and config.model.max_seq_len <= MATMUL_FORM_MAX_SEQ
+    """Whether attention runs as matmuls holding its scores (ops/attention.py's `uses_matmul_form`): CPU, bf16,
+    short sequences, plain causal masks (document masks go to SDPA), no attention dropout."""
+    return (device_type == "cpu" and config.training.use_amp and config.model.max_seq_len <= MATMUL_FORM_MAX_SEQ
+            and not config.data.document_mask and config.model.dropout == 0)
 
 
 def activation_bytes(config, checkpointing: str | None = None, device_type: str = "cuda") -> float:
@@ -125,11 +127,12 @@ def describe(e: dict, available: float) -> str:
             + (f" of {available / GIB:.1f} GiB available" if available != float("inf") else ""))
 
 
-def choose_checkpointing(model, config, device, world_size: int = 1, available: float | None = None) -> str:
+def choose_checkpointing(model, config, device, world_size: int = 1, available: float | None = None,
+                         device_type: str | None = None) -> str:
     """The least activation checkpointing with which the run's estimate fits the device (or `available`
-    bytes, for a device described rather than present: `--dry-run` of a GPU preset)."""
+    bytes of a `device_type`, for a device described rather than present: `--dry-run` of a GPU preset)."""
     available = available_bytes(device) if available is None else available
-    device_type = device.type if device is not None else "cuda"
+    device_type = device_type or device.type
     for mode in ACTIVATION_CHECKPOINTING:
         if estimate(model, config, world_size, mode, device_type)["total"] <= available:
             return mode

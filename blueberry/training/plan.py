@@ -24,12 +24,12 @@ from .budget import planning
 from .memory import GIB, choose_checkpointing, estimate
 
 
-def _least_fitting(model, config, world_size: int, memory_bytes: float) -> tuple[str, dict]:
+def _least_fitting(model, config, world_size: int, memory_bytes: float, device_type: str) -> tuple[str, dict]:
     """The checkpointing the run would use (the given one, else the least that fits) and its estimate."""
     mode = config.training.activation_checkpointing
     if "activation_checkpointing" in config.auto_fields:
-        mode = choose_checkpointing(model, config, None, world_size, available=memory_bytes)
-    return mode, estimate(model, config, world_size, mode)
+        mode = choose_checkpointing(model, config, None, world_size, available=memory_bytes, device_type=device_type)
+    return mode, estimate(model, config, world_size, mode, device_type)
 
 
 @dataclass
@@ -74,7 +74,7 @@ def describe_plan(config, preset: str | None = None, world_size: int | None = No
     m, t, o = config.model, config.training, config.optim
     tokens_per_step = t.batch_size * t.grad_accum_steps * m.max_seq_len * world_size
     memory_gb = hardware[0] if hardware else caps.memory_gb
-    mode, e = _least_fitting(model, config, world_size, memory_gb * GIB)
+    mode, e = _least_fitting(model, config, world_size, memory_gb * GIB, "cuda" if hardware else caps.device_type)
     sharded = t.parallel == "fsdp" and world_size > 1
     fp8 = "auto (measured at start)" if t.use_fp8 and "use_fp8" in config.auto_fields else "on" if t.use_fp8 else "off"
     lines = [

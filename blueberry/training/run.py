@@ -148,7 +148,7 @@ def train_in_group(config, ctx, resume_state, resume_checkpoint, task_scorer_fac
     if ctx.is_main:
         print_summary(metrics, run_dir)
     if config.data.test_fraction > 0 and metrics.get("stop_signal") is None:
-        score_test_split(model, config, tokenizer, ctx, run_dir, metrics)
+        score_test_split(model, config, tokenizer, ctx, run_dir, metrics, corpus)
     if planner is not None and ctx.is_main:  # the whole command's wall beside the plan's
         metrics["wall_s"] = time.time() - planner.started
         write_summary(run_dir, metrics)
