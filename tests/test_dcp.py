@@ -54,7 +54,7 @@ def batch_loaders(world: int, per_rank: int) -> list:
 def sharded_loaders(world: int, per_rank: int) -> list:
     """Three shards of unique tokens (window = its first token), 10 + 7 + 13 windows of 4 + 1 tokens."""
     starts, sizes = (0, 1000, 2000), (41, 29, 53)
-    shards = [Shard(Path(f"s{i}"), np.arange(a, a + n, dtype=np.int64), np.array([0])) for i, (a, n) in
+    shards = [Shard(np.arange(a, a + n, dtype=np.int64), np.array([0])) for i, (a, n) in
               enumerate(zip(starts, sizes))]
     return [ShardedLoader(packed_windows(shards, 4), per_rank, seed=3, rank=r, world_size=world) for r in range(world)]
 

@@ -29,7 +29,7 @@ from ..errors import DataError
 from ..logs import get_logger
 from .cache import cache_key, token_dtype
 from .sources import Document, load_documents, source_identity
-from .token_store import STORE_FORMAT, Shard, ShardWriter, has_split, open_split, read_manifest, write_manifest
+from .token_store import STORE_FORMAT, Shard, ShardWriter, holds_split, open_split, read_manifest, write_manifest
 from .tokenizer import Tokenizer, fingerprint_texts, load_tokenizer, train_bpe
 
 log = get_logger(__name__).info
@@ -54,7 +54,6 @@ class TokenizedCorpus:
     test_doc_starts: np.ndarray | None = None
     train_mask: np.ndarray | None = None  # fine-tuning: 1 on the tokens learned
     val_mask: np.ndarray | None = None
-    store: Path | None = None  # where the shard lies (None: in memory)
 
     @property
     def n_train(self) -> int:
@@ -77,7 +76,7 @@ class TokenizedCorpus:
         tokens = getattr(self, split)
         if tokens is None:
             raise DataError(f"this corpus has no {split} split: give the run a --{split}-fraction")
-        return {name: [Shard(self.store, tokens, getattr(self, f"{split}_doc_starts"),
+        return {name: [Shard(tokens, getattr(self, f"{split}_doc_starts"),
                              getattr(self, f"{split}_mask", None))] for name in self.weights}
 
 
@@ -259,7 +258,7 @@ def _write_store(store: Path, tokenizer: Tokenizer, splits: dict[str, list[Docum
 
 def _open(store: Path, manifest: dict, tokenizer: Tokenizer, verify: bool) -> TokenizedCorpus:
     split = {name: open_split(store, name, verify=verify)[0] for name in ("train", "val", "test")
-             if has_split(store, name)}
+             if holds_split(manifest, name)}
     entry = manifest["shards"][0]
     meta = dict(manifest["inputs"], key=store.name, n_train=len(split["train"].tokens), n_val=len(split["val"].tokens),
                 n_train_documents=entry["train"]["documents"], n_val_documents=entry["val"]["documents"],
@@ -268,4 +267,4 @@ def _open(store: Path, manifest: dict, tokenizer: Tokenizer, verify: bool) -> To
     return TokenizedCorpus(split["train"].tokens, split["val"].tokens, split["train"].doc_starts,
                            split["val"].doc_starts, eot_id=tokenizer.eot_id, token_bytes=tokenizer.token_bytes(),
                            meta=meta, test=None if test is None else test.tokens,
-                           test_doc_starts=None if test is None else test.doc_starts, store=store)
+                           test_doc_starts=None if test is None else test.doc_starts)

@@ -9,7 +9,7 @@ validation documents decoded, or for fine-tuning its validation conversations re
 from __future__ import annotations
 
 from ..logs import quiet
-from .loaders import held_out_loader, open_corpus
+from .loaders import first_shard, held_out_loader, open_corpus
 
 
 def validation_loader(config, tokenizer, max_batches: int | None):
@@ -29,6 +29,6 @@ def held_out_texts(config, tokenizer, limit: int = 500) -> list[str]:
         return [render_plain(messages, add_generation_prompt=False) for _, messages in val[:limit]]
     with quiet():
         _, corpus = open_corpus(config, tokenizer)
-    shard = next(iter(corpus.shards("val").values()))[0]
+    shard = first_shard(corpus, "val")
     starts = [int(s) for s in shard.doc_starts[:limit + 1]] + [len(shard.tokens)]
     return [tokenizer.decode(shard.tokens[a:b]) for a, b in zip(starts, starts[1:])][:limit]

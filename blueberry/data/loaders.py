@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from ..errors import UsageError
 from .dataset import create_dataset
-from .sharded_loader import EvalConcat, MixtureLoader, Prefetched, ShardedLoader
+from .sharded_loader import EvalConcat, MixtureLoader, Prefetched, ShardedLoader, window_sets
 from .stores import open_stores, prepare_stores, uses_token_store
 from .token_store import Shard, has_split
 
@@ -58,12 +58,6 @@ def window_cut(config, split: str):
     return cut
 
 
-def window_sets(shards: list[Shard], cut, seq_len: int) -> list:
-    """The window set of each shard long enough for one window (none is: the first one says why)."""
-    fit = [s for s in shards if len(s.tokens) > seq_len]
-    return [cut(s) for s in (fit or shards[:1])]
-
-
 def create_dataloaders(config, corpus, rank: int = 0, world_size: int = 1):
     """Training loader (one source, or a mixture), read ahead by a thread; validation loader."""
     seq_len, batch, seed = config.model.max_seq_len, config.training.batch_size, config.training.seed
@@ -94,3 +88,12 @@ def held_out_loader(config, corpus, split: str, max_batches: int | None, rank: i
         batch = max(1, min(config.training.batch_size, sum(len(p) for p in parts) // world_size))
         loaders.append(ShardedLoader(parts, batch, shuffle=False, max_batches=share, rank=rank, world_size=world_size))
     return loaders[0] if len(loaders) == 1 else EvalConcat(loaders)
+
+
+def first_shard(corpus, split: str) -> Shard:
+    """The first source's first shard of `split` (sample prompts, held-out texts)."""
+    return next(iter(corpus.shards(split).values()))[0]
+
+
+def split_tokens(corpus, split: str) -> int:
+    return sum(len(s.tokens) for shards in corpus.shards(split).values() for s in shards)

@@ -34,9 +34,15 @@ log = get_logger(__name__)
 ORDER_VERSION = 2  # how windows are ordered (1: before the one data path, when small corpora had their own loader)
 
 
+def window_sets(shards: list[Shard], cut, seq_len: int) -> list:
+    """`cut(shard)` of each shard long enough for one window (none is: the first one, which says why)."""
+    fit = [s for s in shards if len(s.tokens) > seq_len]
+    return [cut(s) for s in (fit or shards[:1])]
+
+
 def packed_windows(shards: list[Shard], seq_len: int, document_mask: bool = False) -> list[PackedDataset]:
-    """Packed windows of each shard long enough for one (the store's default way of cutting windows)."""
-    return [PackedDataset(s.tokens, seq_len, s.doc_starts, document_mask) for s in shards if len(s.tokens) > seq_len]
+    """Packed windows of each shard (the store's default way of cutting windows)."""
+    return window_sets(shards, lambda s: PackedDataset(s.tokens, seq_len, s.doc_starts, document_mask), seq_len)
 
 
 class ShardedLoader:

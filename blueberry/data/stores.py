@@ -131,18 +131,6 @@ class StoreCorpus:
         return {source: open_split(store, split) for source, store, _ in self.sources}
 
     @property
-    def first_val(self):
-        return open_split(self.sources[0][1], "val")[0]
-
-    @property
-    def val(self) -> np.ndarray:  # the first validation shard (sample prompts)
-        return self.first_val.tokens
-
-    @property
-    def val_doc_starts(self) -> np.ndarray:
-        return self.first_val.doc_starts
-
-    @property
     def n_train(self) -> int:
         return sum(int(sum(s["train"]["tokens"] for s in read_manifest(st)["shards"])) for _, st, _ in self.sources)
 

@@ -5,7 +5,6 @@
     STORE/shard-00000/train.bin  val.bin     tokens (uint16 when the vocabulary fits, else uint32)
                       train_docs.npy val_docs.npy   offsets where each document starts (int64)
                       test.bin test_docs.npy        the test split, when the store was made with one
-                      train_mask.bin ...            loss masks (uint8, 1 = learned), a fine-tuning store's
 
 A shard holds the documents of a contiguous stretch of the source, every split; it is closed at the first
 document boundary past `shard_tokens` training tokens. Its files are written into a temporary directory,
@@ -96,26 +95,21 @@ def wrote_tokenizer(store: Path, manifest: dict | None) -> bool:
 class ShardWriter:
     """Appends the documents of one shard to its files as they come (memory stays flat), then seals it."""
 
-    def __init__(self, store: Path, index: int, dtype, splits: tuple[str, ...] = SPLITS, masks: bool = False):
+    def __init__(self, store: Path, index: int, dtype, splits: tuple[str, ...] = SPLITS):
         self.store, self.index, self.dtype = Path(store), index, np.dtype(dtype)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".shard-{index:05d}.", dir=self.store))
-        names = [s for s in splits] + ([f"{s}_mask" for s in splits] if masks else [])
-        self.files = {s: open(self.tmp / f"{s}.bin", "wb") for s in names}
-        self.hashes = {s: hashlib.sha256() for s in names}
+        self.files = {s: open(self.tmp / f"{s}.bin", "wb") for s in splits}
+        self.hashes = {s: hashlib.sha256() for s in splits}
         self.starts = {s: [] for s in splits}
         self.tokens = {s: 0 for s in splits}
 
-    def add(self, split: str, ids: np.ndarray, mask: np.ndarray | None = None) -> None:
-        """One document's tokens (its end-of-text first) to `split`; a fine-tuning store's with their mask."""
+    def add(self, split: str, ids: np.ndarray) -> None:
+        """One document's tokens (its end-of-text first) to `split`."""
+        data = np.asarray(ids, dtype=self.dtype).tobytes()
         self.starts[split].append(self.tokens[split])
-        self._write(split, np.asarray(ids, dtype=self.dtype).tobytes())
-        if mask is not None:
-            self._write(f"{split}_mask", np.asarray(mask, dtype=np.uint8).tobytes())
+        self.files[split].write(data)
+        self.hashes[split].update(data)
         self.tokens[split] += len(ids)
-
-    def _write(self, name: str, data: bytes) -> None:
-        self.files[name].write(data)
-        self.hashes[name].update(data)
 
     def seal(self, first_document: int, documents: int) -> dict:
         """Close, fsync and rename into place; the shard's manifest entry."""
@@ -130,13 +124,9 @@ class ShardWriter:
         if final.exists():
             shutil.rmtree(final)
         os.replace(self.tmp, final)
-        entry = {"name": name, "first_document": first_document, "documents": documents}
-        for split in self.starts:
-            entry[split] = {"tokens": self.tokens[split], "documents": len(self.starts[split]),
-                            "sha256": self.hashes[split].hexdigest()}
-            if f"{split}_mask" in self.hashes:
-                entry[split]["mask_sha256"] = self.hashes[f"{split}_mask"].hexdigest()
-        return entry
+        return {"name": name, "first_document": first_document, "documents": documents,
+                **{split: {"tokens": self.tokens[split], "documents": len(self.starts[split]),
+                           "sha256": self.hashes[split].hexdigest()} for split in self.starts}}
 
     def discard(self) -> None:
         for f in self.files.values():
@@ -146,17 +136,20 @@ class ShardWriter:
 
 @dataclass
 class Shard:
-    """One shard's tokens of one split, its document starts and (a fine-tuning store's) loss mask. A corpus
-    too small for a directory of its own is a store of one shard held in memory (path None)."""
-    path: Path | None
+    """One shard's tokens of one split, its document starts and, for fine-tuning conversations (held in
+    memory, sft.py), the loss mask."""
     tokens: np.ndarray  # memory-mapped, or in memory
     doc_starts: np.ndarray
     mask: np.ndarray | None = None
 
 
+def holds_split(manifest: dict, split: str) -> bool:
+    return all(split in entry for entry in manifest["shards"])
+
+
 def has_split(store: Path, split: str) -> bool:
     manifest = read_manifest(Path(store))
-    return manifest is not None and all(split in entry for entry in manifest["shards"])
+    return manifest is not None and holds_split(manifest, split)
 
 
 def open_split(store: Path, split: str, verify: bool = False) -> list[Shard]:
@@ -165,7 +158,7 @@ def open_split(store: Path, split: str, verify: bool = False) -> list[Shard]:
     manifest = read_manifest(store)
     if manifest is None:
         raise DataError(f"{store} is not a token store (no readable manifest.json); build it with blueberry prepare")
-    if not has_split(store, split):
+    if not holds_split(manifest, split):
         raise DataError(f"{store} has no {split} split: prepare it again with --{split}-fraction")
     dtype = np.dtype(manifest["dtype"])
     shards = []
@@ -174,23 +167,17 @@ def open_split(store: Path, split: str, verify: bool = False) -> list[Shard]:
         info = entry[split]
         if info["tokens"] == 0:
             continue
-        tokens = _mapped(path / f"{split}.bin", dtype, info["tokens"], info["sha256"], verify)
-        mask = (_mapped(path / f"{split}_mask.bin", np.dtype(np.uint8), info["tokens"], info["mask_sha256"], verify)
-                if "mask_sha256" in info else None)
+        data = path / f"{split}.bin"
+        if not data.exists() or data.stat().st_size != info["tokens"] * dtype.itemsize:
+            raise DataError(f"{data} is missing or has the wrong size for its manifest; run blueberry prepare again")
+        if verify and file_sha256(data) != info["sha256"]:
+            raise DataError(f"{data} does not match its checksum; run blueberry prepare again")
         try:
             starts = np.load(path / f"{split}_docs.npy")
         except (OSError, ValueError, EOFError) as exc:
             raise DataError(f"{path / (split + '_docs.npy')}: unreadable ({exc}); prepare the store again") from exc
-        shards.append(Shard(path, tokens, starts, mask))
+        shards.append(Shard(np.memmap(data, dtype=dtype, mode="r", shape=(info["tokens"],)), starts))
     return shards
-
-
-def _mapped(data: Path, dtype: np.dtype, n: int, sha256: str, verify: bool) -> np.memmap:
-    if not data.exists() or data.stat().st_size != n * dtype.itemsize:
-        raise DataError(f"{data} is missing or has the wrong size for its manifest; run blueberry prepare again")
-    if verify and file_sha256(data) != sha256:
-        raise DataError(f"{data} does not match its checksum; run blueberry prepare again")
-    return np.memmap(data, dtype=dtype, mode="r", shape=(n,))
 
 
 def _merge_target(out: Path, first_part: Path) -> None:

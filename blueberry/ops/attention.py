@@ -17,9 +17,13 @@ import torch.nn.functional as F
 MATMUL_FORM_MAX_SEQ = 512  # scores of (batch * heads, seq, seq): beyond this the memory outweighs the speed
 
 
+def matmul_form_applies(device_type: str, dtype: torch.dtype, seq_len: int, dropout_p: float) -> bool:
+    """Whether plain causal attention of these inputs takes the matmul form (and holds its scores)."""
+    return device_type == "cpu" and dtype == torch.bfloat16 and dropout_p == 0.0 and seq_len <= MATMUL_FORM_MAX_SEQ
+
+
 def uses_matmul_form(q: torch.Tensor, dropout_p: float) -> bool:
-    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and dropout_p == 0.0
-            and q.shape[-2] <= MATMUL_FORM_MAX_SEQ)
+    return matmul_form_applies(q.device.type, q.dtype, q.shape[-2], dropout_p)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:

@@ -21,10 +21,12 @@ system reports available).
 
 from __future__ import annotations
 
+import torch
+
 from ..configs.fields import ACTIVATION_CHECKPOINTING
 from ..errors import UsageError
 from ..logs import get_logger
-from ..ops.attention import MATMUL_FORM_MAX_SEQ
+from ..ops.attention import matmul_form_applies
 from ..ops.cross_entropy import chunk_rows
 
 log = get_logger(__name__).info
@@ -66,10 +68,11 @@ def calibration(spec, checkpointing: str, precision: str) -> tuple[float, float]
 
 
 def uses_score_matrices(config, device_type: str) -> bool:
-    """Whether attention runs as matmuls holding its scores (ops/attention.py's `uses_matmul_form`): CPU, bf16,
-    short sequences, plain causal masks (document masks go to SDPA), no attention dropout."""
-    return (device_type == "cpu" and config.training.use_amp and config.model.max_seq_len <= MATMUL_FORM_MAX_SEQ
-            and not config.data.document_mask and config.model.dropout == 0)
+    """Whether the run's attention takes ops/attention.py's matmul form, which holds its scores (document
+    masks go to SDPA)."""
+    dtype = torch.bfloat16 if config.training.use_amp else torch.float32
+    return not config.data.document_mask and matmul_form_applies(device_type, dtype, config.model.max_seq_len,
+                                                                 config.model.dropout)
 
 
 def activation_bytes(config, checkpointing: str | None = None, device_type: str = "cuda") -> float:
@@ -106,8 +109,6 @@ def estimate(model, config, world_size: int = 1, checkpointing: str | None = Non
 
 
 def available_bytes(device) -> float:
-    import torch
-
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     try:

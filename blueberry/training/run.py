@@ -13,6 +13,7 @@ import torch
 import torch._dynamo
 
 from ..data import create_dataloaders, open_corpus
+from ..data.loaders import first_shard, split_tokens
 from ..errors import CheckpointError, UsageError
 from ..logs import get_logger
 from ..models import create_model
@@ -64,9 +65,9 @@ def build_data(config, rank: int = 0, world_size: int = 1):
 
 def sample_prompts(tokenizer, corpus, n: int = 2, tokens: int = 8) -> tuple[str, ...]:
     """Openings of the first validation documents: prompts the model has never trained on."""
-    prompts = []
-    for start in list(corpus.val_doc_starts[:n]):
-        ids = [int(t) for t in corpus.val[int(start) + 1:int(start) + 1 + tokens]]
+    shard, prompts = first_shard(corpus, "val"), []
+    for start in list(shard.doc_starts[:n]):
+        ids = [int(t) for t in shard.tokens[int(start) + 1:int(start) + 1 + tokens]]
         prompts.append(tokenizer.decode(ids))
     return tuple(prompts) or ("\n",)
 
@@ -185,7 +186,7 @@ def _build_on_every_rank(config, ctx, plan: dict | None, started: float | None, 
     if plan == {}:
         plan = plan_size(config, corpus.n_train, ctx, device, started, budget_seconds(config), log)
     if plan is not None and config.data.test_fraction > 0:
-        plan["test_tokens"] = int(corpus.n_val * config.data.test_fraction / config.data.val_fraction)
+        plan["test_tokens"] = split_tokens(corpus, "test")
     return tokenizer, corpus, create_model(config), train_loader, val_loader, plan
 
 
