@@ -1,11 +1,13 @@
 """Expert parallelism's dispatch: rows and bytes each rank exchanges per training step, and the time.
 
-    python benchmarks/expert_parallel.py [--nproc 2] [--d-model 256] [--n-layers 4] [--experts 8] [--top-k 2]
-                                          [--batch 4] [--seq 256] [--steps 6]
+    python benchmarks/expert_parallel.py [--nproc 2] [--parallel ddp|fsdp] [--d-model 256] [--n-layers 4]
+                                          [--experts 8] [--top-k 2] [--batch 4] [--seq 256] [--steps 6]
 
-One torchrun job (gloo, CPU) trains a MoE model a few steps two ways, alternating, each rank its own batch:
-  ddp   every rank holds every expert (plain data parallelism)
-  ep    --expert-parallel NPROC: each rank holds experts / NPROC and exchanges tokens with all_to_all_single
+One torchrun job (gloo, CPU) trains a MoE model a few steps two ways, alternating, each rank its own batch,
+the model under DDP or FSDP2 (`--parallel`):
+  ddp / fsdp        every rank holds every expert (FSDP2: its shard of each)
+  ddp+ep / fsdp+ep  --expert-parallel NPROC: each rank holds experts / NPROC and exchanges tokens with
+                    all_to_all_single; the rest of the model under DDP / FSDP2
 Per step (the median after one warm-up step): seconds, the forward exchanges' seconds (counts, rows there and
 back; the backward's two exchanges mirror them), rows each rank sends to the others in the forward (there and
 back) and their MB with the backward's (fp32 rows of d_model, twice the forward's).
@@ -39,11 +41,11 @@ def _worker(args) -> None:
                                     n_heads=max(1, args.d_model // 64), num_experts=args.experts, expert_top_k=args.top_k,
                                     vocab_size=4096, max_seq_len=args.seq, batch_size=args.batch)
     results = {}
-    for variant in ("ddp", "ep", "ddp", "ep"):
+    for variant in [args.parallel, f"{args.parallel}+ep"] * 2:
         torch.manual_seed(0)
         model = create_model(config)
-        ep = apply_expert_parallel(model, ctx.world_size) if variant == "ep" else None
-        wrapped = wrap_model(model, ctx, "ddp")
+        ep = apply_expert_parallel(model, ctx.world_size) if variant.endswith("+ep") else None
+        wrapped = wrap_model(model, ctx, args.parallel)
         optimizers = setup_optimizers(model, config, distributed=True)
         params = [p for p in model.parameters() if p.requires_grad]
         generator = torch.Generator().manual_seed(ctx.rank)
@@ -81,6 +83,7 @@ def _worker(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp")
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--n-layers", type=int, default=4)
     parser.add_argument("--experts", type=int, default=8)

@@ -1,7 +1,9 @@
-"""Expert parallelism under torchrun (gloo, CPU): 2 and 4 processes holding a share of the experts each give
-the losses, evaluations and final weights of one process with the same global batch (1e-5), drop the same
-tokens as plain data parallelism under a capacity limit; a job of two torchrun agents (two "nodes" meeting by
-c10d rendezvous on 127.0.0.1) resumes exactly on one node, and on one process."""
+"""Expert parallelism under torchrun (gloo, CPU): 2 processes (the rest of the model under DDP) and 4 (two
+groups, the rest under FSDP2) holding a share of the experts each give the losses, evaluations and final
+weights of one process with the same global batch (1e-5); the DDP run's single-file checkpoint resumes exactly;
+under a capacity limit the same tokens are dropped as by plain data parallelism; a job of two torchrun agents
+(two "nodes" meeting by c10d rendezvous on 127.0.0.1) with FSDP2 and expert parallelism writes a sharded
+checkpoint (each rank its own experts) that resumes exactly on one node, and on one process without it."""
 
 import sys
 
@@ -9,7 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from blueberry.runs.checkpoint import resolve_checkpoint
+from blueberry.runs.checkpoint import is_sharded_checkpoint, resolve_checkpoint
+from blueberry.runs.dcp_reader import SafeReader, tied_names
+from blueberry.runs.loading import load_model
 from blueberry.runs.layout import read_metrics
 from test_distributed import common, evals, losses, single, torchrun
 
@@ -18,7 +22,12 @@ pytestmark = [pytest.mark.slow,
 
 
 def _weights(run_dir):
-    return load_file(str(resolve_checkpoint(run_dir) / "model.safetensors"))
+    """The latest checkpoint's weights, single-file or sharded (read whole in this process)."""
+    checkpoint = resolve_checkpoint(run_dir)
+    if is_sharded_checkpoint(checkpoint):
+        model = load_model(checkpoint, device="cpu")[0]
+        return {k: v for k, v in model.state_dict().items() if k not in tied_names(model)}  # as safetensors keeps
+    return load_file(str(checkpoint / "model.safetensors"))
 
 
 def _close(a: dict, b: dict) -> None:
@@ -30,13 +39,13 @@ def _close(a: dict, b: dict) -> None:
         assert worst <= (1e-4 if k == "embed.weight" else 1e-5), (k, worst)
 
 
-@pytest.mark.parametrize("nproc, degree", [(2, 2), (4, 2)])  # (4, 2): two groups, each expert on 2 ranks
-def test_expert_parallel_equals_one_process(corpus_dir, tmp_path, nproc, degree):
+@pytest.mark.parametrize("nproc, degree, parallel", [(2, 2, "ddp"), (4, 2, "fsdp")])  # (4, 2): two groups
+def test_expert_parallel_equals_one_process(corpus_dir, tmp_path, nproc, degree, parallel):
     steps = ["--max-steps", "5", "--num-experts", "8", "--top-k", "2", "--no-compile"]
     one = single(*common(corpus_dir, tmp_path, 8), *steps, "--out-dir", tmp_path / "one")
     assert one.returncode == 0, one.stderr[-3000:]
     ep = torchrun("train.py", *common(corpus_dir, tmp_path, 8 // nproc), *steps, "--out-dir", tmp_path / "ep",
-                  "--expert-parallel", degree, nproc=nproc)
+                  "--expert-parallel", degree, "--parallel", parallel, "--checkpoint-every", "3", nproc=nproc)
     assert ep.returncode == 0, ep.stderr[-3000:]
     a, b = losses(tmp_path / "one"), losses(tmp_path / "ep")
     assert len(a) == len(b) == 5 and max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, (a, b)
@@ -45,6 +54,11 @@ def test_expert_parallel_equals_one_process(corpus_dir, tmp_path, nproc, degree)
     for e1, e2 in zip(evals(tmp_path / "one"), evals(tmp_path / "ep")):
         assert abs(e1["loss"] - e2["loss"]) <= 1e-5, (e1, e2)
     _close(_weights(tmp_path / "one"), _weights(tmp_path / "ep"))  # the parameters after 5 steps
+    if parallel == "ddp":  # the single-file checkpoint (experts gathered) resumes with each rank's share again
+        ck = tmp_path / "ep" / "checkpoints" / "step_000003"
+        resumed = torchrun("train.py", "--resume-from", ck, "--out-dir", tmp_path / "resumed", nproc=nproc)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert losses(tmp_path / "resumed") == b[3:]
 
 
 def test_under_a_capacity_limit_the_same_tokens_are_dropped_as_without_it(corpus_dir, tmp_path):
@@ -89,14 +103,20 @@ def _two_nodes(args: list, port: int, timeout: float = 300):
             _kill_group(a.pid, signal.SIGKILL)
 
 
-def test_a_two_node_expert_parallel_job_resumes_exactly_on_one_node_and_on_one_process(corpus_dir, tmp_path):
+def test_a_two_node_fsdp2_expert_parallel_job_resumes_exactly_on_one_node_and_on_one_process(corpus_dir, tmp_path):
     from helpers import free_port
 
     args = [*common(corpus_dir, tmp_path, 4), "--max-steps", "8", "--num-experts", "4", "--no-compile",
-            "--expert-parallel", "2"]
+            "--expert-parallel", "2", "--parallel", "fsdp"]
     nodes = _two_nodes([*args, "--out-dir", tmp_path / "nodes"], free_port())
     assert all(rc == 0 for _, _, rc in nodes), [err[-2000:] for _, err, _ in nodes]
-    ck = tmp_path / "nodes" / "checkpoints" / "step_000005"
+    ck = tmp_path / "nodes" / "checkpoints" / "step_000005.dcp"
+    assert is_sharded_checkpoint(ck)
+    # each rank wrote its own two experts of each layer: two pieces per expert tensor, no gathered copy
+    stored = SafeReader(ck).read_metadata().state_dict_metadata
+    experts = {k: v for k, v in stored.items() if k.startswith("model.") and k.endswith((".w_up", ".w_down"))}
+    assert experts and all(sorted(c.offsets[0] for c in v.chunks) == [0, 2] and v.size[0] == 4
+                           for v in experts.values()), experts
     one_node = torchrun("train.py", "--resume-from", ck, "--out-dir", tmp_path / "one_node", nproc=2)
     assert one_node.returncode == 0, one_node.stderr[-3000:]
     assert losses(tmp_path / "one_node") == losses(tmp_path / "nodes")[5:]

@@ -38,7 +38,7 @@ class TrainingConfig:
     parallel: str = setting("ddp", "engine under torchrun", choices=PARALLEL)
     expert_parallel: int = setting(1, "under torchrun: each group of N ranks shares every MoE layer's experts (each "
                                       "holds num_experts / N) and exchanges tokens with all-to-alls; the rest of the "
-                                      "model stays data-parallel (--parallel ddp)")
+                                      "model stays data-parallel (--parallel ddp, or fsdp sharding it)")
     activation_checkpointing: str = setting(
         "none", "recompute activations in the backward pass instead of keeping them: none, selective (keep the "
                 "matmul outputs, recompute the rest) or full (keep only each block's input) (default: none, or the "

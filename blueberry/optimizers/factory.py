@@ -51,9 +51,14 @@ def split_parameters(model: torch.nn.Module) -> dict[str, list[tuple[str, torch.
 
 
 def _adamw(groups, config, lr):
+    from torch.distributed.tensor import DTensor
+
     params = [p for g in groups for p in g["params"]]
+    sharded = {isinstance(p, DTensor) for p in params}
+    # FSDP2's DTensors beside plain tensors (expert parallelism's experts): no multi-tensor kernel takes both
+    foreach = False if len(sharded) == 2 else None
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(config.optim.adamw_betas), eps=1e-8,
-                             fused=_fused_ok(params) or None)
+                             fused=_fused_ok(params) or None, foreach=foreach)
 
 
 def setup_optimizers(model: torch.nn.Module, config, distributed: bool = False) -> list[torch.optim.Optimizer]:

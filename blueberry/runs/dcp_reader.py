@@ -129,8 +129,9 @@ def load_sharded_weights(checkpoint: Path, model: torch.nn.Module) -> None:
     _load({f"model.{k}": v for k, v in model.state_dict().items() if k not in tied}, checkpoint)
 
 
-def load_sharded_optimizers(checkpoint: Path, model, optimizers: list, skeletons: list) -> None:
-    """Each optimizer's state from a sharded checkpoint, laid out as this run's parameters are (any world size)."""
+def load_sharded_optimizers(checkpoint: Path, model, optimizers: list, skeletons: list, experts=None) -> None:
+    """Each optimizer's state from a sharded checkpoint, laid out as this run's parameters are (any world size;
+    `experts`, expert parallelism's handle: each rank reads its own experts' states)."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     shapes = saved_shapes(checkpoint)
@@ -143,7 +144,10 @@ def load_sharded_optimizers(checkpoint: Path, model, optimizers: list, skeletons
         raise CheckpointError(f"{checkpoint}: its optimizer state does not fit this run's parameters (e.g. "
                               f"{absent[0]}): resume with the model and --optimizer of the run that wrote it")
     target = {k: live[k] for k in needed}
+    wrapped = experts.as_dtensors(target) if experts is not None else []
     _load(target, checkpoint)
+    if experts is not None:
+        experts.plain_tensors(target, wrapped)
     for i, (opt, skeleton) in enumerate(zip(optimizers, skeletons)):
         set_optimizer_state_dict(model, opt, join_tensors(skeleton, f"optim.{i}", target))
 

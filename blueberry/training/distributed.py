@@ -63,14 +63,20 @@ def init_distributed(device_type: str) -> DistContext:
 
 
 def wrap_model(model: torch.nn.Module, ctx: DistContext, parallel: str, precision_dtype=None):
-    """DDP or FSDP2 (`fully_shard` per block, then the root) when running on several processes."""
+    """DDP or FSDP2 (`fully_shard` per block, then the root) when running on several processes. Expert
+    parallelism's experts (marked RANK_LOCAL) are each rank's own: neither engine shards or reduces them."""
     if not ctx.enabled:
         return model
     if parallel == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        from .expert_parallel import RANK_LOCAL
+
         mp = MixedPrecisionPolicy(param_dtype=precision_dtype, reduce_dtype=torch.float32) if precision_dtype else None
         kwargs = {"mp_policy": mp} if mp else {}
+        experts = {p for p in model.parameters() if getattr(p, RANK_LOCAL, False)}
+        if experts:
+            kwargs["ignored_params"] = experts
         for block in model.blocks:
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)

@@ -1,8 +1,9 @@
 """Expert parallelism (`--expert-parallel N`), applied to a built model from outside (torchtitan's dp2ep).
 
-The world's ranks form groups of N consecutive ranks; within a group rank i holds experts
-[i * E/N, (i + 1) * E/N) of every MoE layer, and the rest of the model stays data-parallel (DDP) over the
-whole world. A layer routes its own tokens as before and sorts them into aligned expert groups
+The world's ranks form groups of N consecutive ranks (a device mesh: expert_dp x ep); within a group rank i
+holds experts [i * E/N, (i + 1) * E/N) of every MoE layer, and the rest of the model stays data-parallel over
+the whole world: DDP, or FSDP2 sharding it (`--parallel fsdp`; the experts are left out of FSDP2's shards,
+their sharding is this one). A layer routes its own tokens as before and sorts them into aligned expert groups
 (models/moe.py); `ExpertExchange` then sends each expert's rows to the rank that holds it and the results
 back, with `all_to_all_single` (uneven splits, an autograd Function whose backward is the reverse exchange).
 The router, balancing losses and capacity are each rank's own tokens', as in plain data parallelism.
@@ -10,8 +11,10 @@ The router, balancing losses and capacity are each rank's own tokens', as in pla
 Gradients: an expert's gradient arrives summed over its group's tokens; `sync_and_clip` sums it over the
 ranks holding the same experts in the other groups and divides by the world size — DDP's mean — and the
 clipping norm counts every expert once. Muon orthogonalises each rank's own experts (their parameters carry
-RANK_LOCAL). For evaluation, sampling, checkpoints and after training, `full_experts` / `gather` put every
-expert back on every rank, so a checkpoint is the plain model's (it resumes at any world size or degree).
+RANK_LOCAL). For evaluation, sampling and after training, `full_experts` / `gather` put every expert back on
+every rank. Checkpoints: under DDP one file of the plain model (the experts gathered); under FSDP2 a sharded
+(DCP) one in which `as_dtensors` has declared each rank's experts its shard of the whole (E, ...) tensor, so
+no rank gathers them and the checkpoint resumes at any world size or degree, or with no expert parallelism.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from ..errors import ConfigError
 
 RANK_LOCAL = "_rank_local"  # set on parameters each rank holds its own part of (optimizers keep them local)
 _EXPERT_WEIGHTS = ("w_up", "w_down")
+_WRAPPED = "_checkpoint_wrapped_module."  # activation checkpointing's wrapper, absent from state dicts' names
 
 
 class _AllToAll(torch.autograd.Function):
@@ -85,11 +89,15 @@ class ExpertExchange:
 class ExpertParallel:
     """What `apply_expert_parallel` did to a model, and the collectives its training needs."""
 
-    def __init__(self, layers: list, degree: int, group, expert_dp_group, world: int, rank_in_group: int):
-        self.layers, self.degree, self.group = layers, degree, group
-        self.expert_dp_group, self.world, self.rank_in_group = expert_dp_group, world, rank_in_group
+    def __init__(self, layers: list, degree: int, mesh, world: int):
+        self.layers, self.degree, self.mesh, self.world = layers, degree, mesh, world
+        self.group = mesh.get_group("ep")  # the ranks that share the experts between them
+        # the ranks holding the same experts, one in each group (none when there is one group)
+        self.expert_dp_group = mesh.get_group("expert_dp") if world > degree else None
+        self.rank_in_group = mesh.get_local_rank("ep")
         self.stats: dict = {}
         self.local: list[nn.Parameter] = []  # this rank's expert weights, as the optimizers hold them
+        self.names: set[str] = set()  # their names in state dicts (wrappers' prefixes removed)
 
     def sync_and_clip(self, params, max_norm: float) -> torch.Tensor:
         """After the backward passes: experts' gradients to DDP's mean, then clip every gradient by the norm
@@ -101,13 +109,37 @@ class ExpertParallel:
             p.grad.div_(self.world)
         ids = {id(p) for p in local}
         shared = [p for p in params if p.grad is not None and id(p) not in ids]
-        device = (shared or local)[0].grad.device
-        total = torch.nn.utils.get_total_norm  # over an empty list: 0
-        expert_sq = total([p.grad for p in local]).to(device).float() ** 2
+        device = (local or shared)[0].grad.device
+        expert_sq = _norm([p.grad for p in local], device) ** 2
         dist.all_reduce(expert_sq, group=self.group)  # each group holds every expert once
-        norm = (total([p.grad for p in shared]).to(device).float() ** 2 + expert_sq).sqrt()
-        torch.nn.utils.clip_grads_with_norm_(shared + local, max_norm, norm)
+        norm = (_norm([p.grad for p in shared], device) ** 2 + expert_sq).sqrt()
+        coef = min(1.0, max_norm / (float(norm) + 1e-6))
+        if coef < 1.0:  # FSDP2's gradients are DTensors, the experts' plain tensors: scaled by a number
+            for p in shared + local:
+                p.grad.mul_(coef)
         return norm
+
+    def as_dtensors(self, flat: dict) -> list[str]:
+        """Declare, in place, the entries of a DCP state dict (`model.NAME`, `optim.I.state.NAME.KEY`) that hold
+        this rank's experts as DTensors: its shard (dim 0) of the whole tensor, replicated over the groups. DCP
+        then writes each expert once and reads into any layout. The DTensors share the tensors' storage, so a
+        load fills them; returns the keys wrapped (`plain_tensors` undoes it)."""
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        wrapped = []
+        for key, t in flat.items():
+            name = key[len("model."):] if key.startswith("model.") else key.split(".state.", 1)[-1].rsplit(".", 1)[0]
+            if name in self.names and torch.is_tensor(t) and t.dim() >= 2 and not isinstance(t, DTensor):
+                shape = torch.Size((t.shape[0] * self.degree, *t.shape[1:]))
+                flat[key] = DTensor.from_local(t, self.mesh, [Replicate(), Shard(0)], run_check=False, shape=shape,
+                                               stride=_contiguous_strides(shape))
+                wrapped.append(key)
+        return wrapped
+
+    @staticmethod
+    def plain_tensors(flat: dict, keys: list[str]) -> None:
+        for key in keys:
+            flat[key] = flat[key].to_local()
 
     def _gather_full(self, local: torch.Tensor) -> torch.Tensor:
         parts = [torch.empty_like(local) for _ in range(self.degree)]
@@ -150,6 +182,22 @@ class ExpertParallel:
         return full[self.rank_in_group * per_rank:(self.rank_in_group + 1) * per_rank].clone()
 
 
+def _norm(grads: list, device) -> torch.Tensor:
+    """The 2-norm of `grads` as a plain float32 tensor on `device` (a DTensor's norm made whole; [] -> 0)."""
+    norm = torch.nn.utils.get_total_norm(grads)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return norm.to(device).float()
+
+
+def _contiguous_strides(shape) -> tuple:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
 def _map_expert_states(opt, state: dict, ep: ExpertParallel, fn) -> dict:
     """`state` (opt's state_dict layout) with `fn` applied to the per-expert tensors of the expert weights."""
     local = {id(p) for p in ep.local}
@@ -171,9 +219,6 @@ def check_expert_parallel(config, world_size: int) -> None:
         raise ConfigError("expert_parallel", f"--expert-parallel {degree} needs a world size that is a multiple of it "
                           f"(this run has {world_size} process(es)): launch with torchrun --nproc-per-node {degree}, or "
                           "give --expert-parallel 1")
-    if config.training.parallel == "fsdp":
-        raise ConfigError("expert_parallel", "--expert-parallel runs with --parallel ddp (the experts' sharding is its own); "
-                          "drop --parallel fsdp")
     if config.model.num_experts % degree:
         raise ConfigError("expert_parallel", f"--expert-parallel {degree} must divide --num-experts "
                           f"({config.model.num_experts})")
@@ -181,37 +226,40 @@ def check_expert_parallel(config, world_size: int) -> None:
 
 def apply_expert_parallel(model: nn.Module, degree: int) -> ExpertParallel | None:
     """Keep this rank's experts of every MoE layer and exchange tokens with the others (a collective: every
-    rank calls it, after the weights are loaded and before DDP wraps the model)."""
+    rank calls it, after the weights are loaded and before DDP or FSDP2 wraps the model)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
     from ..models.moe import MixtureOfExperts
 
     if degree <= 1:
         return None
-    world, rank = dist.get_world_size(), dist.get_rank()
-    groups = [dist.new_group(list(range(g * degree, (g + 1) * degree))) for g in range(world // degree)]
-    expert_dp = [dist.new_group(list(range(i, world, degree))) for i in range(degree)] if world > degree else None
-    group = groups[rank // degree]
-    position = rank % degree
     layers = [m for m in model.modules() if isinstance(m, MixtureOfExperts)]
     if not layers:
         raise ConfigError("expert_parallel", f"--expert-parallel {degree} needs MoE layers; this model has none "
                                              "(--model-type moe, or :moe in --layers)")
-    ep = ExpertParallel(layers, degree, group, expert_dp[position] if expert_dp else None, world, position)
+    world = dist.get_world_size()
+    device_type = next(model.parameters()).device.type
+    # rows: the groups of `degree` consecutive ranks; columns: the ranks holding the same experts
+    mesh = init_device_mesh(device_type, (world // degree, degree), mesh_dim_names=("expert_dp", "ep"))
+    ep = ExpertParallel(layers, degree, mesh, world)
+    position = ep.rank_in_group
     for moe in layers:
         per_rank = moe.num_experts // degree
         for name in _EXPERT_WEIGHTS:
             full = getattr(moe, name)
             mine = nn.Parameter(full.detach()[position * per_rank:(position + 1) * per_rank].clone())
             if ep.expert_dp_group is not None:  # the copies of these experts in the other groups start equal
-                dist.broadcast(mine.data, src=position, group=ep.expert_dp_group)
+                dist.broadcast(mine.data, group_src=0, group=ep.expert_dp_group)
             setattr(mine, RANK_LOCAL, True)
             setattr(moe, name, mine)
             ep.local.append(mine)
-        moe.run_experts = ExpertExchange(moe, moe.run_experts, group, degree, ep.stats)
-    # DDP leaves the experts alone: their gradients are synchronised by sync_and_clip
+        moe.run_experts = ExpertExchange(moe, moe.run_experts, ep.group, degree, ep.stats)
+    # DDP and FSDP2 leave the experts alone (distributed.wrap_model): sync_and_clip synchronises their gradients
     names = [name for name, p in model.named_parameters() if getattr(p, RANK_LOCAL, False)]
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     DDP._set_params_and_buffers_to_ignore_for_model(model, names)
+    ep.names = {name.replace(_WRAPPED, "") for name in names}
     model._expert_parallel = ep
     return ep
 

@@ -94,15 +94,30 @@ def activation_bytes(config, checkpointing: str | None = None, device_type: str 
     return total
 
 
-def estimate(model, config, world_size: int = 1, checkpointing: str | None = None, device_type: str = "cuda") -> dict:
-    params = sum(p.numel() for p in model.parameters())
-    matrices = sum(p.numel() for n, p in model.named_parameters()
-                   if p.dim() >= 2 and not n.startswith(("embed", "lm_head")) and "router" not in n)
-    states = {"adamw": 2 * params, "lion": params, "adafactor": 0,
-              "muon": matrices + 2 * (params - matrices)}.get(config.optim.optimizer, 2 * params)
+def held_per_device(model, config, world_size: int = 1) -> tuple[float, float]:
+    """(parameters, of them Muon's matrices) one device holds: FSDP2 divides by the world size, expert
+    parallelism the experts by its degree (they are outside FSDP2's shards)."""
+    from ..models.moe import MixtureOfExperts
+
+    degree = config.training.expert_parallel if world_size >= config.training.expert_parallel > 1 else 1
     shard = world_size if config.training.parallel == "fsdp" else 1
-    out = {"parameters": params, "weights": params * 4 / shard, "gradients": params * 4 / shard,
-           "optimizer": states * 4 / shard, "activations": activation_bytes(config, checkpointing, device_type)}
+    experts = {id(getattr(m, name)) for m in model.modules() if isinstance(m, MixtureOfExperts)
+               for name in ("w_up", "w_down")} if degree > 1 else set()
+    held = matrices = 0.0
+    for name, p in model.named_parameters():
+        share = p.numel() / (degree if id(p) in experts else shard)
+        held += share
+        if p.dim() >= 2 and not name.startswith(("embed", "lm_head")) and "router" not in name:
+            matrices += share
+    return held, matrices
+
+
+def estimate(model, config, world_size: int = 1, checkpointing: str | None = None, device_type: str = "cuda") -> dict:
+    held, matrices = held_per_device(model, config, world_size)
+    states = {"adamw": 2 * held, "lion": held, "adafactor": 0,
+              "muon": matrices + 2 * (held - matrices)}.get(config.optim.optimizer, 2 * held)
+    out = {"parameters": sum(p.numel() for p in model.parameters()), "weights": held * 4, "gradients": held * 4,
+           "optimizer": states * 4, "activations": activation_bytes(config, checkpointing, device_type)}
     out["total"] = out["weights"] + out["gradients"] + out["optimizer"] + out["activations"]
     out["checkpointing"] = checkpointing or config.training.activation_checkpointing
     return out

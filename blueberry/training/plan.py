@@ -75,7 +75,10 @@ def describe_plan(config, preset: str | None = None, world_size: int | None = No
     tokens_per_step = t.batch_size * t.grad_accum_steps * m.max_seq_len * world_size
     memory_gb = hardware[0] if hardware else caps.memory_gb
     mode, e = _least_fitting(model, config, world_size, memory_gb * GIB, "cuda" if hardware else caps.device_type)
-    sharded = t.parallel == "fsdp" and world_size > 1
+    sharded = [what for what, on in (("weights, gradients and optimizer states sharded by FSDP2",
+                                      t.parallel == "fsdp" and world_size > 1),
+                                     (f"experts split {t.expert_parallel} ways", world_size >= t.expert_parallel > 1))
+               if on]
     fp8 = "auto (measured at start)" if t.use_fp8 and "use_fp8" in config.auto_fields else "on" if t.use_fp8 else "off"
     lines = [
         "Plan",
@@ -95,7 +98,7 @@ def describe_plan(config, preset: str | None = None, world_size: int | None = No
         + f", {o.schedule} with {o.warmup_steps} warm-up steps, weight decay {o.weight_decay:g}",
         f"  memory/device weights {e['weights'] / GIB:.2f} GiB, gradients {e['gradients'] / GIB:.2f}, optimizer "
         f"{e['optimizer'] / GIB:.2f}, activations {e['activations'] / GIB:.2f} (checkpointing {mode}) = "
-        f"{e['total'] / GIB:.2f} GiB" + (" (weights, gradients and optimizer states sharded by FSDP2)" if sharded else ""),
+        f"{e['total'] / GIB:.2f} GiB" + (f" ({'; '.join(sharded)})" if sharded else ""),
     ]
     lines[4:4] = budget_lines
     if hardware:

@@ -12,7 +12,8 @@ A kill at any moment leaves `latest` naming a complete checkpoint; the partial d
 next start. With `--async-checkpoint` the shards are copied in memory and written by a background thread
 (over a gloo process group of its own) while training goes on; the commit happens when the write is done.
 
-Tied weights (lm_head = embed) are stored once. Reading, in any process and at any world size, without
+Tied weights (lm_head = embed) are stored once. Under expert parallelism each rank writes its own experts (see
+expert_parallel.as_dtensors); the checkpoint holds the whole (E, ...) tensors as a plain run's does. Reading, in any process and at any world size, without
 running code: runs/dcp_reader.py.
 """
 
@@ -31,6 +32,7 @@ from ..errors import CheckpointError
 from ..runs.checkpoint import DCP_SUFFIX, FORMAT, STATE, commit_checkpoint
 from ..runs.dcp_reader import single_process_quiet, split_tensors, tied_names
 from ..runs.layout import CHECKPOINTS
+from .expert_parallel import expert_parallel_of
 
 
 def _checkpoint_tensors(model, optimizers) -> tuple[dict, list]:
@@ -42,6 +44,9 @@ def _checkpoint_tensors(model, optimizers) -> tuple[dict, list]:
     split_tensors({k: v for k, v in get_model_state_dict(model).items() if k not in tied}, "model", flat)
     skeletons = [split_tensors(get_optimizer_state_dict(model, opt), f"optim.{i}", flat)
                  for i, opt in enumerate(optimizers)]
+    experts = expert_parallel_of(model)
+    if experts is not None:  # each rank's experts: its shard of the whole
+        experts.as_dtensors(flat)
     return flat, skeletons
 
 

@@ -271,21 +271,7 @@ class _Run:
     def resume(self, state: dict, loop: LoopState, checkpoint=None) -> None:
         """Continue from `state` (read from `checkpoint`), at this run's world size whatever the writer's."""
         check_optimizer_layout(self.optimizers, state["optimizers"])
-        sharded = checkpoint is not None and is_sharded_checkpoint(checkpoint)
-        if self.experts is not None and (sharded or not all(keyed_by_index(sd) for sd in state["optimizers"])):
-            raise CheckpointError(f"{checkpoint} was written by an FSDP2 run: resume it without --expert-parallel")
-        if checkpoint is not None and is_sharded_checkpoint(checkpoint):
-            from ..runs.dcp_reader import load_sharded_optimizers
-
-            load_sharded_optimizers(checkpoint, self.core, self.optimizers, state["optimizers"])
-        elif self.sharded or not all(keyed_by_index(sd) for sd in state["optimizers"]):
-            load_full_optimizer_states(self.core, self.optimizers, state["optimizers"])
-        else:
-            states = state["optimizers"]
-            if self.experts is not None:
-                states = self.experts.slice_optimizer_states(self.optimizers, states)
-            for opt, sd in zip(self.optimizers, states):
-                opt.load_state_dict(sd)
+        self._load_optimizers(state["optimizers"], checkpoint)
         self.scheduler.load_state_dict(state["scheduler"])
         if self.precision.scaler is not None and state.get("scaler"):
             self.precision.scaler.load_state_dict(state["scaler"])
@@ -296,10 +282,30 @@ class _Run:
         loop.elapsed_before = state.get("elapsed", 0.0)
         log(f"Resumed at step {loop.step} (epoch {self.train_loader.epoch}, batch {self.train_loader.position})")
 
+    def _load_optimizers(self, states: list[dict], checkpoint) -> None:
+        """The optimizers' states, as this run lays its parameters out (sharded, expert-parallel or whole)."""
+        if checkpoint is not None and is_sharded_checkpoint(checkpoint):  # DCP reads each rank's own part
+            from ..runs.dcp_reader import load_sharded_optimizers
+
+            load_sharded_optimizers(checkpoint, self.core, self.optimizers, states, self.experts)
+            return
+        by_index = all(keyed_by_index(sd) for sd in states)
+        if self.experts is not None and not by_index:
+            raise CheckpointError(f"{checkpoint} holds the gathered optimizer state of an FSDP2 run of an earlier "
+                                  "version: resume it without --expert-parallel")
+        if self.experts is not None:  # a whole (single-file) state: this rank's experts' part of it
+            states = self.experts.slice_optimizer_states(self.optimizers, states)
+        if self.sharded or not by_index:
+            load_full_optimizer_states(self.core, self.optimizers, states)
+        else:
+            for opt, sd in zip(self.optimizers, states):
+                opt.load_state_dict(sd)
+
     def checkpoint(self, loop: LoopState, is_best: bool = False):
-        """Write this step's checkpoint (a time budget's plan counts the seconds it took)."""
+        """Write this step's checkpoint (a time budget's plan counts the seconds it took). A sharded one holds
+        each rank's own experts; a single-file one the whole model (expert parallelism gathers it)."""
         started = time.perf_counter()
-        with self.full_model():
+        with contextlib.nullcontext() if self.sharded else self.full_model():
             written = self._write_checkpoint(loop, is_best)
         if self.planner is not None:
             self.planner.record("save", time.perf_counter() - started)
