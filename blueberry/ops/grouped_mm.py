@@ -43,6 +43,11 @@ def expert_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
     if use_grouped_mm and grouped_mm_usable(x):
         offs = torch.cumsum(counts, 0).to(torch.int32)
         return F.grouped_mm(x, weight.transpose(1, 2), offs=offs)
+    return _slice_loop(x, weight, counts)
+
+
+@torch.compiler.disable  # split sizes read from the device: traced, each layer and each count would recompile
+def _slice_loop(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     outs = [xe @ we.t() for xe, we in zip(torch.split(x, counts.tolist()), weight.unbind(0))]
     return torch.cat(outs) if outs else x.new_zeros(0, weight.shape[1])
 
