@@ -54,7 +54,7 @@ def evals(run_dir):
     return [r for r in read_metrics(run_dir) if r["kind"] == "eval"]
 
 
-@pytest.mark.parametrize("model_type", ["standard", "moe"])
+@pytest.mark.parametrize("model_type", ["moe"])  # dense blocks under DDP: the mixers' test below
 def test_ddp_matches_single_process(corpus_dir, tmp_path, model_type):
     one = single(*common(corpus_dir, tmp_path, 8), "--model-type", model_type, "--max-steps", "10",
                  "--out-dir", tmp_path / "one")
@@ -105,7 +105,8 @@ def test_distributed_muon_equals_single_process():
     assert r.returncode == 0 and "DIST_MUON_OK" in r.stdout, r.stderr[-3000:]
 
 
-@pytest.mark.parametrize("parallel,model_type", [("ddp", "moe"), ("fsdp", "standard")])
+# DDP with the MoE: test_two_process_resume_on_a_sharded_store_continues_exactly (and test_expert_parallel.py)
+@pytest.mark.parametrize("parallel,model_type", [("fsdp", "standard")])
 def test_two_process_resume_continues_exactly(corpus_dir, tmp_path, parallel, model_type):
     args = [*common(corpus_dir, tmp_path, 4), "--model-type", model_type, "--max-steps", "10", "--parallel", parallel]
     ck = _train_then_resume_at_step_5(args, tmp_path)
@@ -184,10 +185,10 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(corpus_dir, tmp_
 
 
 @pytest.mark.parametrize("parallel,model_type", [("ddp", "moe"), ("fsdp", "standard")])
-def test_jobs_exit_cleanly_five_times_in_a_row(corpus_dir, tmp_path, parallel, model_type):
-    """The exit hang was intermittent (a teardown race): one green run proves little, ten in a row (five per
-    engine) do more."""
-    for i in range(5):
+def test_jobs_exit_cleanly_three_times_in_a_row(corpus_dir, tmp_path, parallel, model_type):
+    """The exit hang was intermittent (a teardown race): one green run proves little, six in a row (three per
+    engine) more, beside the other 30-odd torchrun jobs of the suite, each of which must exit too."""
+    for i in range(3):
         r = torchrun("train.py", *common(corpus_dir, tmp_path, 4), "--model-type", model_type, "--max-steps", "2",
                      "--eval-every", "2", "--parallel", parallel, "--out-dir", tmp_path / f"run{i}", timeout=120)
         assert r.returncode == 0, f"run {i}: {r.stderr[-3000:]}"

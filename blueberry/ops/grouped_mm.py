@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..system import detect_capabilities
+from .slice_loop import slice_loop
 
 
 # Detected once, at import: the compiled MoE forward then reads plain constants.
@@ -43,13 +44,12 @@ def expert_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
     if use_grouped_mm and grouped_mm_usable(x):
         offs = torch.cumsum(counts, 0).to(torch.int32)
         return F.grouped_mm(x, weight.transpose(1, 2), offs=offs)
-    return _slice_loop(x, weight, counts)
+    if torch.compiler.is_compiling():  # traced, the loop's host-read sizes would recompile per layer and count
+        from .untraced import untraced_slice_loop
 
+        return untraced_slice_loop(x, weight, counts)
+    return slice_loop(x, weight, counts)
 
-@torch.compiler.disable  # split sizes read from the device: traced, each layer and each count would recompile
-def _slice_loop(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    outs = [xe @ we.t() for xe, we in zip(torch.split(x, counts.tolist()), weight.unbind(0))]
-    return torch.cat(outs) if outs else x.new_zeros(0, weight.shape[1])
 
 
 def fp8_expert_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,

@@ -1,8 +1,16 @@
 """Training infrastructure: the loop, evaluation, metrics, plots, sweeps, distribution (run directories and
-their checkpoints: blueberry.runs)."""
+their checkpoints: blueberry.runs).
 
-from .evaluation import evaluate_model
-from .run import run_training
-from .trainer import train_model
+The three names below load on first use, so that a command reaching one module of this package (the clock of
+training.budget, a memory estimate) does not import the loop, its compiler and its plots."""
 
-__all__ = ["evaluate_model", "run_training", "train_model"]
+from importlib import import_module
+
+_EXPORTS = {"evaluate_model": ".evaluation", "run_training": ".run", "train_model": ".trainer"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
