@@ -54,11 +54,13 @@ def test_expert_parallel_equals_one_process(corpus_dir, tmp_path, nproc, degree,
     for e1, e2 in zip(evals(tmp_path / "one"), evals(tmp_path / "ep")):
         assert abs(e1["loss"] - e2["loss"]) <= 1e-5, (e1, e2)
     _close(_weights(tmp_path / "one"), _weights(tmp_path / "ep"))  # the parameters after 5 steps
-    if parallel == "ddp":  # the single-file checkpoint (experts gathered) resumes with each rank's share again
-        ck = tmp_path / "ep" / "checkpoints" / "step_000003"
-        resumed = torchrun("train.py", "--resume-from", ck, "--out-dir", tmp_path / "resumed", nproc=nproc)
-        assert resumed.returncode == 0, resumed.stderr[-3000:]
-        assert losses(tmp_path / "resumed") == b[3:]
+    # the checkpoint of step 3 (DDP: one file, the experts gathered; FSDP2: each rank's experts, replicated
+    # over the two groups) resumes exactly, each rank with its share again
+    ck = next((tmp_path / "ep" / "checkpoints").glob("step_000003*"))
+    assert is_sharded_checkpoint(ck) == (parallel == "fsdp")
+    resumed = torchrun("train.py", "--resume-from", ck, "--out-dir", tmp_path / "resumed", nproc=nproc)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert losses(tmp_path / "resumed") == b[3:]
 
 
 def test_under_a_capacity_limit_the_same_tokens_are_dropped_as_without_it(corpus_dir, tmp_path):
@@ -114,9 +116,10 @@ def test_a_two_node_fsdp2_expert_parallel_job_resumes_exactly_on_one_node_and_on
     assert is_sharded_checkpoint(ck)
     # each rank wrote its own two experts of each layer: two pieces per expert tensor, no gathered copy
     stored = SafeReader(ck).read_metadata().state_dict_metadata
-    experts = {k: v for k, v in stored.items() if k.startswith("model.") and k.endswith((".w_up", ".w_down"))}
-    assert experts and all(sorted(c.offsets[0] for c in v.chunks) == [0, 2] and v.size[0] == 4
-                           for v in experts.values()), experts
+    experts = {k: v for k, v in stored.items() if ".w_up" in k or ".w_down" in k}  # weights and optimizer states
+    assert {k.split(".")[0] for k, v in experts.items() if len(v.size) == 3} == {"model", "optim"}, experts
+    assert all(sorted(c.offsets[0] for c in v.chunks) == [0, 2] and v.size[0] == 4
+               for k, v in experts.items() if len(v.size) == 3), experts
     one_node = torchrun("train.py", "--resume-from", ck, "--out-dir", tmp_path / "one_node", nproc=2)
     assert one_node.returncode == 0, one_node.stderr[-3000:]
     assert losses(tmp_path / "one_node") == losses(tmp_path / "nodes")[5:]

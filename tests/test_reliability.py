@@ -186,8 +186,9 @@ def test_signal_saves_and_exits_with_the_signal_code(corpus_dir, tmp_path, sig, 
 def test_random_kill_9_always_leaves_a_loadable_checkpoint(corpus_dir, tmp_path):
     run = tmp_path / "run"
     rng = random.Random(7)
+    # --no-compile: the kills land in the steps and their checkpoints, not in compiling
     common = ["--dataset", corpus_dir, "--cache-dir", tmp_path / "c", "--checkpoint-every", "1", "--no-compile",
-              "--eval-every", "100000", "--keep-checkpoints", "2", *TINY_FLAGS]  # kills land in the steps, not in compiling
+              "--eval-every", "100000", "--keep-checkpoints", "2", *TINY_FLAGS]
     proc = popen_cli(*common, "--out-dir", run, "--max-steps", "100000")
     _wait_for_steps(run, 2, proc)
     proc.kill()

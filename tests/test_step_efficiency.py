@@ -100,6 +100,7 @@ def test_fp8_flag_rejects_other_values(capsys):
     assert "--fp8" in capsys.readouterr().err
 
 
+@pytest.mark.serial  # a wall-time measurement: beside another test a preemption can outweigh the difference
 def test_time_variants_ranks_the_cheaper_callable():
     small, big = torch.randn(64, 64), torch.randn(384, 384)
     times = fp8_choice.time_variants({"small": lambda: small @ small, "big": lambda: big @ big @ big}, repeats=5)

@@ -141,7 +141,10 @@ class MixtureOfExperts(nn.Module):
 
     def decoding(self, num_tokens: int) -> bool:
         """Few tokens and no gradients (generation): each token reads its own k experts' weights, with no
-        dispatch, padding or capacity — the cost of decoding is then the weights it touches."""
+        dispatch, padding or capacity — the cost of decoding is then the weights it touches. Not where an
+        instance's `run_experts` replaces the method: its experts are elsewhere, every token goes through it."""
+        if "run_experts" in self.__dict__:
+            return False
         return not self.training and not torch.is_grad_enabled() and num_tokens * self.top_k <= 2 * self.num_experts
 
     def _dispatched(self, x, top_w, flat_expert, dtype):

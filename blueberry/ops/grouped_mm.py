@@ -51,7 +51,6 @@ def expert_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
     return slice_loop(x, weight, counts)
 
 
-
 def fp8_expert_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
                       use_grouped_mm: bool = True) -> torch.Tensor:
     """`expert_matmul` in FP8: x and the expert weights cast to e4m3 with one scale per row (x) and per

@@ -11,10 +11,11 @@ The router, balancing losses and capacity are each rank's own tokens', as in pla
 Gradients: an expert's gradient arrives summed over its group's tokens; `sync_and_clip` sums it over the
 ranks holding the same experts in the other groups and divides by the world size — DDP's mean — and the
 clipping norm counts every expert once. Muon orthogonalises each rank's own experts (their parameters carry
-RANK_LOCAL). For evaluation, sampling and after training, `full_experts` / `gather` put every expert back on
-every rank. Checkpoints: under DDP one file of the plain model (the experts gathered); under FSDP2 a sharded
-(DCP) one in which `as_dtensors` has declared each rank's experts its shard of the whole (E, ...) tensor, so
-no rank gathers them and the checkpoint resumes at any world size or degree, or with no expert parallelism.
+RANK_LOCAL). Under DDP, for evaluation and sampling, `full_experts` puts every expert back on every rank (the
+ranks may run different numbers of forwards); under FSDP2 they cannot, and tokens travel as in training. After
+training `gather` does it for good. Checkpoints: under DDP one file of the plain model (the experts gathered);
+under FSDP2 a sharded (DCP) one in which `as_dtensors` has declared each rank's experts its shard of the whole
+(E, ...) tensor, so no rank gathers them and it resumes at any world size or degree, or without expert parallelism.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
+
 from ..errors import ConfigError
 
 RANK_LOCAL = "_rank_local"  # set on parameters each rank holds its own part of (optimizers keep them local)
 _EXPERT_WEIGHTS = ("w_up", "w_down")
-_WRAPPED = "_checkpoint_wrapped_module."  # activation checkpointing's wrapper, absent from state dicts' names
 
 
 class _AllToAll(torch.autograd.Function):
@@ -97,7 +99,7 @@ class ExpertParallel:
         self.rank_in_group = mesh.get_local_rank("ep")
         self.stats: dict = {}
         self.local: list[nn.Parameter] = []  # this rank's expert weights, as the optimizers hold them
-        self.names: set[str] = set()  # their names in state dicts (wrappers' prefixes removed)
+        self.names: dict[str, int] = {}  # their names in state dicts (wrappers' prefixes removed): their dims
 
     def sync_and_clip(self, params, max_norm: float) -> torch.Tensor:
         """After the backward passes: experts' gradients to DDP's mean, then clip every gradient by the norm
@@ -113,10 +115,8 @@ class ExpertParallel:
         expert_sq = _norm([p.grad for p in local], device) ** 2
         dist.all_reduce(expert_sq, group=self.group)  # each group holds every expert once
         norm = (_norm([p.grad for p in shared], device) ** 2 + expert_sq).sqrt()
-        coef = min(1.0, max_norm / (float(norm) + 1e-6))
-        if coef < 1.0:  # FSDP2's gradients are DTensors, the experts' plain tensors: scaled by a number
-            for p in shared + local:
-                p.grad.mul_(coef)
+        for part in (shared, local):  # apart: FSDP2's gradients are DTensors, the experts' plain tensors
+            torch.nn.utils.clip_grads_with_norm_(part, max_norm, norm)
         return norm
 
     def as_dtensors(self, flat: dict) -> list[str]:
@@ -129,10 +129,8 @@ class ExpertParallel:
         wrapped = []
         for key, t in flat.items():
             name = key[len("model."):] if key.startswith("model.") else key.split(".state.", 1)[-1].rsplit(".", 1)[0]
-            if name in self.names and torch.is_tensor(t) and t.dim() >= 2 and not isinstance(t, DTensor):
-                shape = torch.Size((t.shape[0] * self.degree, *t.shape[1:]))
-                flat[key] = DTensor.from_local(t, self.mesh, [Replicate(), Shard(0)], run_check=False, shape=shape,
-                                               stride=_contiguous_strides(shape))
+            if name in self.names and _per_expert(t, self.names[name]) and not isinstance(t, DTensor):
+                flat[key] = DTensor.from_local(t, self.mesh, [Replicate(), Shard(0)], run_check=False)
                 wrapped.append(key)
         return wrapped
 
@@ -167,7 +165,7 @@ class ExpertParallel:
             for name in _EXPERT_WEIGHTS:
                 setattr(moe, name, nn.Parameter(self._gather_full(getattr(moe, name))))
             moe.__dict__.pop("run_experts", None)
-        self.layers, self.local = [], []
+        self.layers, self.local, self.names = [], [], {}
 
     def slice_optimizer_states(self, optimizers, states: list[dict]) -> list[dict]:
         """Full optimizer states (a checkpoint's) cut to this rank's experts."""
@@ -190,12 +188,9 @@ def _norm(grads: list, device) -> torch.Tensor:
     return norm.to(device).float()
 
 
-def _contiguous_strides(shape) -> tuple:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= size
-    return tuple(reversed(strides))
+def _per_expert(value, param_dim: int) -> bool:
+    """A tensor of an expert weight's optimizer state that is laid out as the weight (E, ...), not a scalar."""
+    return torch.is_tensor(value) and value.dim() == param_dim
 
 
 def _map_expert_states(opt, state: dict, ep: ExpertParallel, fn) -> dict:
@@ -206,9 +201,22 @@ def _map_expert_states(opt, state: dict, ep: ExpertParallel, fn) -> dict:
     for key, entry in state["state"].items():
         p = index.get(key)
         if p is not None and id(p) in local:
-            entry = {k: fn(v) if torch.is_tensor(v) and v.dim() == p.dim() else v for k, v in entry.items()}
+            entry = {k: fn(v) if _per_expert(v, p.dim()) else v for k, v in entry.items()}
         out["state"][key] = entry
     return out
+
+
+def expert_degree(config, world_size: int) -> int:
+    """The ways a run of `world_size` processes splits its experts (1: every rank holds them all)."""
+    degree = config.training.expert_parallel
+    return degree if world_size >= degree > 1 else 1
+
+
+def expert_weights(model: nn.Module) -> list[nn.Parameter]:
+    """Every MoE layer's expert weights (what expert parallelism splits)."""
+    from ..models.moe import MixtureOfExperts
+
+    return [getattr(m, name) for m in model.modules() if isinstance(m, MixtureOfExperts) for name in _EXPERT_WEIGHTS]
 
 
 def check_expert_parallel(config, world_size: int) -> None:
@@ -259,7 +267,8 @@ def apply_expert_parallel(model: nn.Module, degree: int) -> ExpertParallel | Non
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     DDP._set_params_and_buffers_to_ignore_for_model(model, names)
-    ep.names = {name.replace(_WRAPPED, "") for name in names}
+    params = dict(model.named_parameters())
+    ep.names = {name.replace(_CHECKPOINT_PREFIX, ""): params[name].dim() for name in names}
     model._expert_parallel = ep
     return ep
 

@@ -97,12 +97,11 @@ def activation_bytes(config, checkpointing: str | None = None, device_type: str 
 def held_per_device(model, config, world_size: int = 1) -> tuple[float, float]:
     """(parameters, of them Muon's matrices) one device holds: FSDP2 divides by the world size, expert
     parallelism the experts by its degree (they are outside FSDP2's shards)."""
-    from ..models.moe import MixtureOfExperts
+    from .expert_parallel import expert_degree, expert_weights
 
-    degree = config.training.expert_parallel if world_size >= config.training.expert_parallel > 1 else 1
+    degree = expert_degree(config, world_size)
     shard = world_size if config.training.parallel == "fsdp" else 1
-    experts = {id(getattr(m, name)) for m in model.modules() if isinstance(m, MixtureOfExperts)
-               for name in ("w_up", "w_down")} if degree > 1 else set()
+    experts = {id(p) for p in expert_weights(model)} if degree > 1 else set()
     held = matrices = 0.0
     for name, p in model.named_parameters():
         share = p.numel() / (degree if id(p) in experts else shard)

@@ -21,6 +21,7 @@ from ..configs.presets import PRESET_HARDWARE
 from ..logs import quiet
 from ..models import create_model
 from .budget import planning
+from .expert_parallel import check_expert_parallel, expert_degree
 from .memory import GIB, choose_checkpointing, estimate
 
 
@@ -67,6 +68,7 @@ def describe_plan(config, preset: str | None = None, world_size: int | None = No
     hardware = PRESET_HARDWARE.get(preset or "")
     world_size = world_size or int(os.environ.get("WORLD_SIZE", hardware[1] if hardware else 1))
     budget_lines = _plan_by_budget(config, world_size) if planning(config) else []
+    check_expert_parallel(config, world_size)
     caps = config.capabilities()
     with torch.device("meta"):
         model = create_model(config)
@@ -77,7 +79,7 @@ def describe_plan(config, preset: str | None = None, world_size: int | None = No
     mode, e = _least_fitting(model, config, world_size, memory_gb * GIB, "cuda" if hardware else caps.device_type)
     sharded = [what for what, on in (("weights, gradients and optimizer states sharded by FSDP2",
                                       t.parallel == "fsdp" and world_size > 1),
-                                     (f"experts split {t.expert_parallel} ways", world_size >= t.expert_parallel > 1))
+                                     (f"experts split {t.expert_parallel} ways", expert_degree(config, world_size) > 1))
                if on]
     fp8 = "auto (measured at start)" if t.use_fp8 and "use_fp8" in config.auto_fields else "on" if t.use_fp8 else "off"
     lines = [

@@ -13,8 +13,8 @@ next start. With `--async-checkpoint` the shards are copied in memory and writte
 (over a gloo process group of its own) while training goes on; the commit happens when the write is done.
 
 Tied weights (lm_head = embed) are stored once. Under expert parallelism each rank writes its own experts (see
-expert_parallel.as_dtensors); the checkpoint holds the whole (E, ...) tensors as a plain run's does. Reading, in any process and at any world size, without
-running code: runs/dcp_reader.py.
+expert_parallel.as_dtensors); the checkpoint holds the whole (E, ...) tensors as a plain run's does. Reading, in
+any process and at any world size, without running code: runs/dcp_reader.py.
 """
 
 from __future__ import annotations

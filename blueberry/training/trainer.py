@@ -223,9 +223,13 @@ class _Run:
             self.saver = ShardedCheckpointer(run_dir, ctx, asynchronous=bool(config.training.async_checkpoint))
 
     def full_model(self):
-        """The whole model on every rank for the duration (expert parallelism gathers the experts: a
-        collective), for evaluations, samples and checkpoints."""
-        return self.experts.full_experts() if self.experts is not None else contextlib.nullcontext()
+        """For evaluations, samples, the plan's measurements and single-file checkpoints: under DDP, expert
+        parallelism gathers every expert onto every rank for the duration (a collective), since the ranks may run
+        different numbers of forwards. Under FSDP2 they cannot (each forward is a collective already), so the
+        experts stay where they are and tokens travel to them."""
+        if self.experts is None or self.sharded:
+            return contextlib.nullcontext()
+        return self.experts.full_experts()
 
     def write_samples(self, step: int, write: bool) -> None:
         """Sample from the model's prompts (every rank when sharded: its forwards need them all)."""
@@ -305,7 +309,7 @@ class _Run:
         """Write this step's checkpoint (a time budget's plan counts the seconds it took). A sharded one holds
         each rank's own experts; a single-file one the whole model (expert parallelism gathers it)."""
         started = time.perf_counter()
-        with contextlib.nullcontext() if self.sharded else self.full_model():
+        with self.full_model():
             written = self._write_checkpoint(loop, is_best)
         if self.planner is not None:
             self.planner.record("save", time.perf_counter() - started)
