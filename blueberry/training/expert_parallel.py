@@ -263,12 +263,11 @@ def apply_expert_parallel(model: nn.Module, degree: int) -> ExpertParallel | Non
             ep.local.append(mine)
         moe.run_experts = ExpertExchange(moe, moe.run_experts, ep.group, degree, ep.stats)
     # DDP and FSDP2 leave the experts alone (distributed.wrap_model): sync_and_clip synchronises their gradients
-    names = [name for name, p in model.named_parameters() if getattr(p, RANK_LOCAL, False)]
+    mine = {name: p.dim() for name, p in model.named_parameters() if getattr(p, RANK_LOCAL, False)}
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    DDP._set_params_and_buffers_to_ignore_for_model(model, names)
-    params = dict(model.named_parameters())
-    ep.names = {name.replace(_CHECKPOINT_PREFIX, ""): params[name].dim() for name in names}
+    DDP._set_params_and_buffers_to_ignore_for_model(model, list(mine))
+    ep.names = {name.replace(_CHECKPOINT_PREFIX, ""): dim for name, dim in mine.items()}
     model._expert_parallel = ep
     return ep
 
