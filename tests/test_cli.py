@@ -77,3 +77,10 @@ def test_python_m_and_train_py_share_the_cli():
     assert r.returncode == 0 and "--validate-setup" in r.stdout and "--num-documents" in r.stdout
     info = run_cli("info")
     assert info.returncode == 0 and "FP8 Support" in info.stdout
+
+
+@pytest.mark.parametrize("flag,value", [("--threads", "0"), ("--slots", "0"), ("--port", "70000")])
+def test_serve_refuses_bad_settings_with_one_line(flag, value, tmp_path):
+    r = run_cli("serve", "--checkpoint", tmp_path / "nowhere", flag, value, timeout=120)
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and flag in lines[0] and "Traceback" not in r.stderr, r.stderr

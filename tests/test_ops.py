@@ -1,4 +1,4 @@
-"""FP8 numerics on CPU (float8 matmuls run on CPU in this torch), dispatch, and --no-fp8."""
+"""FP8 numerics on CPU (float8 matmuls run on CPU in this torch), dispatch, --no-fp8, and the decode product."""
 
 import pytest
 import torch
@@ -169,3 +169,24 @@ def test_causal_attention_leaves_fp32_long_sequences_and_dropout_to_sdpa():
     assert not uses_matmul_form(torch.zeros(1, 1, 8, 4), 0.0)  # fp32
     assert not uses_matmul_form(torch.zeros(1, 1, MATMUL_FORM_MAX_SEQ + 1, 4, dtype=torch.bfloat16), 0.0)
     assert not uses_matmul_form(torch.zeros(1, 1, 8, 4, dtype=torch.bfloat16), 0.1)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 96), (2, 96), (8, 1, 96), (3, 5, 96)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_inference_linear_equals_float64_in_the_decode_layout(shape, bias):
+    """The decode product (oneDNN for several rows by a weight stored by input rows, else F.linear)
+    against float64 math, on fresh random inputs; the layer swap keeps the same parameters."""
+    from blueberry.models.layers import InferenceLinear, stored_transposed
+    from blueberry.ops.matmul import inference_linear
+
+    x, w = torch.randn(*shape), torch.randn(40, 96)
+    b = torch.randn(40) if bias else None
+    expected = x.double() @ w.double().t() + (b.double() if bias else 0)
+    for weight in (w, stored_transposed(w)):
+        y = inference_linear(x, weight, b)
+        assert y.shape == (*shape[:-1], 40) and y.dtype == torch.float32
+        torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-4)
+    layer = torch.nn.Linear(96, 40, bias=bias)
+    swapped = InferenceLinear.of(layer)
+    assert swapped.weight is layer.weight and list(swapped.state_dict()) == list(layer.state_dict())
+    torch.testing.assert_close(swapped(x), layer(x), rtol=1e-5, atol=1e-5)

@@ -100,6 +100,10 @@ def add_parsers(sub) -> None:
     q.add_argument("--eval-batches", type=int, default=20, help="validation batches for the quality report")
     q.add_argument("--debug", action="store_true")
 
+    _serve_parser(sub)
+
+
+def _serve_parser(sub) -> None:
     s = sub.add_parser("serve", help="serve a run over an OpenAI-compatible HTTP API")
     _model_flags(s)
     s.add_argument("--host", default="127.0.0.1")
@@ -107,6 +111,9 @@ def add_parsers(sub) -> None:
     s.add_argument("--slots", type=int, default=8, help="requests decoded together (continuous batching)")
     s.add_argument("--model-name", default=None, help="the model id clients ask for (default: the run's name)")
     s.add_argument("--compile", action="store_true", help="compile the decode step")
+    s.add_argument("--threads", type=int, default=None,
+                   help="torch's intra-op threads (default on a CPU: one core fewer than it has, the other "
+                        "left to the HTTP side)")
 
 
 def _ensemble_parser(sub) -> None:
@@ -382,10 +389,16 @@ def serve_command(args) -> int:
     from ..inference import Engine
     from ..inference.server import create_app
     from ..runs.checkpoint import run_dir_of
+    from ..system import detect_capabilities
 
     if not 0 < args.port < 65536 or args.slots <= 0:
         raise UsageError("--port must be in 1..65535 and --slots positive")
+    if args.threads is not None and args.threads <= 0:
+        raise UsageError(f"--threads must be positive, got {args.threads}")
     model, config, tok, ckpt = _load(args)
+    threads = args.threads or detect_capabilities(next(model.parameters()).device.type).serving_threads()
+    if threads:
+        torch.set_num_threads(threads)
     name = args.model_name or run_dir_of(ckpt).name
     app = create_app(Engine(model, tok, slots=args.slots, compile=args.compile), name)
     print(f"Serving {ckpt} as model {name!r} at http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)

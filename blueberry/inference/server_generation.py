@@ -114,11 +114,13 @@ def stream(loop: EngineLoop, request: Request, ids: list[int], params: SamplingP
 async def _events(request: Request, queue: asyncio.Queue, seq: Sequence, chunks: _Chunks):
     if chunks.chat:
         yield chunks.event({"role": "assistant", "content": ""})
-    async with contextlib.aclosing(_pieces(request, queue)) as pieces:
-        async for piece in pieces:
-            if piece is _END:
+    async with contextlib.aclosing(_pieces(request, queue)) as batches:
+        async for batch in batches:  # the events of all the pieces waiting, sent in one write
+            events = "".join(chunks.text(piece) for piece in batch if piece is not _END)
+            if events:
+                yield events
+            if batch[-1] is _END:
                 break
-            yield chunks.text(piece)
         else:
             return  # the client hung up
     if getattr(seq, "error", None):
@@ -147,22 +149,21 @@ class _GenerationStream(StreamingResponse):
 
 
 async def _pieces(request: Request, queue: asyncio.Queue):
-    """The items the engine thread posts to `queue`, in order, until `_END` (yielded last); stops early,
-    without it, when the client hangs up. One pending `get` is kept across waits, so none is lost."""
+    """The items the engine thread posts to `queue`, in order, as lists of those waiting together, until
+    `_END` (the last item of the last list); stops early, without it, when the client hangs up. One
+    pending `get` is kept across waits, so none is lost."""
     getter, gone = asyncio.ensure_future(queue.get()), asyncio.ensure_future(client_gone(request))
     try:
         while True:
             await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
             if not getter.done():
                 return  # the client hung up
-            item = getter.result()
-            while True:  # what else the engine posted meanwhile, without a wait for each
-                yield item
-                if item is _END:
-                    return
-                if queue.empty():
-                    break
-                item = queue.get_nowait()
+            batch = [getter.result()]
+            while batch[-1] is not _END and not queue.empty():  # what else the engine posted meanwhile
+                batch.append(queue.get_nowait())
+            yield batch
+            if batch[-1] is _END:
+                return
             getter = asyncio.ensure_future(queue.get())
     finally:
         getter.cancel()

@@ -20,7 +20,7 @@ from ..configs import model_config_of
 from ..ops.cross_entropy import linear_cross_entropy
 from .block import Block
 from .generation import sample_next
-from .layers import RMSNorm, stored_transposed
+from .layers import InferenceLinear, RMSNorm, stored_transposed
 from .mod import MixtureOfDepths, MoDAux
 from .moe import MixtureOfExperts
 
@@ -168,15 +168,18 @@ class TransformerLM(nn.Module):
     def fuse_projections(self, transposed: bool = False) -> "TransformerLM":
         """Inference only: each attention's q/k/v, and each gated MLP's gate/up, multiplied as one matrix.
         `transposed`: every linear weight stored by input rows (`layers.stored_transposed`; the tied
-        embedding shares the head's), the layout a device's capabilities ask for decoding."""
+        embedding shares the head's), the layout a device's capabilities ask for decoding, and the linears
+        become `InferenceLinear`s (the product for that layout)."""
         for module in self.modules():
             if module is not self and hasattr(module, "fuse_projections"):
                 module.fuse_projections(transposed)
         if transposed:
-            for module in self.modules():
-                if type(module) is nn.Linear and module.weight.is_contiguous():
-                    module.weight = nn.Parameter(stored_transposed(module.weight), requires_grad=False)
-            if self.config.tie_embeddings and type(self.lm_head) is nn.Linear:
+            for parent in list(self.modules()):
+                for name, module in list(parent.named_children()):
+                    if type(module) is nn.Linear and module.weight.is_contiguous():
+                        module.weight = nn.Parameter(stored_transposed(module.weight), requires_grad=False)
+                        setattr(parent, name, InferenceLinear.of(module))
+            if self.config.tie_embeddings and type(self.lm_head) is InferenceLinear:
                 self.embed.weight = self.lm_head.weight
         return self
 

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.attention import causal_attention
+from ..ops.matmul import inference_linear
 from .layers import RMSNorm, RotaryEmbedding, stored_transposed
 
 
@@ -17,18 +18,24 @@ class KVCache:
     Tokens are written at explicit positions (batch, seq): the sequences of a batch may be at different
     lengths, a row can be refilled from position 0 for a new sequence, and speculative decoding rolls
     back by writing over rejected positions. A query at position p sees the keys at positions <= p of
-    its own row; whatever a row holds beyond that is never read."""
+    its own row; whatever a row holds beyond that is never read. Only a cache made `with_validity()`
+    (Mixture-of-Depths, whose skipped tokens are written but not attended to) keeps which positions
+    may be seen; in any other every written position may."""
 
     def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, device, dtype,
                  k: torch.Tensor | None = None, v: torch.Tensor | None = None, valid: torch.Tensor | None = None,
                  key_positions: torch.Tensor | None = None):
         self.k = k if k is not None else torch.zeros(batch, kv_heads, max_len, head_dim, device=device, dtype=dtype)
         self.v = v if v is not None else torch.zeros_like(self.k)
-        # which written positions may be attended to (Mixture-of-Depths writes the tokens it skips as invalid)
-        self.valid = valid if valid is not None else torch.ones(self.k.shape[0], self.k.shape[2], dtype=torch.bool,
-                                                                 device=self.k.device)
+        self.valid = valid  # (batch, max_len) bool, or None: every written position may be attended to
         self.key_positions = (key_positions if key_positions is not None
                               else torch.arange(self.k.shape[2], device=self.k.device))
+
+    def with_validity(self) -> "KVCache":
+        """This cache, keeping which written positions later queries may see (`write`'s `keep`)."""
+        if self.valid is None:
+            self.valid = torch.ones(self.k.shape[0], self.k.shape[2], dtype=torch.bool, device=self.k.device)
+        return self
 
     @property
     def max_len(self) -> int:
@@ -39,21 +46,27 @@ class KVCache:
         cache's storage). Queries then attend over `length` keys instead of max_len: a caller that knows
         no row is past position length-1 saves the attention over the rest."""
         length = self.max_len if length is None else length
+        valid = None if self.valid is None else self.valid[start:end, :length]
         return KVCache(0, 0, 0, 0, None, None, k=self.k[start:end, :, :length], v=self.v[start:end, :, :length],
-                       valid=self.valid[start:end, :length], key_positions=self.key_positions[:length])
+                       valid=valid, key_positions=self.key_positions[:length])
 
     def write(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               keep: torch.Tensor | None = None) -> None:
         """k, v (batch, kv_heads, seq, head_dim) stored at `positions` (batch, seq); `keep` (batch, seq) marks
-        the keys later queries may see (default: all)."""
+        the keys later queries may see (default: all; only a cache `with_validity()` takes it)."""
         rows = torch.arange(k.shape[0], device=k.device)[:, None]
         self.k[rows, :, positions] = k.transpose(1, 2).to(self.k.dtype)
         self.v[rows, :, positions] = v.transpose(1, 2).to(self.v.dtype)
-        self.valid[rows, positions] = True if keep is None else keep
+        if self.valid is not None:
+            self.valid[rows, positions] = True if keep is None else keep
+        elif keep is not None:
+            raise ValueError("this KV cache keeps no validity: make it with_validity() to write `keep`")
 
     def mask(self, positions: torch.Tensor) -> torch.Tensor:
         """(batch, 1, seq, max_len): query at position p sees the valid keys at positions <= p, and its own."""
-        key, query = self.key_positions[None, None, None, :], positions[:, None, :, None]
+        key, query = self.key_positions.view(1, 1, 1, -1), positions.view(positions.shape[0], 1, -1, 1)
+        if self.valid is None:
+            return key <= query
         return ((key <= query) & self.valid[:, None, None, :]) | (key == query)
 
 
@@ -94,7 +107,7 @@ class MultiHeadAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, eps=norm_eps) if qk_norm else None
         self.rotary = RotaryEmbedding(self.head_dim, max_seq_len, rope_theta)
         self.dropout = dropout
-        self.qkv_weight = self.qkv_bias = None
+        self.qkv_weight = self.qkv_bias = self.qk_norm_weight = None
         self.qkv_sizes = (n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim)
 
     def fuse_projections(self, transposed: bool = False) -> None:
@@ -114,6 +127,21 @@ class MultiHeadAttention(nn.Module):
             start += rows
         self.qkv_weight = fused
         self.qkv_bias = torch.cat([p.bias.detach() for p in projections]) if self.q_proj.bias is not None else None
+        if self.q_norm is not None:  # each head's norm weight, q's heads then k's (see _fused_qkv)
+            self.qk_norm_weight = torch.cat([self.q_norm.weight.detach().expand(self.n_heads, -1),
+                                             self.k_norm.weight.detach().expand(self.n_kv_heads, -1)])
+
+    def _fused_qkv(self, x: torch.Tensor, positions: torch.Tensor | None):
+        """q, k, v (batch, heads, seq, head_dim) after `fuse_projections`: one matmul for the three
+        projections, and q's and k's heads normalised and rotated together (the same arithmetic per head
+        as q_norm, k_norm and the rotary embedding apart, in fewer operations)."""
+        batch, seq, _ = x.shape
+        heads = inference_linear(x, self.qkv_weight, self.qkv_bias).view(batch, seq, -1, self.head_dim)
+        qk, v = heads.split([self.n_heads + self.n_kv_heads, self.n_kv_heads], dim=2)
+        if self.q_norm is not None:
+            qk = F.rms_norm(qk, (self.head_dim,), None, self.q_norm.eps) * self.qk_norm_weight.to(qk.dtype)
+        q, k = self.rotary.rotate(qk.transpose(1, 2), positions).split([self.n_heads, self.n_kv_heads], dim=1)
+        return q, k, v.transpose(1, 2)
 
     def new_cache(self, batch: int, max_len: int, device, dtype) -> KVCache:
         return KVCache(batch, self.n_kv_heads, max_len, self.head_dim, device, dtype)
@@ -125,16 +153,16 @@ class MultiHeadAttention(nn.Module):
         attends to the cached keys up to its own position. `key_mask` (batch, seq): the tokens other
         queries may attend to (Mixture-of-Depths: the tokens its block processes)."""
         batch, seq, _ = x.shape
-        if self.qkv_weight is not None:  # one matmul for the three projections (see fuse_projections)
-            q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(self.qkv_sizes, dim=-1)
+        if self.qkv_weight is not None:
+            q, k, v = self._fused_qkv(x, positions)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.reshape(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.reshape(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.reshape(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(q, k, positions=positions)
+            q = q.reshape(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+            k = k.reshape(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            v = v.reshape(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.rotary(q, k, positions=positions)
         mask, causal = None, True
         if kv_cache is not None:
             kv_cache.write(positions, k, v, key_mask)

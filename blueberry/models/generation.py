@@ -59,11 +59,21 @@ def sample_rows(logits: torch.Tensor, temperature: float, top_k: int | None, top
                 generators: list[torch.Generator]) -> torch.Tensor:
     """Next token of each row of `logits` (rows,), all with the same parameters (temperature > 0), row r
     drawn with `generators[r]` alone, so a row's draw does not depend on its neighbours: the rows'
-    distributions computed together, each row's noise from its own generator."""
+    distributions computed together, then one uniform number per row from its own generator, looked up in
+    the row's cumulative distribution (inverse-CDF sampling: one random number per row where the
+    exponential race of `sample_next` needs one per token)."""
     probs = sampling_log_probs(logits, temperature, top_k, top_p).exp()
-    noise = torch.stack([torch.empty(probs.shape[-1], device=probs.device).exponential_(generator=g)
-                         for g in generators])
-    return _race(probs, noise)
+    uniform = torch.cat([torch.rand(1, generator=g, device=probs.device) for g in generators])
+    return _inverse_cdf(probs, uniform)
+
+
+def _inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """For each row the first token whose cumulative probability exceeds uniform * the row's total: token i
+    with probability p_i / sum(p), never a token of probability 0 (its cumulative sum equals the one before)."""
+    cdf = probs.cumsum(-1)
+    tokens = torch.searchsorted(cdf, (uniform[:, None] * cdf[:, -1:]).contiguous(), right=True)[:, 0]
+    last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(-1)  # the last token that can be drawn
+    return torch.minimum(tokens, last)  # uniform * total rounded up to the total picks the last one
 
 
 def _race(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

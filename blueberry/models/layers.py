@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.matmul import inference_linear
+
 
 class RMSNorm(nn.RMSNorm):
     """PyTorch's RMSNorm, its weight in the input's dtype: under autocast a norm's input is the bf16/fp16
@@ -32,6 +34,20 @@ def stored_transposed(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().t().contiguous().t()
 
 
+class InferenceLinear(nn.Linear):
+    """An `nn.Linear` prepared for decoding (`TransformerLM.fuse_projections`): the same parameters, its
+    product by `ops.matmul.inference_linear` (the kernel for the weight's inference layout)."""
+
+    @classmethod
+    def of(cls, linear: nn.Linear) -> "InferenceLinear":
+        new = cls.__new__(cls)
+        new.__dict__.update(linear.__dict__)  # the same parameters, hooks and flags; no copy
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return inference_linear(x, self.weight, self.bias)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -55,15 +71,22 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None = None):
         """q, k: (batch, heads, seq, head_dim). Positions 0..seq-1, or `positions` (batch, seq)."""
+        cos, sin = self._cos_sin(q.shape[-2], positions, q.dtype)
+        return q * cos + rotate_half(q) * sin, k * cos.to(k.dtype) + rotate_half(k) * sin.to(k.dtype)
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """One tensor's heads (batch, heads, seq, head_dim) rotated: q and k stacked along the heads."""
+        cos, sin = self._cos_sin(x.shape[-2], positions, x.dtype)
+        return x * cos + rotate_half(x) * sin
+
+    def _cos_sin(self, seq: int, positions: torch.Tensor | None, dtype: torch.dtype):
         if positions is None:
-            seq = q.shape[-2]
             if seq > self.cos.shape[0]:
                 raise ValueError(f"sequence of {seq} positions exceeds max_seq_len {self.cos.shape[0]}")
             cos, sin = self.cos[:seq], self.sin[:seq]
         else:
             cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (batch, 1, seq, dim)
-        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-        return q * cos + rotate_half(q) * sin, k * cos.to(k.dtype) + rotate_half(k) * sin.to(k.dtype)
+        return cos.to(dtype), sin.to(dtype)
 
 
 def relu_squared(x: torch.Tensor) -> torch.Tensor:
@@ -113,7 +136,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_weight is not None:
-            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+            gate, up = inference_linear(x, self.gate_up_weight).chunk(2, dim=-1)
             return self.dropout(self.down(F.silu(gate) * up))
         return self.dropout(self.down(F.silu(self.gate(x)) * self.up(x)))
 

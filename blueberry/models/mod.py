@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import KVCache
 from .block import Block
 from .moe import MoEAux
 
@@ -49,7 +50,9 @@ class MixtureOfDepths(nn.Module):
         return self.block.ffn
 
     def new_cache(self, batch: int, max_len: int, device, dtype):
-        return self.block.new_cache(batch, max_len, device, dtype)
+        """The block's cache; attention's keeps which tokens were processed (the skipped ones are not seen)."""
+        cache = self.block.new_cache(batch, max_len, device, dtype)
+        return cache.with_validity() if isinstance(cache, KVCache) else cache
 
     def forward(self, x: torch.Tensor, doc_ids=None, kv_cache=None, positions=None):
         scores = self.router(x).squeeze(-1)

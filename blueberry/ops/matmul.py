@@ -1,4 +1,5 @@
-"""The one entry point the models use for matrix products: FP8 when asked and worthwhile, else plain."""
+"""The models' matrix products: FP8 when asked and worthwhile, else plain (`linear`, `matmul`); and the
+inference product by a weight in the decode layout (`inference_linear`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """y = x @ weight.T + bias. FP8 only when `use_fp8` and the weight's shape qualifies."""
     if use_fp8 and fp8_shapes_qualify(weight.shape[1], weight.shape[0]):
         return fp8_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+_ONEDNN = torch.backends.mkldnn.is_available()
+
+
+def inference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ weight.T + bias for inference. Several rows of float32 by a CPU weight stored by input rows
+    (the layout `Capabilities.decode_weights_transposed` asks for: `models.layers.stored_transposed`) run
+    on oneDNN's kernel: MKL's generic path is far slower there from two rows up, though fastest for one
+    (`benchmarks/gemv_layout.py`). Anything else, and anything torch.compile traces (inductor picks its
+    own kernels), is `F.linear`."""
+    if (_ONEDNN and x.numel() > x.shape[-1] and weight.stride(0) == 1 and weight.stride(1) == weight.shape[0] > 1
+            and weight.dtype == torch.float32 and x.dtype == torch.float32 and weight.device.type == "cpu"
+            and not torch.compiler.is_compiling()):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
 

@@ -77,6 +77,13 @@ class Capabilities:
         oneDNN's bf16 ones run far slower (`benchmarks/gemv_layout.py`); GPU libraries take either alike."""
         return not self.is_cuda and dtype == torch.float32
 
+    def serving_threads(self) -> int | None:
+        """torch's intra-op threads for a server's engine: on a CPU one core fewer than it has (at least
+        one), the other left to the HTTP event loop and its streams: intra-op threads that share a core
+        with them wait at every one of a decode step's many small kernels (`benchmarks/server_load.py
+        --serve-args="--threads N"` compares). GPUs: None, torch's default."""
+        return None if self.is_cuda else max(1, self.cpu_cores - 1)
+
     def decode_compile_options(self, experts: bool = False) -> dict:
         """Inductor options for the generation engine's fixed-shape decode step (a handful of small matmuls
         and the kernels between them, run once per token). CPU: the weights folded in as constants and
