@@ -1,7 +1,7 @@
 """Decode speed: Blueberry's engine vs Hugging Face `generate()` (and llama.cpp) on the same weights, side by side.
 
     python benchmarks/decode_speed.py [--run RUN] [--config cpu] [--new-tokens 128] [--prompt-tokens 32]
-                                      [--repeats 3] [--llama-python PYTHON]
+                                      [--repeats 5] [--llama-python PYTHON]
 
 Weights: a trained run (`--run`, its own tokenizer and a prompt from its text) or, without it, random
 weights at the preset's shapes for each of `--models` (speed does not depend on what the weights
@@ -17,8 +17,9 @@ detokenization costs less than on a trained run). For each precision (fp32, bf16
                       run by this interpreter or by `--llama-python` (one that has llama-cpp-python)
 Every variant generates `--new-tokens` tokens greedily after the same prompts (end-of-text does not stop
 it); "same" counts the first sequence's tokens equal to transformers'. tokens/s = batch * new tokens /
-the fastest of `--repeats` timed runs after one warm-up. floor: the tokens/s if a decode step only read
-its weights once at the memory bandwidth measured here (a tensor far larger than the caches, summed).
+the fastest of `--repeats` timed runs after one warm-up, the variants taking turns run by run (a slow
+spell of a shared machine falls on all alike). floor: the tokens/s if a decode step only read its weights
+once at the memory bandwidth measured here (a tensor far larger than the caches, summed).
 """
 
 from __future__ import annotations
@@ -83,10 +84,11 @@ def measure(name, model, tokenizer, dtype_name, batch, args, bandwidth) -> list[
     if batch == 1 and args.llama_cpp and args.run:
         variants["llama.cpp"] = (llama_cpp_variant(model, tokenizer, prompts[0], args.new_tokens, dtype_name,
                                                    args.llama_python), plain)
-    outputs, times = {}, {}
-    for variant, (fn, _) in variants.items():
-        outputs[variant] = fn()  # the untimed warm-up (and compilation): its first sequence's tokens
-        times[variant] = timed(fn, warmup=0, repeats=args.repeats, stat="min")
+    outputs = {variant: fn() for variant, (fn, _) in variants.items()}  # untimed warm-ups (and compilation)
+    times = {variant: float("inf") for variant in variants}
+    for _ in range(args.repeats):  # round robin: a slow spell of the machine falls on every variant alike
+        for variant, (fn, _) in variants.items():
+            times[variant] = min(times[variant], timed(fn, warmup=0, repeats=1, stat="min"))
     rows = []
     for variant, seconds in times.items():
         nbytes = weight_bytes(variants[variant][1])
@@ -105,7 +107,7 @@ def main() -> None:
     p.add_argument("--config", default="cpu")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--models", default="standard,moe", help="model types of the random weights")
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--batches", default="1,8")

@@ -6,7 +6,9 @@ Starts `blueberry serve` on a free port (trains a small run first when --run is 
 concurrency level C runs C clients at once, each sending `--requests` streaming completions one after
 another (sampled, temperature 0.8, distinct seeds; a stop string that never appears, so every request
 yields exactly --max-tokens tokens unless it hits end-of-text). Reports requests/s, output tokens/s,
-p50/p99 time to first token and total latency, errors. The server process group is killed at the end.
+p50/p99 time to first token and total latency, errors. The server process group is killed at the end; then,
+for the same levels, the engine alone in this process (C such requests at once, `--requests` times, with the
+server's thread count and --compile): what the HTTP side costs, beside the batching the engine itself gets.
 """
 
 from __future__ import annotations
@@ -62,6 +64,33 @@ def one_client(base: str, requests: int, max_tokens: int, seed: int, results: li
                             "latency": time.perf_counter() - start, "chunks": tokens})
 
 
+def engine_alone(run: str, levels: list[int], requests: int, max_tokens: int, slots: int, threads: int | None,
+                 compile: bool) -> list[float]:
+    """Output tokens/s of each level's number of such requests at once through one engine in this process,
+    `requests` times."""
+    import torch
+
+    from blueberry.inference.engine import Engine, SamplingParams
+    from blueberry.runs.loading import load_model
+    from blueberry.system import detect_capabilities
+
+    model, _, tokenizer, _ = load_model(run, device="cpu")
+    if threads or "OMP_NUM_THREADS" not in os.environ:  # as `blueberry serve` sets them
+        torch.set_num_threads(threads or min(detect_capabilities("cpu").serving_threads(), torch.get_num_threads()))
+    engine = Engine(model, tokenizer, slots=slots, compile=compile)
+    ids = tokenizer.encode("ROMEO:")
+    engine.generate([ids], SamplingParams(max_new_tokens=8, temperature=0.8, seed=0))  # warm-up (and compile)
+    rates = []
+    for level in levels:
+        start, tokens = time.perf_counter(), 0
+        for i in range(requests):
+            params = [SamplingParams(max_new_tokens=max_tokens, temperature=0.8, seed=c * 1000 + i,
+                                     stop=("@@@@",)) for c in range(level)]
+            tokens += sum(len(s.output_ids) for s in engine.generate([ids] * level, params))
+        rates.append(tokens / (time.perf_counter() - start))
+    return rates
+
+
 def percentile(values, q):
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))]
@@ -76,7 +105,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--slots", type=int, default=16)
     p.add_argument("--levels", default="1,4,16")
-    p.add_argument("--serve-args", default="", help="more `blueberry serve` flags, e.g. '--no-compile'")
+    p.add_argument("--serve-args", default="", help="more `blueberry serve` flags, e.g. '--compile' or '--threads 2'")
     args = p.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="blueberry-load-"))
     run = Path(args.run) if args.run else small_run(workdir)
@@ -120,6 +149,13 @@ def main() -> None:
                         "latency p50 s", "latency p99 s", "errors"], rows))
     base_rate = float(rows[0][3].replace(",", ""))
     print(f"aggregate tokens/s at {rows[-1][0]} clients = {float(rows[-1][3].replace(',', '')) / base_rate:.1f}x one client")
+    threads = next((int(v) for k, v in zip(args.serve_args.split(), args.serve_args.split()[1:]) if k == "--threads"),
+                   None)
+    levels = list(map(int, args.levels.split(",")))
+    alone = engine_alone(str(run), levels, args.requests, args.max_tokens, args.slots, threads,
+                         "--compile" in args.serve_args.split())
+    print("\n" + table(["requests at once", "engine alone tokens/s", "vs one"],
+                       [[level, f"{rate:,.0f}", f"{rate / alone[0]:.1f}x"] for level, rate in zip(levels, alone)]))
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def test_top_k_zero_is_no_cut_off():
 
 @pytest.mark.parametrize("temperature,top_k", [(0.7, None), (1.3, 3)])
 def test_sampled_rows_follow_the_softmax_each_by_its_own_generator(temperature, top_k):
-    """The engine's draws (the exponential race) against the float64 softmax of the scaled, cut logits:
+    """The engine's draws (inverse-CDF, one uniform per row) against the float64 softmax of the scaled, cut logits:
     every frequency within 4.5 standard errors; a row's draw is the same beside any neighbour."""
     from blueberry.models.generation import sample_rows
 

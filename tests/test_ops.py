@@ -187,6 +187,35 @@ def test_inference_linear_equals_float64_in_the_decode_layout(shape, bias):
         assert y.shape == (*shape[:-1], 40) and y.dtype == torch.float32
         torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-4)
     layer = torch.nn.Linear(96, 40, bias=bias)
+    layer.weight = torch.nn.Parameter(stored_transposed(layer.weight), requires_grad=False)  # as fuse_projections
     swapped = InferenceLinear.of(layer)
     assert swapped.weight is layer.weight and list(swapped.state_dict()) == list(layer.state_dict())
-    torch.testing.assert_close(swapped(x), layer(x), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(swapped(x), layer(x), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv_heads,qkv_bias,qk_norm", [(4, False, True), (2, True, True), (2, False, False)])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_fused_attention_equals_the_unfused_one(dtype, kv_heads, qkv_bias, qk_norm, transposed):
+    """The inference form of attention (q/k/v in one matmul, q's and k's heads normalised and rotated
+    together) against the module as trained, on a KV cache at scattered positions, GQA and biases."""
+    import copy
+
+    from blueberry.models.attention import MultiHeadAttention
+
+    torch.manual_seed(3)
+    trained = MultiHeadAttention(64, 4, 32, n_kv_heads=kv_heads, qk_norm=qk_norm, qkv_bias=qkv_bias).to(dtype)
+    if qk_norm:
+        for norm in (trained.q_norm, trained.k_norm):
+            norm.weight.data.uniform_(0.5, 1.5)
+    fused = copy.deepcopy(trained)
+    fused.fuse_projections(transposed)
+    x = torch.randn(3, 5, 64, dtype=dtype)
+    positions = torch.stack([torch.arange(5) + start for start in (0, 7, 20)])
+    with torch.no_grad():
+        outputs = [m(x, kv_cache=m.new_cache(3, 32, "cpu", dtype), positions=positions) for m in (trained, fused)]
+    if dtype == torch.float32:
+        torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    else:  # the same roundings but for the matmul's order
+        torch.testing.assert_close(outputs[1], outputs[0], rtol=2e-2, atol=2e-2)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -113,7 +114,7 @@ def _serve_parser(sub) -> None:
     s.add_argument("--compile", action="store_true", help="compile the decode step")
     s.add_argument("--threads", type=int, default=None,
                    help="torch's intra-op threads (default on a CPU: one core fewer than it has, the other "
-                        "left to the HTTP side)")
+                        "left to the HTTP side, unless OMP_NUM_THREADS is set)")
 
 
 def _ensemble_parser(sub) -> None:
@@ -397,8 +398,8 @@ def serve_command(args) -> int:
         raise UsageError(f"--threads must be positive, got {args.threads}")
     model, config, tok, ckpt = _load(args)
     threads = args.threads or detect_capabilities(next(model.parameters()).device.type).serving_threads()
-    if threads:
-        torch.set_num_threads(threads)
+    if args.threads or (threads and "OMP_NUM_THREADS" not in os.environ):  # the user's setting wins
+        torch.set_num_threads(args.threads or min(threads, torch.get_num_threads()))
     name = args.model_name or run_dir_of(ckpt).name
     app = create_app(Engine(model, tok, slots=args.slots, compile=args.compile), name)
     print(f"Serving {ckpt} as model {name!r} at http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)

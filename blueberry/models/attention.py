@@ -139,7 +139,8 @@ class MultiHeadAttention(nn.Module):
         heads = inference_linear(x, self.qkv_weight, self.qkv_bias).view(batch, seq, -1, self.head_dim)
         qk, v = heads.split([self.n_heads + self.n_kv_heads, self.n_kv_heads], dim=2)
         if self.q_norm is not None:
-            qk = F.rms_norm(qk, (self.head_dim,), None, self.q_norm.eps) * self.qk_norm_weight.to(qk.dtype)
+            normed = F.rms_norm(qk.float(), (self.head_dim,), None, self.q_norm.eps)  # rounded once, as RMSNorm
+            qk = (normed * self.qk_norm_weight.float()).to(qk.dtype)
         q, k = self.rotary.rotate(qk.transpose(1, 2), positions).split([self.n_heads, self.n_kv_heads], dim=1)
         return q, k, v.transpose(1, 2)
 

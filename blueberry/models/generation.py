@@ -62,8 +62,8 @@ def sample_rows(logits: torch.Tensor, temperature: float, top_k: int | None, top
     distributions computed together, then one uniform number per row from its own generator, looked up in
     the row's cumulative distribution (inverse-CDF sampling: one random number per row where the
     exponential race of `sample_next` needs one per token)."""
-    probs = sampling_log_probs(logits, temperature, top_k, top_p).exp()
-    uniform = torch.cat([torch.rand(1, generator=g, device=probs.device) for g in generators])
+    probs = sampling_log_probs(logits, temperature, top_k, top_p).exp().double()  # float64: no token rounded away
+    uniform = torch.cat([torch.rand(1, generator=g, device=probs.device, dtype=torch.float64) for g in generators])
     return _inverse_cdf(probs, uniform)
 
 

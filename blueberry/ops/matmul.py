@@ -25,12 +25,17 @@ def inference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     (the layout `Capabilities.decode_weights_transposed` asks for: `models.layers.stored_transposed`) run
     on oneDNN's kernel: MKL's generic path is far slower there from two rows up, though fastest for one
     (`benchmarks/gemv_layout.py`). Anything else, and anything torch.compile traces (inductor picks its
-    own kernels), is `F.linear`."""
+    own kernels) or anything autograd records, is `F.linear`."""
     if (_ONEDNN and x.numel() > x.shape[-1] and weight.stride(0) == 1 and weight.stride(1) == weight.shape[0] > 1
             and weight.dtype == torch.float32 and x.dtype == torch.float32 and weight.device.type == "cpu"
-            and not torch.compiler.is_compiling()):
+            and torch.backends.mkldnn.enabled and not torch.compiler.is_compiling() and not _needs_grad(x, weight, bias)):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+def _needs_grad(*tensors) -> bool:
+    """Whether autograd would record this product (oneDNN's inference kernel has no backward)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def matmul(x: torch.Tensor, w: torch.Tensor, use_fp8: bool | None = None) -> torch.Tensor:
