@@ -68,15 +68,12 @@ def engine_alone(run: str, levels: list[int], requests: int, max_tokens: int, sl
                  compile: bool) -> list[float]:
     """Output tokens/s of each level's number of such requests at once through one engine in this process,
     `requests` times."""
-    import torch
-
     from blueberry.inference.engine import Engine, SamplingParams
+    from blueberry.inference.server_generation import set_serving_threads
     from blueberry.runs.loading import load_model
-    from blueberry.system import detect_capabilities
 
     model, _, tokenizer, _ = load_model(run, device="cpu")
-    if threads or "OMP_NUM_THREADS" not in os.environ:  # as `blueberry serve` sets them
-        torch.set_num_threads(threads or min(detect_capabilities("cpu").serving_threads(), torch.get_num_threads()))
+    set_serving_threads(threads, "cpu")  # as `blueberry serve` sets them
     engine = Engine(model, tokenizer, slots=slots, compile=compile)
     ids = tokenizer.encode("ROMEO:")
     engine.generate([ids], SamplingParams(max_new_tokens=8, temperature=0.8, seed=0))  # warm-up (and compile)

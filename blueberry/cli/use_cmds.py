@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
@@ -390,16 +389,14 @@ def serve_command(args) -> int:
     from ..inference import Engine
     from ..inference.server import create_app
     from ..runs.checkpoint import run_dir_of
-    from ..system import detect_capabilities
+    from ..inference.server_generation import set_serving_threads
 
     if not 0 < args.port < 65536 or args.slots <= 0:
         raise UsageError("--port must be in 1..65535 and --slots positive")
     if args.threads is not None and args.threads <= 0:
         raise UsageError(f"--threads must be positive, got {args.threads}")
     model, config, tok, ckpt = _load(args)
-    threads = args.threads or detect_capabilities(next(model.parameters()).device.type).serving_threads()
-    if args.threads or (threads and "OMP_NUM_THREADS" not in os.environ):  # the user's setting wins
-        torch.set_num_threads(args.threads or min(threads, torch.get_num_threads()))
+    set_serving_threads(args.threads, next(model.parameters()).device.type)
     name = args.model_name or run_dir_of(ckpt).name
     app = create_app(Engine(model, tok, slots=args.slots, compile=args.compile), name)
     print(f"Serving {ckpt} as model {name!r} at http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)

@@ -1,25 +1,38 @@
 """Requests from the server's event loop run on the engine's thread: `EngineLoop` (the thread that runs
 `Engine.step()` while there is work), `generate_all` (a whole answer, awaited on the futures the engine
 resolves when each request ends) and `stream` (server-sent events, fed by a queue the engine fills).
-Either way a client's hang-up, awaited as its `http.disconnect`, cancels its generation."""
+Either way a client's hang-up, awaited as its `http.disconnect`, cancels its generation. `set_serving_threads`:
+the engine's intra-op threads."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import os
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 
+import torch
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from ..system import detect_capabilities
 from .engine import Engine, SamplingParams, Sequence
 from .server_errors import ApiError, error_body
 
 _END = object()  # the end of a stream's text, posted by the engine thread after its last piece
+
+
+def set_serving_threads(requested: int | None, device_type: str) -> None:
+    """torch's intra-op threads for a served engine: `requested`, else (unless OMP_NUM_THREADS is set) the
+    device's `serving_threads()`, never more than torch has."""
+    if requested:
+        torch.set_num_threads(requested)
+    elif "OMP_NUM_THREADS" not in os.environ and (threads := detect_capabilities(device_type).serving_threads()):
+        torch.set_num_threads(min(threads, torch.get_num_threads()))
 
 
 class EngineLoop:

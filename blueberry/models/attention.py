@@ -108,7 +108,6 @@ class MultiHeadAttention(nn.Module):
         self.rotary = RotaryEmbedding(self.head_dim, max_seq_len, rope_theta)
         self.dropout = dropout
         self.qkv_weight = self.qkv_bias = self.qk_norm_weight = None
-        self.qkv_sizes = (n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim)
 
     def fuse_projections(self, transposed: bool = False) -> None:
         """For inference: store q, k and v projections as row blocks of one matrix (the three weights become

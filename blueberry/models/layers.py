@@ -72,12 +72,11 @@ class RotaryEmbedding(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None = None):
         """q, k: (batch, heads, seq, head_dim). Positions 0..seq-1, or `positions` (batch, seq)."""
         cos, sin = self._cos_sin(q.shape[-2], positions, q.dtype)
-        return q * cos + rotate_half(q) * sin, k * cos.to(k.dtype) + rotate_half(k) * sin.to(k.dtype)
+        return _rotated(q, cos, sin), _rotated(k, cos.to(k.dtype), sin.to(k.dtype))
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """One tensor's heads (batch, heads, seq, head_dim) rotated: q and k stacked along the heads."""
-        cos, sin = self._cos_sin(x.shape[-2], positions, x.dtype)
-        return x * cos + rotate_half(x) * sin
+        return _rotated(x, *self._cos_sin(x.shape[-2], positions, x.dtype))
 
     def _cos_sin(self, seq: int, positions: torch.Tensor | None, dtype: torch.dtype):
         if positions is None:
@@ -87,6 +86,10 @@ class RotaryEmbedding(nn.Module):
         else:
             cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (batch, 1, seq, dim)
         return cos.to(dtype), sin.to(dtype)
+
+
+def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
 
 
 def relu_squared(x: torch.Tensor) -> torch.Tensor:
