@@ -3,7 +3,8 @@
     python benchmarks/server_load.py [--run RUN] [--requests 4] [--max-tokens 64] [--slots 16]
 
 Starts `blueberry serve` on a free port (trains a small run first when --run is not given), then for each
-concurrency level C runs C clients at once, each sending `--requests` streaming completions one after
+concurrency level C runs C clients at once (aiohttp, on one event loop: client threads would take the
+interpreter lock, and the cores, from the server they measure), each sending `--requests` streaming completions one after
 another (sampled, temperature 0.8, distinct seeds; a stop string that never appears, so every request
 yields exactly --max-tokens tokens unless it hits end-of-text). Reports requests/s, output tokens/s,
 p50/p99 time to first token and total latency, errors. The server process group is killed at the end; then,
@@ -14,6 +15,7 @@ server's thread count and --compile): what the HTTP side costs, beside the batch
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import signal
@@ -21,7 +23,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -41,27 +42,37 @@ def small_run(workdir: Path) -> Path:
     return run
 
 
-def one_client(base: str, requests: int, max_tokens: int, seed: int, results: list) -> None:
-    import httpx
+async def one_client(http, base: str, requests: int, max_tokens: int, seed: int, results: list) -> None:
+    for i in range(requests):
+        body = {"model": "bench", "prompt": "ROMEO:", "max_tokens": max_tokens, "temperature": 0.8,
+                "seed": seed * 1000 + i, "stream": True, "stop": ["@@@@"]}
+        start, first, tokens, ok = time.perf_counter(), None, 0, True
+        try:
+            async with http.post(f"{base}/v1/completions", json=body) as r:
+                ok = r.status == 200
+                async for line in r.content:
+                    if line.startswith(b"data: {"):
+                        chunk = json.loads(line[6:])
+                        if chunk["choices"][0].get("text"):
+                            first = first or time.perf_counter()
+                            tokens += 1
+        except Exception:
+            ok = False
+        results.append({"ok": ok, "ttft": (first or time.perf_counter()) - start,
+                        "latency": time.perf_counter() - start, "chunks": tokens})
 
-    with httpx.Client(timeout=300) as http:
-        for i in range(requests):
-            body = {"model": "bench", "prompt": "ROMEO:", "max_tokens": max_tokens, "temperature": 0.8,
-                    "seed": seed * 1000 + i, "stream": True, "stop": ["@@@@"]}
-            start, first, tokens, ok = time.perf_counter(), None, 0, True
-            try:
-                with http.stream("POST", f"{base}/v1/completions", json=body) as r:
-                    ok = r.status_code == 200
-                    for line in r.iter_lines():
-                        if line.startswith("data: {"):
-                            chunk = json.loads(line[6:])
-                            if chunk["choices"][0].get("text"):
-                                first = first or time.perf_counter()
-                                tokens += 1
-            except Exception:
-                ok = False
-            results.append({"ok": ok, "ttft": (first or time.perf_counter()) - start,
-                            "latency": time.perf_counter() - start, "chunks": tokens})
+
+async def clients(base: str, level: int, requests: int, max_tokens: int) -> tuple[list, float]:
+    """`level` clients at once on one event loop (aiohttp: the clients' own CPU is small beside the
+    server's, on the same machine); their results and the wall time."""
+    import aiohttp
+
+    results: list = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300),
+                                     connector=aiohttp.TCPConnector(limit=0)) as http:
+        start = time.perf_counter()
+        await asyncio.gather(*(one_client(http, base, requests, max_tokens, c, results) for c in range(level)))
+        return results, time.perf_counter() - start
 
 
 def engine_alone(run: str, levels: list[int], requests: int, max_tokens: int, slots: int, threads: int | None,
@@ -69,7 +80,7 @@ def engine_alone(run: str, levels: list[int], requests: int, max_tokens: int, sl
     """Output tokens/s of each level's number of such requests at once through one engine in this process,
     `requests` times."""
     from blueberry.inference.engine import Engine, SamplingParams
-    from blueberry.inference.server_generation import set_serving_threads
+    from blueberry.inference.engine_worker import set_serving_threads
     from blueberry.runs.loading import load_model
 
     model, _, tokenizer, _ = load_model(run, device="cpu")
@@ -119,17 +130,9 @@ def main() -> None:
                     break
             except httpx.HTTPError:
                 time.sleep(0.2)
-        one_client(base, 1, 8, 0, [])  # warm-up
+        asyncio.run(clients(base, 1, 1, 8))  # warm-up
         for level in map(int, args.levels.split(",")):
-            results: list = []
-            threads = [threading.Thread(target=one_client, args=(base, args.requests, args.max_tokens, c, results))
-                       for c in range(level)]
-            start = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            wall = time.perf_counter() - start
+            results, wall = asyncio.run(clients(base, level, args.requests, args.max_tokens))
             good = [r for r in results if r["ok"]]
             rows.append([level, len(results), f"{len(good) / wall:.2f}",
                          f"{sum(r['chunks'] for r in good) / wall:,.0f}",

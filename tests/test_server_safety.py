@@ -1,6 +1,7 @@
 """`blueberry serve` under requests that used to hurt it: a poisonous sampling value beside innocent
 requests, a chunked body over the limit, empty stop strings, top-k 0, streams whose last piece could be
-lost, hang-ups during non-streamed requests; and `generate --top-k 0` on the command line."""
+lost, hang-ups during non-streamed requests, an engine process killed mid-request; and `generate --top-k 0` on
+the command line."""
 
 from __future__ import annotations
 
@@ -148,3 +149,47 @@ def test_generate_with_top_k_zero(served_run):
 def test_unpaired_surrogates_are_refused(server, path, body):
     r = httpx.post(f"{server}{path}", content=body, headers={"content-type": "application/json"}, timeout=60)
     assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"], r.text
+
+
+def _engine_pid(server_pid: int) -> int:
+    """The engine process `blueberry serve` spawned (not multiprocessing's resource tracker)."""
+    for child in open(f"/proc/{server_pid}/task/{server_pid}/children").read().split():
+        if b"spawn_main" in open(f"/proc/{child}/cmdline", "rb").read():
+            return int(child)
+    raise AssertionError("no engine process")
+
+
+def test_a_killed_engine_fails_its_requests_alone_and_is_started_again(served_run):
+    import os
+    import signal
+
+    with ServedRun(served_run, slots=2) as served:
+        before = greedy_text(served.base, "the king", 30, ignore_eos=True)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            long = {"prompt": "the", "max_tokens": 480, "temperature": 1.0, "ignore_eos": True}
+            plain = pool.submit(complete, served.base, **long)
+            events = []
+
+            def stream_events():
+                with httpx.stream("POST", f"{served.base}/v1/completions", timeout=120,
+                                  json={"model": "tiny", "stream": True, **long}) as r:
+                    events.extend(json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {"))
+
+            streaming = pool.submit(stream_events)
+            deadline = time.time() + 30
+            while sum(httpx.get(f"{served.base}/health").json()[k] for k in ("active", "queued")) < 2:
+                assert time.time() < deadline and not plain.done(), "the requests never reached the engine"
+                time.sleep(0.05)
+            os.kill(_engine_pid(served.pid), signal.SIGKILL)
+            r = plain.result(timeout=60)
+            streaming.result(timeout=60)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable", r.text
+        assert "engine process stopped" in r.json()["error"]["message"]
+        assert events and events[-1]["error"]["code"] == "engine_unavailable", events[-1:]
+        deadline = time.time() + 120
+        while (again := complete(served.base, prompt="the king", max_tokens=30, temperature=0,
+                                 ignore_eos=True)).status_code == 503:
+            assert time.time() < deadline, "the engine did not come back"
+            time.sleep(0.2)
+        assert again.status_code == 200 and again.json()["choices"][0]["text"] == before
+        assert "the engine process stopped (exit code -9)" in served.stderr()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
@@ -386,22 +387,32 @@ def quantize_command(args) -> int:
 def serve_command(args) -> int:
     uvicorn = require("uvicorn", "serve", "blueberry serve")
     require("fastapi", "serve", "blueberry serve")
-    from ..inference import Engine
+    from ..inference.engine_process import EngineProcess
     from ..inference.server import create_app
-    from ..runs.checkpoint import run_dir_of
-    from ..inference.server_generation import set_serving_threads
+    from ..runs.checkpoint import resolve_run, run_dir_of
 
     if not 0 < args.port < 65536 or args.slots <= 0:
         raise UsageError("--port must be in 1..65535 and --slots positive")
     if args.threads is not None and args.threads <= 0:
         raise UsageError(f"--threads must be positive, got {args.threads}")
-    model, config, tok, ckpt = _load(args)
-    set_serving_threads(args.threads, next(model.parameters()).device.type)
+    ckpt = resolve_run(args.checkpoint)
     name = args.model_name or run_dir_of(ckpt).name
-    app = create_app(Engine(model, tok, slots=args.slots, compile=args.compile), name)
+    engine = EngineProcess(functools.partial(served_model, str(ckpt), args.device, args.dtype), slots=args.slots,
+                           compile=args.compile, threads=args.threads)
     print(f"Serving {ckpt} as model {name!r} at http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    try:
+        uvicorn.run(create_app(engine, name), host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.close()
     return 0
+
+
+def served_model(checkpoint: str, device: str | None, dtype: str):
+    """(model, tokenizer) of `blueberry serve`, loaded in its engine process."""
+    from ..runs.loading import load_model
+
+    model, _, tok, _ = load_model(checkpoint, device, DTYPES[dtype])
+    return model, tok
 
 
 def import_command(args) -> int:

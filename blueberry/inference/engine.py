@@ -36,6 +36,17 @@ class ContextLengthError(ValueError):
     """The prompt and the tokens asked for do not fit in the model's context window."""
 
 
+def check_request(prompt_len: int, max_new_tokens: int, context: int) -> None:
+    """Refuse (ValueError, ContextLengthError) a request that cannot be generated in `context` tokens."""
+    if prompt_len == 0:
+        raise ValueError("the prompt is empty")
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    if prompt_len + max_new_tokens > context:
+        raise ContextLengthError(f"the prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) "
+                                 f"exceeds the model's context of {context} tokens; shorten one of them")
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 200
@@ -58,7 +69,8 @@ class Sequence:
     text: str = ""  # text released so far (never a partial character or a partial stop string)
     finish_reason: str | None = None  # "stop" (end-of-text or a stop string), "length", "cancelled", "error"
     error: str | None = None
-    error_kind: str | None = None  # "request": its own sampling parameters failed; "internal": anything else
+    error_kind: str | None = None  # "request": its own sampling parameters failed; "unavailable": the engine
+    # process stopped under it (`EngineProcess`); "internal": anything else
     on_done: Callable[["Sequence"], None] | None = None  # called once, on the engine thread, after the last text
     cancelled: bool = False
     slot: int | None = None
@@ -95,13 +107,7 @@ class Engine:
 
     # ---- requests ----
     def check(self, prompt_len: int, max_new_tokens: int) -> None:
-        if prompt_len == 0:
-            raise ValueError("the prompt is empty")
-        if max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
-        if prompt_len + max_new_tokens > self.context:
-            raise ContextLengthError(f"the prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) "
-                                     f"exceeds the model's context of {self.context} tokens; shorten one of them")
+        check_request(prompt_len, max_new_tokens, self.context)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, on_text=None, on_done=None) -> Sequence:
         """Queue a request (it joins the batch at the next step); thread-safe. `on_done(seq)` is called once
@@ -149,15 +155,23 @@ class Engine:
                     "finished": dict(self.finished_counts)}
 
     # ---- the loop ----
-    @torch.no_grad()
     def step(self) -> list[Sequence]:
         """Admit queued requests into free slots (prefill), then decode one token for every slot.
         Returns the requests that finished during this step."""
-        finished = self._drop_cancelled()
-        finished += self._admit()
+        return self.admit() + self.decode()
+
+    @torch.no_grad()
+    def admit(self) -> list[Sequence]:
+        """The first half of a step: drop the cancelled requests, prefill queued ones into the free slots
+        (each gets its first token). Returns the requests that finished."""
+        return self._drop_cancelled() + self._admit()
+
+    @torch.no_grad()
+    def decode(self) -> list[Sequence]:
+        """The second half of a step: one token for every busy slot. Returns the requests that finished."""
         active = [i for i, s in enumerate(self.slots) if s is not None]
         if not active:
-            return finished
+            return []
         # compiled: always every slot (one fixed shape); eager: the slots up to the last busy one
         rows = len(self.slots) if self.compiled else active[-1] + 1
         last, where = [0] * rows, [0] * rows
@@ -169,10 +183,7 @@ class Engine:
         length = None if self.compiled else max(where) + 1  # eager: attend over the positions reached only
         logits = self._decode(tokens, positions, length)
         seqs = [self.slots[i] for i in active]
-        for seq, token in zip(seqs, self._sample(seqs, logits[active])):
-            if self._advance(seq, token):
-                finished.append(seq)
-        return finished
+        return [seq for seq, token in zip(seqs, self._sample(seqs, logits[active])) if self._advance(seq, token)]
 
     def _advance(self, seq: Sequence, token) -> bool:
         """Append a sampled token (or fail `seq` alone if its sampling or appending raised); True when

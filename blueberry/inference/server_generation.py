@@ -1,45 +1,36 @@
-"""Requests from the server's event loop run on the engine's thread: `EngineLoop` (the thread that runs
-`Engine.step()` while there is work), `generate_all` (a whole answer, awaited on the futures the engine
-resolves when each request ends) and `stream` (server-sent events, fed by a queue the engine fills).
-Either way a client's hang-up, awaited as its `http.disconnect`, cancels its generation. `set_serving_threads`:
-the engine's intra-op threads."""
+"""Requests from the server's event loop go to an engine runner: `EngineLoop` (an `Engine` on a thread of
+this process) or `engine_process.EngineProcess` (an engine in a process of its own, what `blueberry serve`
+runs). Both offer `submit`, `cancel`, `check`, `stats`, `close` and the `tokenizer`, `context` and
+`slot_count` served. `generate_all` awaits a whole answer on the futures resolved when each request ends;
+`stream` answers with server-sent events fed by a queue the runner fills. Either way a client's hang-up,
+awaited as its `http.disconnect`, cancels its generation."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
-import os
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 
-import torch
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from ..system import detect_capabilities
 from .engine import Engine, SamplingParams, Sequence
 from .server_errors import ApiError, error_body
 
 _END = object()  # the end of a stream's text, posted by the engine thread after its last piece
 
 
-def set_serving_threads(requested: int | None, device_type: str) -> None:
-    """torch's intra-op threads for a served engine: `requested`, else (unless OMP_NUM_THREADS is set) the
-    device's `serving_threads()`, never more than torch has."""
-    if requested:
-        torch.set_num_threads(requested)
-    elif "OMP_NUM_THREADS" not in os.environ and (threads := detect_capabilities(device_type).serving_threads()):
-        torch.set_num_threads(min(threads, torch.get_num_threads()))
-
-
 class EngineLoop:
-    """Runs the engine on its own thread; requests come in from the server's event loop."""
+    """Runs an engine on a thread of this process; requests come in from the server's event loop. (Its
+    Python shares this process's interpreter lock with the event loop: `EngineProcess` does not.)"""
 
     def __init__(self, engine: Engine):
         self.engine = engine
+        self.tokenizer, self.context, self.slot_count = engine.tokenizer, engine.context, len(engine.slots)
         self.wake = threading.Event()
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="blueberry-engine", daemon=True)
@@ -61,6 +52,18 @@ class EngineLoop:
         self.wake.set()
         return seq
 
+    def cancel(self, seq: Sequence) -> None:
+        Engine.cancel(seq)
+
+    def check(self, prompt_len: int, max_new_tokens: int) -> None:
+        self.engine.check(prompt_len, max_new_tokens)
+
+    def stats(self) -> dict:
+        return self.engine.stats()
+
+    def close(self) -> None:
+        self.stopping = True
+
 
 async def client_gone(request: Request) -> None:
     """Return when the client hangs up: its body has been read, so the next ASGI message is the disconnect
@@ -75,7 +78,7 @@ def _settle(future: asyncio.Future, seq: Sequence) -> None:
         future.set_result(seq)
 
 
-async def generate_all(loop: EngineLoop, request: Request, ids: list[list[int]],
+async def generate_all(loop, request: Request, ids: list[list[int]],
                        params: list[SamplingParams]) -> list[Sequence]:
     """Generate every prompt, until the last one ends or the client hangs up (which cancels them all)."""
     aio_loop = asyncio.get_running_loop()
@@ -90,7 +93,7 @@ async def generate_all(loop: EngineLoop, request: Request, ids: list[list[int]],
         gone.cancel()
         for s in seqs:
             if not s.done.is_set():
-                Engine.cancel(s)
+                loop.cancel(s)
     raise_if_failed(seqs)
     return seqs
 
@@ -113,7 +116,7 @@ class _Chunks:
         return self.event({"content": piece} if self.chat else {"text": piece})
 
 
-def stream(loop: EngineLoop, request: Request, ids: list[int], params: SamplingParams, model: str,
+def stream(loop, request: Request, ids: list[int], params: SamplingParams, model: str,
            chat: bool) -> StreamingResponse:
     """Start generating `ids` and answer with its text as server-sent events, ending with `data: [DONE]`."""
     aio_loop = asyncio.get_running_loop()
@@ -121,7 +124,7 @@ def stream(loop: EngineLoop, request: Request, ids: list[int], params: SamplingP
     seq = loop.submit(ids, params, lambda d: aio_loop.call_soon_threadsafe(queue.put_nowait, d),
                       lambda _s: aio_loop.call_soon_threadsafe(queue.put_nowait, _END))
     chunks = _Chunks(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", model, chat)
-    return _GenerationStream(_events(request, queue, seq, chunks), seq, media_type="text/event-stream")
+    return _GenerationStream(_events(request, queue, seq, chunks), seq, loop, media_type="text/event-stream")
 
 
 async def _events(request: Request, queue: asyncio.Queue, seq: Sequence, chunks: _Chunks):
@@ -148,16 +151,16 @@ class _GenerationStream(StreamingResponse):
     sending task wherever it is; when that is inside `send` rather than inside the event generator, the
     generator's own `finally` would wait for garbage collection, and the generation would run on."""
 
-    def __init__(self, content, seq, **kwargs):
+    def __init__(self, content, seq, loop, **kwargs):
         super().__init__(content, **kwargs)
-        self.seq = seq
+        self.seq, self.loop = seq, loop
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             if not self.seq.done.is_set():
-                Engine.cancel(self.seq)  # the client went away: its slot is freed at the next step
+                self.loop.cancel(self.seq)  # the client went away: its slot is freed at the next step
             await self.body_iterator.aclose()
 
 
@@ -187,6 +190,8 @@ def failure_body(seq: Sequence) -> dict:
     if seq.error_kind == "request":
         return error_body(f"this request's sampling parameters failed: {seq.error}", "invalid_request_error",
                           code="invalid_value")
+    if seq.error_kind == "unavailable":  # the engine process stopped or is starting again: worth a retry
+        return error_body(f"{seq.error}; retry the request", "server_error", code="engine_unavailable")
     return error_body("generation failed", "server_error")
 
 
@@ -196,4 +201,6 @@ def raise_if_failed(seqs: list[Sequence]) -> None:
         raise ApiError(400, failure_body(next(s for s in failed if s.error_kind == "request"))["error"]["message"],
                        code="invalid_value")
     if failed:
-        raise ApiError(500, "generation failed", "server_error")
+        kind = "unavailable" if any(s.error_kind == "unavailable" for s in failed) else "internal"
+        body = failure_body(next(s for s in failed if s.error_kind == kind))["error"]
+        raise ApiError(503 if kind == "unavailable" else 500, body["message"], "server_error", code=body["code"])

@@ -15,7 +15,8 @@ from ..data.chat_template import ChatFormatError, chat_prompt_ids, chat_stop_str
 from .api_models import (AssistantMessage, ChatChoice, ChatRequest, ChatResponse, CompletionChoice,
                          CompletionRequest, CompletionResponse, GenerationOptions, Health, ModelCard, ModelList,
                          Usage)
-from .engine import ContextLengthError, Engine, SamplingParams, Sequence
+from .engine import ContextLengthError, SamplingParams, Sequence
+from .engine_process import EngineProcess
 from .server_errors import ApiError
 from .server_generation import EngineLoop, generate_all, stream
 
@@ -26,19 +27,19 @@ PROMPTS_PER_SLOT = 4  # a completion may hold up to this many prompts per engine
 
 @dataclass
 class ServerState:
-    """What every handler shares: the engine, the thread that runs it and the model's public name."""
-    engine: Engine
-    loop: EngineLoop
+    """What every handler shares: the engine's runner (`EngineLoop` or `EngineProcess`) and the model's
+    public name."""
+    loop: EngineLoop | EngineProcess
     model_name: str
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
     def tokenizer(self):
-        return self.engine.tokenizer
+        return self.loop.tokenizer
 
     @property
     def max_prompts(self) -> int:
-        return len(self.engine.slots) * PROMPTS_PER_SLOT
+        return self.loop.slot_count * PROMPTS_PER_SLOT
 
 
 async def server_state(request: Request) -> ServerState:
@@ -51,7 +52,7 @@ router = APIRouter()
 
 @router.get("/health", response_model=Health)
 async def health(state: State) -> Health:
-    return Health(model=state.model_name, **state.engine.stats())
+    return Health(model=state.model_name, **state.loop.stats())
 
 
 @router.get("/v1/models", response_model=ModelList)
@@ -84,7 +85,7 @@ async def chat_completions(body: ChatRequest, request: Request, state: State):
         ids = chat_prompt_ids([m.model_dump() for m in body.messages], state.tokenizer)
     except ChatFormatError as exc:
         raise ApiError(400, str(exc), param="messages", code="invalid_value") from None
-    params = sampling(state, body, len(ids), max(1, state.engine.context - len(ids)),
+    params = sampling(state, body, len(ids), max(1, state.loop.context - len(ids)),
                       chat_stop_strings(state.tokenizer))
     if body.stream:
         return stream(state.loop, request, ids, params, state.model_name, chat=True)
@@ -115,7 +116,7 @@ def sampling(state: ServerState, body: GenerationOptions, prompt_len: int, defau
                        code="invalid_value")
     _check_ranges(body)
     stops = _stops(body)
-    _check_fits(state.engine, prompt_len, max_tokens)
+    _check_fits(state.loop, prompt_len, max_tokens)
     return SamplingParams(max_new_tokens=max_tokens, temperature=float(body.temperature),
                           top_k=body.top_k or None, top_p=float(body.top_p) if body.top_p < 1 else None,
                           seed=body.seed, stop=tuple(stops) + tuple(extra_stop), stop_at_eot=not body.ignore_eos)
@@ -141,11 +142,11 @@ def _stops(body: GenerationOptions) -> list[str]:
     return stops
 
 
-def _check_fits(engine: Engine, prompt_len: int, max_tokens: int) -> None:
+def _check_fits(loop, prompt_len: int, max_tokens: int) -> None:
     try:
-        engine.check(prompt_len, max_tokens)
+        loop.check(prompt_len, max_tokens)
     except ContextLengthError as exc:
-        raise ApiError(400, str(exc), param="max_tokens" if prompt_len < engine.context else "prompt",
+        raise ApiError(400, str(exc), param="max_tokens" if prompt_len < loop.context else "prompt",
                        code="context_length_exceeded") from None
     except ValueError as exc:
         raise ApiError(400, str(exc), code="invalid_value") from None

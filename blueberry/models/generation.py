@@ -24,15 +24,25 @@ def sampling_log_probs(logits: torch.Tensor, temperature: float, top_k: int | No
                        top_p: float | None = None) -> torch.Tensor:
     """The log-probabilities `sample_next` draws from (rows, vocab), in float32, finite at one token at least
     in every row: temperature, then top-k (None, 0 or >= vocab: no cut-off), then nucleus top-p."""
-    logits = clean_logits(logits)
-    empty = ~torch.isfinite(logits).any(-1, keepdim=True)  # nothing usable in the row: uniform
-    logits = torch.where(empty, torch.zeros_like(logits), logits)
     if is_greedy(temperature):
-        best = logits.argmax(-1, keepdim=True)
-        return torch.full_like(logits, float("-inf")).scatter(-1, best, 0.0)
-    shifted = logits - logits.amax(-1, keepdim=True)  # <= 0: scaling cannot overflow upwards
-    scaled = torch.where(torch.isfinite(shifted), shifted * (1.0 / temperature), float("-inf"))
-    scaled = torch.where(torch.isnan(scaled), float("-inf"), scaled)
+        best = clean_logits(logits).argmax(-1, keepdim=True)
+        return torch.full_like(logits, float("-inf"), dtype=torch.float32).scatter(-1, best, 0.0)
+    return torch.log_softmax(_scaled(logits, temperature, top_k, top_p), dim=-1)
+
+
+def _scaled(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """float32 logits over the temperature, shifted to a maximum of 0 in every row, -inf where cut (the
+    unnormalised log-probabilities); temperature > 0, not greedy."""
+    logits = logits.float()
+    if bool(torch.isfinite(logits).all()):  # the usual case, in fewer passes: no nan can arise
+        scaled = (logits - logits.amax(-1, keepdim=True)).mul_(1.0 / temperature)
+    else:
+        logits = clean_logits(logits)
+        empty = ~torch.isfinite(logits).any(-1, keepdim=True)  # nothing usable in the row: uniform
+        logits = torch.where(empty, torch.zeros_like(logits), logits)
+        shifted = logits - logits.amax(-1, keepdim=True)  # <= 0: scaling cannot overflow upwards
+        scaled = torch.where(torch.isfinite(shifted), shifted * (1.0 / temperature), float("-inf"))
+        scaled = torch.where(torch.isnan(scaled), float("-inf"), scaled)
     if top_k is not None and 0 < top_k < scaled.shape[-1]:
         kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
@@ -42,7 +52,7 @@ def sampling_log_probs(logits: torch.Tensor, temperature: float, top_k: int | No
         remove = probs.cumsum(-1) - probs > top_p  # keep the smallest set reaching top_p (the first always)
         remove[:, 0] = False
         scaled = torch.full_like(scaled, float("-inf")).scatter(-1, order, sorted_logits.masked_fill(remove, float("-inf")))
-    return torch.log_softmax(scaled, dim=-1)
+    return scaled
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -62,18 +72,19 @@ def sample_rows(logits: torch.Tensor, temperature: float, top_k: int | None, top
     distributions computed together, then one uniform number per row from its own generator, looked up in
     the row's cumulative distribution (inverse-CDF sampling: one random number per row where the
     exponential race of `sample_next` needs one per token)."""
-    probs = sampling_log_probs(logits, temperature, top_k, top_p).exp().double()  # float64: no token rounded away
-    uniform = torch.cat([torch.rand(1, generator=g, device=probs.device, dtype=torch.float64) for g in generators])
-    return _inverse_cdf(probs, uniform)
+    weights = _scaled(logits, temperature, top_k, top_p).exp()  # unnormalised, at most 1
+    uniform = torch.cat([torch.rand(1, generator=g, device=weights.device, dtype=torch.float64) for g in generators])
+    return _inverse_cdf(weights.double(), uniform)  # float64 sums: no token rounded away
 
 
-def _inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """For each row the first token whose cumulative probability exceeds uniform * the row's total: token i
-    with probability p_i / sum(p), never a token of probability 0 (its cumulative sum equals the one before)."""
-    cdf = probs.cumsum(-1)
-    tokens = torch.searchsorted(cdf, (uniform[:, None] * cdf[:, -1:]).contiguous(), right=True)[:, 0]
-    last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(-1)  # the last token that can be drawn
-    return torch.minimum(tokens, last)  # uniform * total rounded up to the total picks the last one
+def _inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """For each row the first token whose cumulative weight exceeds uniform * the row's total: token i with
+    probability w_i / sum(w), never a token the sum does not grow by (probability 0)."""
+    cdf = weights.cumsum(-1)
+    total = cdf[:, -1:].contiguous()
+    tokens = torch.searchsorted(cdf, (uniform[:, None] * total).contiguous(), right=True)
+    last = torch.searchsorted(cdf, total)  # the first token where the sum reaches its total: the last drawable
+    return torch.minimum(tokens, last)[:, 0]  # uniform * total rounded up to the total picks that one
 
 
 def _race(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
