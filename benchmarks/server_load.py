@@ -7,7 +7,9 @@ concurrency level C runs C clients at once (aiohttp, on one event loop: client t
 interpreter lock, and the cores, from the server they measure), each sending `--requests` streaming completions one after
 another (sampled, temperature 0.8, distinct seeds; a stop string that never appears, so every request
 yields exactly --max-tokens tokens unless it hits end-of-text). Reports requests/s, output tokens/s,
-p50/p99 time to first token and total latency, errors. The server process group is killed at the end; then,
+p50/p99 time to first token and total latency, errors, and where the first tokens' time went on average (the
+server's /health: waiting for the engine process to read the request, in the engine, back to the server).
+The server process group is killed at the end; then,
 for the same levels, the engine alone in this process (C such requests at once, `--requests` times, with the
 server's thread count and --compile): what the HTTP side costs, beside the batching the engine itself gets.
 """
@@ -40,6 +42,24 @@ def small_run(workdir: Path) -> Path:
     subprocess.run([sys.executable, "train.py", "--config", "cpu", "--max-steps", "60", "--eval-every", "60",
                     "--no-compile", "--out-dir", str(run)], cwd=ROOT, check=True)
     return run
+
+
+COLUMNS = ["clients", "requests", "req/s", "output tokens/s", "TTFT p50 ms", "TTFT p99 ms", "latency p50 s",
+           "latency p99 s", "errors", "first token ms: to engine / in it / back"]
+
+
+def first_token(base: str) -> dict:
+    import httpx
+
+    return httpx.get(f"{base}/health", timeout=10).json().get("first_token") or {}
+
+
+def first_token_path(before: dict, after: dict) -> str:
+    """Mean ms of the requests' first tokens between two /health readings: reaching the engine, in it, back."""
+    count = after.get("count", 0) - before.get("count", 0)
+    if not count:
+        return "-"
+    return " / ".join(f"{(after[k] - before[k]) / count * 1e3:.0f}" for k in ("to_engine_s", "in_engine_s", "back_s"))
 
 
 async def one_client(http, base: str, requests: int, max_tokens: int, seed: int, results: list) -> None:
@@ -132,21 +152,21 @@ def main() -> None:
                 time.sleep(0.2)
         asyncio.run(clients(base, 1, 1, 8))  # warm-up
         for level in map(int, args.levels.split(",")):
+            before = first_token(base)
             results, wall = asyncio.run(clients(base, level, args.requests, args.max_tokens))
+            path = first_token_path(before, first_token(base))
             good = [r for r in results if r["ok"]]
             rows.append([level, len(results), f"{len(good) / wall:.2f}",
                          f"{sum(r['chunks'] for r in good) / wall:,.0f}",
                          f"{percentile([r['ttft'] for r in good], 0.5) * 1000:.0f}",
                          f"{percentile([r['ttft'] for r in good], 0.99) * 1000:.0f}",
                          f"{percentile([r['latency'] for r in good], 0.5):.2f}",
-                         f"{percentile([r['latency'] for r in good], 0.99):.2f}", len(results) - len(good)])
-            print(table(["clients", "requests", "req/s", "output tokens/s", "TTFT p50 ms", "TTFT p99 ms",
-                         "latency p50 s", "latency p99 s", "errors"], rows[-1:]), flush=True)
+                         f"{percentile([r['latency'] for r in good], 0.99):.2f}", len(results) - len(good), path])
+            print(table(COLUMNS, rows[-1:]), flush=True)
     finally:
         os.killpg(server.pid, signal.SIGKILL)
         server.wait()
-    print("\n" + table(["clients", "requests", "req/s", "output tokens/s", "TTFT p50 ms", "TTFT p99 ms",
-                        "latency p50 s", "latency p99 s", "errors"], rows))
+    print("\n" + table(COLUMNS, rows))
     base_rate = float(rows[0][3].replace(",", ""))
     print(f"aggregate tokens/s at {rows[-1][0]} clients = {float(rows[-1][3].replace(',', '')) / base_rate:.1f}x one client")
     threads = next((int(v) for k, v in zip(args.serve_args.split(), args.serve_args.split()[1:]) if k == "--threads"),

@@ -1,5 +1,6 @@
 """`EngineProcess`, the engine in a process of its own that `blueberry serve` runs: the same tokens and text
-as an `Engine` built in this process (greedy and seeded sampling, streamed pieces adding up to the text),
+as an `Engine` built in this process (greedy and seeded sampling, streamed pieces adding up to the text, the
+first tokens' time accounted),
 a load failure raised here as the loader raised it (and `blueberry serve` exiting on it with one line),
 and a cancelled request ending as cancelled."""
 
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import shutil
+import time
 
 import pytest
 
@@ -34,6 +36,7 @@ def test_the_engine_process_answers_as_an_engine_here(served_run):
     prompts = [tok.encode(p) for p in PROMPTS]
     here = Engine(model, tok, slots=2).generate(prompts, [_params(i) for i in range(len(prompts))])
     engine = EngineProcess(load, slots=2, threads=1)
+    start = time.time()
     try:
         streamed = [[] for _ in prompts]
         there = [engine.submit(p, _params(i), on_text=streamed[i].append) for i, p in enumerate(prompts)]
@@ -46,7 +49,11 @@ def test_the_engine_process_answers_as_an_engine_here(served_run):
     for a, b, pieces in zip(here, there, streamed):
         assert (b.output_ids, b.text, b.finish_reason, b.error) == (a.output_ids, a.text, a.finish_reason, None)
         assert "".join(pieces) == b.text and len(b.output_ids) == 24
-    assert engine.stats() == {"active": 0, "queued": 0, "finished": {"length": len(prompts)}}
+    stats = engine.stats()
+    first = stats.pop("first_token")
+    assert stats == {"active": 0, "queued": 0, "finished": {"length": len(prompts)}}
+    assert first["count"] == len(prompts) and first["in_engine_s"] > 0  # every first token, each a prefill
+    assert 0 <= first["to_engine_s"] + first["in_engine_s"] + first["back_s"] <= len(prompts) * (time.time() - start)
 
 
 def test_a_cancelled_request_ends_as_cancelled(served_run):

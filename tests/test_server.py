@@ -39,6 +39,7 @@ def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == ["tiny"]
     health = httpx.get(f"{server}/health").json()
     assert health["status"] == "ok" and health["model"] == "tiny"
+    assert set(health["first_token"]) == {"count", "to_engine_s", "in_engine_s", "back_s"}
 
 
 def test_completion_streamed_equals_not_streamed_and_the_cli(client, trained_run):

@@ -95,12 +95,15 @@ class ModelList(BaseModel):
 
 
 class Health(BaseModel):
-    """`status` and the model's name, then the engine's snapshot (`Engine.stats()`)."""
+    """`status` and the model's name, then the engine's snapshot (`Engine.stats()`); under `blueberry serve`
+    also `first_token`: the requests' first tokens' seconds reaching the engine process, in it and back,
+    summed over `count` requests (`EngineProcess.stats()`)."""
     status: Literal["ok"] = "ok"
     model: str
     active: int
     queued: int
     finished: dict[str, int]
+    first_token: dict[str, float] | None = None
 
 
 # ---- errors ----

@@ -13,6 +13,7 @@ import itertools
 import multiprocessing
 import sys
 import threading
+import time
 from collections import Counter
 from typing import Callable
 
@@ -37,6 +38,10 @@ class EngineProcess:
         self._ids = itertools.count(1)
         self._finished: Counter = Counter()
         self._active = 0  # requests in the engine's slots, as of its last message
+        self._submitted_at: dict[int, float] = {}  # requests sent that have no text yet: when
+        # where the first tokens' time went, summed over requests: waiting to be read by the engine (it reads
+        # between steps), in the engine (prefill and sampling), and on the way back to this process
+        self._first_token = {"count": 0, "to_engine_s": 0.0, "in_engine_s": 0.0, "back_s": 0.0}
         self._closing = False
         self._unavailable = "the engine process is restarting"  # why a request cannot reach it, while it cannot
         self._conn, self._process = self._start()
@@ -72,6 +77,7 @@ class EngineProcess:
             try:
                 if self._conn is None:
                     raise OSError(self._unavailable)
+                self._submitted_at[seq.id] = time.time()
                 self._conn.send(("submit", seq.id, seq.prompt_ids, params))
                 self._requests[seq.id] = seq
                 return seq
@@ -94,11 +100,12 @@ class EngineProcess:
         check_request(prompt_len, max_new_tokens, self.context)
 
     def stats(self) -> dict:
-        """Requests in the engine's slots, waiting for one, and finished by reason; thread-safe."""
+        """Requests in the engine's slots, waiting for one, finished by reason, and `first_token`: the seconds
+        the requests' first tokens spent reaching the engine, in it, and coming back, summed; thread-safe."""
         with self._lock:
-            in_flight, finished = len(self._requests), dict(self._finished)
+            in_flight, finished, first = len(self._requests), dict(self._finished), dict(self._first_token)
         active = min(self._active, in_flight)
-        return {"active": active, "queued": in_flight - active, "finished": finished}
+        return {"active": active, "queued": in_flight - active, "finished": finished, "first_token": first}
 
     def close(self) -> None:
         """Stop the engine process (it also stops by itself when this process goes away)."""
@@ -121,16 +128,19 @@ class EngineProcess:
     def _read(self) -> None:
         while not self._closing and (conn := self._conn) is not None:
             try:
-                _, events, stats = conn.recv()
+                _, events, stats, sent_at = conn.recv()
             except (EOFError, OSError):
                 if not self._closing:
                     self._restart()
                 continue
             self._active = stats["active"]
             for event in events:
-                self._dispatch(event)
+                self._dispatch(event, sent_at)
 
-    def _dispatch(self, event: tuple) -> None:
+    def _dispatch(self, event: tuple, sent_at: float) -> None:
+        if event[0] == "first":
+            self._count_first_token(event[1], event[2], sent_at)
+            return
         with self._lock:
             seq = (self._requests.get if event[0] == "text" else self._requests.pop)(event[1], None)
         if seq is None:
@@ -145,10 +155,22 @@ class EngineProcess:
             except Exception:  # its listener is gone (its event loop closed): nobody reads on
                 self.cancel(seq)
 
+    def _count_first_token(self, rid: int, read_at: float, sent_at: float) -> None:
+        now = time.time()
+        with self._lock:
+            if (submitted_at := self._submitted_at.pop(rid, None)) is None:
+                return
+            first = self._first_token
+            first["count"] += 1
+            first["to_engine_s"] += read_at - submitted_at
+            first["in_engine_s"] += sent_at - read_at
+            first["back_s"] += now - sent_at
+
     def _end(self, seq: Sequence, finish_reason, error, error_kind, output_ids) -> None:
         seq.finish_reason, seq.error, seq.error_kind, seq.output_ids = finish_reason, error, error_kind, output_ids
         with self._lock:
             self._finished[finish_reason] += 1
+            self._submitted_at.pop(seq.id, None)
         seq.done.set()
         if seq.on_done is not None:
             try:

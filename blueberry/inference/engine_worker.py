@@ -4,13 +4,16 @@ its end. One message per half step (after the prefills, after the decode), so th
 token is not held back behind everyone's next token. `set_serving_threads`: the engine's intra-op threads.
 
 Messages, server to engine: ("submit", id, prompt_ids, SamplingParams), ("cancel", id), ("stop",).
-Engine to server: ("ready", tokenizer, context) or ("failed", exception) once, then
-("events", [("text", id, piece) | ("done", id, finish_reason, error, error_kind, output_ids)], stats).
+Engine to server: ("ready", tokenizer, context) or ("failed", exception) once, then ("events", [("text", id,
+piece) | ("first", id, read_at) | ("done", id, finish_reason, error, error_kind, output_ids)], stats, sent_at):
+"first" comes before a request's first text, with the time (`time.time()`) the engine read the request;
+`sent_at` is when the message was sent, so the server can tell where a first token's time went.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Callable
 
 import torch
@@ -57,6 +60,7 @@ class _Worker:
         self.conn, self.engine = conn, engine
         self.requests: dict[int, Sequence] = {}  # by the server's id, until they end
         self.events: list[tuple] = []
+        self.read_at: dict[int, float] = {}  # requests read that have not yet sent text: when they were read
         self.server_gone = False
 
     def run(self) -> None:
@@ -87,20 +91,27 @@ class _Worker:
         return True
 
     def _submit(self, rid: int, prompt_ids: list[int], params) -> None:
+        self.read_at[rid] = time.time()
         try:
-            self.requests[rid] = self.engine.submit(prompt_ids, params, on_text=lambda piece: self.events.append(
-                ("text", rid, piece)), on_done=lambda seq: self._done(rid, seq))
+            self.requests[rid] = self.engine.submit(prompt_ids, params, on_text=lambda piece: self._text(rid, piece),
+                                                    on_done=lambda seq: self._done(rid, seq))
         except Exception as exc:  # the server checks requests first: this is a bug, reported as one
             self.events.append(("done", rid, "error", f"{type(exc).__name__}: {exc}", "internal", []))
 
+    def _text(self, rid: int, piece: str) -> None:
+        if (read_at := self.read_at.pop(rid, None)) is not None:
+            self.events.append(("first", rid, read_at))
+        self.events.append(("text", rid, piece))
+
     def _done(self, rid: int, seq: Sequence) -> None:
         self.requests.pop(rid, None)
+        self.read_at.pop(rid, None)
         self.events.append(("done", rid, seq.finish_reason, seq.error, seq.error_kind, seq.output_ids))
 
     def _send(self) -> None:
         if self.events:
             events, self.events = self.events, []
             try:
-                self.conn.send(("events", events, self.engine.stats()))
+                self.conn.send(("events", events, self.engine.stats(), time.time()))
             except OSError:
                 self.server_gone = True
