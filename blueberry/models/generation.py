@@ -34,8 +34,9 @@ def _scaled(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: 
     """float32 logits over the temperature, shifted to a maximum of 0 in every row, -inf where cut (the
     unnormalised log-probabilities); temperature > 0, not greedy."""
     logits = logits.float()
-    if bool(torch.isfinite(logits).all()):  # the usual case, in fewer passes: no nan can arise
-        scaled = (logits - logits.amax(-1, keepdim=True)).mul_(1.0 / temperature)
+    top = logits.amax(-1, keepdim=True)  # nan in a row makes its max nan, +inf inf, all -inf -inf
+    if bool(torch.isfinite(top).all()):  # the usual case, in fewer passes: -inf entries stay -inf, no nan arises
+        scaled = (logits - top).mul_(1.0 / temperature)
     else:
         logits = clean_logits(logits)
         empty = ~torch.isfinite(logits).any(-1, keepdim=True)  # nothing usable in the row: uniform
