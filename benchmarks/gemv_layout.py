@@ -3,6 +3,7 @@ stored by input rows (`models.layers.stored_transposed`), the choice behind `Cap
 and on that layout the product the engine takes (`ops.matmul.inference_linear`: oneDNN from two float32 rows up).
 
     python benchmarks/gemv_layout.py [--d-model 256] [--d-ff 704] [--layers 4] [--vocab 4096] [--rows 1,2,8,16,32]
+                                     [--dtypes fp32,bf16]
 
 The weights are a decoder's (fused q/k/v, attention output, fused gate/up, down per layer, and the head),
 multiplied one after another as a decode step does, so each is read from memory rather than from the cache
@@ -43,11 +44,12 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--rows", default="1,2,8,16,32")
+    p.add_argument("--dtypes", default="fp32,bf16", help="bf16 takes minutes on a CPU without native bf16 math")
     args = p.parse_args()
     d, f = args.d_model, args.d_ff
     shapes = [(3 * d, d), (d, d), (2 * f, d), (d, f)] * args.layers + [(args.vocab, d)]
     rows = []
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in ({"fp32": torch.float32, "bf16": torch.bfloat16}[name] for name in args.dtypes.split(",")):
         as_trained = [torch.randn(shape).to(dtype) for shape in shapes]
         by_input = [stored_transposed(w) for w in as_trained]
         for m in map(int, args.rows.split(",")):

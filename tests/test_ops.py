@@ -171,10 +171,10 @@ def test_causal_attention_leaves_fp32_long_sequences_and_dropout_to_sdpa():
     assert not uses_matmul_form(torch.zeros(1, 1, 8, 4, dtype=torch.bfloat16), 0.1)
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 96), (2, 96), (8, 1, 96), (3, 5, 96)])
+@pytest.mark.parametrize("shape", [(1, 1, 96), (2, 96), (3, 96), (4, 96), (8, 1, 96), (3, 5, 96)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_inference_linear_equals_float64_in_the_decode_layout(shape, bias):
-    """The decode product (oneDNN for several rows by a weight stored by input rows, else F.linear)
+    """The decode product (oneDNN for ONEDNN_FROM_ROWS rows or more by a weight stored by input rows, else F.linear)
     against float64 math, on fresh random inputs; the layer swap keeps the same parameters."""
     from blueberry.models.layers import InferenceLinear, stored_transposed
     from blueberry.ops.matmul import inference_linear

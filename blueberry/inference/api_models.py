@@ -103,7 +103,7 @@ class Health(BaseModel):
     active: int
     queued: int
     finished: dict[str, int]
-    first_token: dict[str, float] | None = None
+    first_token: dict[str, int | float] | None = None
 
 
 # ---- errors ----

@@ -18,15 +18,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 _ONEDNN = torch.backends.mkldnn.is_available()
+ONEDNN_FROM_ROWS = 4  # the rows from which oneDNN's product is taken (see inference_linear)
 
 
 def inference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ weight.T + bias for inference. Several rows of float32 by a CPU weight stored by input rows
-    (the layout `Capabilities.decode_weights_transposed` asks for: `models.layers.stored_transposed`) run
-    on oneDNN's kernel: MKL's generic path is far slower there from two rows up, though fastest for one
-    (`benchmarks/gemv_layout.py`). Anything else, and anything torch.compile traces (inductor picks its
-    own kernels) or anything autograd records, is `F.linear`."""
-    if (_ONEDNN and x.numel() > x.shape[-1] and weight.stride(0) == 1 and weight.stride(1) == weight.shape[0] > 1
+    """y = x @ weight.T + bias for inference. `ONEDNN_FROM_ROWS` rows or more of float32 by a CPU weight
+    stored by input rows (the layout `Capabilities.decode_weights_transposed` asks for:
+    `models.layers.stored_transposed`) run on oneDNN's kernel: MKL's generic path is slower there from a
+    few rows up, though fastest for one; at two and three rows the two CPUs measured disagree, by less where
+    oneDNN won (`benchmarks/gemv_layout.py`, docs/LOG.md). Anything else, and anything torch.compile traces
+    (inductor picks its own kernels) or anything autograd records, is `F.linear`."""
+    if (_ONEDNN and x.numel() >= ONEDNN_FROM_ROWS * x.shape[-1] and weight.stride(0) == 1
+            and weight.stride(1) == weight.shape[0] > 1
             and weight.dtype == torch.float32 and x.dtype == torch.float32 and weight.device.type == "cpu"
             and torch.backends.mkldnn.enabled and not torch.compiler.is_compiling() and not _needs_grad(x, weight, bias)):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
