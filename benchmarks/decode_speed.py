@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 
 from common import table, timed
-from decode_variants import hf_variant, llama_cpp_variant, memory_bandwidth, ours_variant
+from decode_variants import has_llama_cpp, hf_variant, llama_cpp_variant, memory_bandwidth, ours_variant
 
 HEADER = ["weights", "dtype", "batch", "variant", "tokens/s", "vs HF", "same", "weights MiB", "floor tok/s"]
 
@@ -81,7 +81,7 @@ def measure(name, model, tokenizer, dtype_name, batch, args, bandwidth) -> list[
     if not args.no_compile:
         compiled = copy.deepcopy(plain)
         variants["blueberry-compiled"] = (ours_variant(compiled, tokenizer, prompts, args.new_tokens, True), compiled)
-    if batch == 1 and args.llama_cpp and args.run:
+    if batch == 1 and args.llama_cpp and args.run and has_llama_cpp(args.llama_python):
         variants["llama.cpp"] = (llama_cpp_variant(model, tokenizer, prompts[0], args.new_tokens, dtype_name,
                                                    args.llama_python), plain)
     outputs = {variant: fn() for variant, (fn, _) in variants.items()}  # untimed warm-ups (and compilation)

@@ -56,6 +56,14 @@ def hf_variant(model, prompts, new_tokens: int, dtype):
     return run
 
 
+def has_llama_cpp(python: str | None) -> bool:
+    """Whether `python` (else this interpreter) imports llama-cpp-python; if not, say so once: llama.cpp is skipped."""
+    found = subprocess.run([python or sys.executable, "-c", "import llama_cpp"], capture_output=True).returncode == 0
+    if not found:
+        print(f"llama.cpp skipped: {python or sys.executable} has no llama-cpp-python (--llama-python)", flush=True)
+    return found
+
+
 def llama_cpp_variant(model, tokenizer, prompt: list[int], new_tokens: int, dtype_name: str,
                       python: str | None):
     """llama.cpp on the model's GGUF export (f32 or bf16), as many threads as torch uses here."""

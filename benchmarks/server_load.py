@@ -59,7 +59,7 @@ def first_token_path(before: dict, after: dict) -> str:
     count = after.get("count", 0) - before.get("count", 0)
     if not count:
         return "-"
-    return " / ".join(f"{(after[k] - before[k]) / count * 1e3:.0f}" for k in ("to_engine_s", "in_engine_s", "back_s"))
+    return " / ".join(f"{(after[k] - before.get(k, 0)) / count * 1e3:.0f}" for k in ("to_engine_s", "in_engine_s", "back_s"))
 
 
 async def one_client(http, base: str, requests: int, max_tokens: int, seed: int, results: list) -> None:

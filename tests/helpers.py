@@ -120,3 +120,12 @@ class ServedRun:
         _kill_group(self.pid, signal.SIGKILL)
         self.proc.wait(timeout=30)
         self.log.close()
+
+
+def load_while_marked(marker: str, run: str):
+    """An engine process's loader (see `cli.use_cmds.served_model`) that fails while the file `marker` is missing."""
+    from blueberry.cli.use_cmds import served_model
+
+    if not Path(marker).exists():
+        raise RuntimeError(f"{marker} is missing")
+    return served_model(run, "cpu", "fp32")

@@ -1,13 +1,16 @@
 """`EngineProcess`, the engine in a process of its own that `blueberry serve` runs: the same tokens and text
 as an `Engine` built in this process (greedy and seeded sampling, streamed pieces adding up to the text, the
 first tokens' time accounted),
-a load failure raised here as the loader raised it (and `blueberry serve` exiting on it with one line),
-and a cancelled request ending as cancelled."""
+a load failure raised here as the loader raised it (and `blueberry serve` exiting on it with one line), a
+cancelled request ending as cancelled, and a dead engine started again (retried while it cannot be, refusing
+requests meanwhile; closing while it loads ends everything)."""
 
 from __future__ import annotations
 
 import functools
+import os
 import shutil
+import signal
 import time
 
 import pytest
@@ -19,7 +22,7 @@ from blueberry.inference.engine import SamplingParams
 from blueberry.inference.engine_process import EngineProcess
 from blueberry.runs.checkpoint import resolve_run
 
-from helpers import run_cli
+from helpers import load_while_marked, run_cli
 
 PROMPTS = ["the king", "a night of", "she said", "and then the"]
 
@@ -34,15 +37,14 @@ def test_the_engine_process_answers_as_an_engine_here(served_run):
     load = functools.partial(served_model, str(served_run), "cpu", "fp32")
     model, tok = load()
     prompts = [tok.encode(p) for p in PROMPTS]
-    here = Engine(model, tok, slots=2).generate(prompts, [_params(i) for i in range(len(prompts))])
-    engine = EngineProcess(load, slots=2, threads=1)
-    start = time.time()
+    here = Engine(model, tok, slots=1).generate(prompts, [_params(i) for i in range(len(prompts))])
+    engine = EngineProcess(load, slots=1, threads=1)  # one slot each: the same rows, so the same arithmetic
     try:
         streamed = [[] for _ in prompts]
         there = [engine.submit(p, _params(i), on_text=streamed[i].append) for i, p in enumerate(prompts)]
         for seq in there:
             assert seq.done.wait(120), "the engine process did not answer"
-        assert engine.context == Engine(model, tok, slots=1).context and engine.slot_count == 2
+        assert engine.context == Engine(model, tok, slots=1).context and engine.slot_count == 1
     finally:
         engine.close()
     assert not engine._process.is_alive()
@@ -52,8 +54,8 @@ def test_the_engine_process_answers_as_an_engine_here(served_run):
     stats = engine.stats()
     first = stats.pop("first_token")
     assert stats == {"active": 0, "queued": 0, "finished": {"length": len(prompts)}}
-    assert first["count"] == len(prompts) and first["in_engine_s"] > 0  # every first token, each a prefill
-    assert 0 <= first["to_engine_s"] + first["in_engine_s"] + first["back_s"] <= len(prompts) * (time.time() - start)
+    assert first["count"] == len(prompts) and first["in_engine_s"] > 0  # every first text, each after a prefill
+    assert min(first["to_engine_s"], first["back_s"]) >= 0
 
 
 def test_a_cancelled_request_ends_as_cancelled(served_run):
@@ -84,3 +86,43 @@ def test_a_load_failure_is_raised_here_and_serve_exits_with_one_line(served_run,
     r = run_cli("serve", "--checkpoint", bad, "--port", "1", timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "damaged or truncated" in r.stderr
+
+
+def _wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, what
+        time.sleep(0.1)
+
+
+def test_an_engine_that_cannot_start_again_is_retried_and_refuses_requests_meanwhile(served_run, tmp_path):
+    marker = tmp_path / "loadable"
+    marker.touch()
+    engine = EngineProcess(functools.partial(load_while_marked, str(marker), str(served_run)), slots=1, threads=1)
+    params = SamplingParams(max_new_tokens=3, temperature=0, stop_at_eot=False)
+    try:
+        marker.unlink()
+        os.kill(engine._process.pid, signal.SIGKILL)
+        _wait_for(lambda: "could not be started again" in (engine.unavailable or ""), 120, "no failed restart")
+        refused = engine.submit([1, 2, 3], params)
+        assert refused.done.is_set() and refused.error_kind == "unavailable" and "is missing" in refused.error
+        marker.touch()
+        _wait_for(lambda: engine.unavailable is None, 120, "the engine did not come back")
+        served = engine.submit([1, 2, 3], params)
+        assert served.done.wait(60) and served.finish_reason == "length" and len(served.output_ids) == 3
+    finally:
+        engine.close()
+    assert not engine._process.is_alive()
+
+
+def test_closing_while_the_engine_starts_again_ends_everything(served_run):
+    engine = EngineProcess(functools.partial(served_model, str(served_run), "cpu", "fp32"), slots=1, threads=1)
+    waiting = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=200, temperature=0, stop_at_eot=False))
+    os.kill(engine._process.pid, signal.SIGKILL)
+    _wait_for(lambda: engine.unavailable is not None, 30, "the death went unnoticed")
+    start = time.time()
+    engine.close()  # while the new one loads
+    assert time.time() - start < 15 and not engine._process.is_alive()
+    assert waiting.done.is_set() and waiting.error_kind == "unavailable"
+    late = engine.submit([1, 2], SamplingParams(max_new_tokens=2))
+    assert late.done.is_set() and "stopping" in late.error

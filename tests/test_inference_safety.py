@@ -75,6 +75,19 @@ def test_top_k_zero_is_no_cut_off():
         torch.testing.assert_close(q, torch.softmax(logits / 0.7, -1))
 
 
+@pytest.mark.parametrize("temperature", [1e45, 1e300, math.inf])
+def test_a_huge_temperature_draws_only_tokens_that_are_there(temperature):
+    """1/T is 0 in float32: every finite logit equally likely, never a -inf one (no nan, no token past the end)."""
+    from blueberry.models.generation import sample_rows
+
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(5))
+    logits[:, ::2] = float("-inf")  # finite and -inf only: the fast path's case
+    gens = [torch.Generator().manual_seed(i) for i in range(64)]
+    for tokens in (sample_rows(logits, temperature, None, None, gens), sample_next(logits, temperature)[:, 0]):
+        assert ((tokens >= 0) & (tokens < 50)).all() and (tokens % 2 == 1).all(), tokens
+    assert len(set(sample_rows(logits, temperature, None, None, gens).tolist())) > 5  # spread over the 25 left
+
+
 @pytest.mark.parametrize("temperature,top_k", [(0.7, None), (1.3, 3)])
 def test_sampled_rows_follow_the_softmax_each_by_its_own_generator(temperature, top_k):
     """The engine's draws (inverse-CDF, one uniform per row) against the float64 softmax of the scaled, cut logits:

@@ -9,6 +9,7 @@ import concurrent.futures
 import json
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -153,7 +154,8 @@ def test_unpaired_surrogates_are_refused(server, path, body):
 
 def _engine_pid(server_pid: int) -> int:
     """The engine process `blueberry serve` spawned (not multiprocessing's resource tracker)."""
-    for child in open(f"/proc/{server_pid}/task/{server_pid}/children").read().split():
+    children = [c for task in Path(f"/proc/{server_pid}/task").iterdir() for c in (task / "children").read_text().split()]
+    for child in children:
         if b"spawn_main" in open(f"/proc/{child}/cmdline", "rb").read():
             return int(child)
     raise AssertionError("no engine process")

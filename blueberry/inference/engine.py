@@ -71,7 +71,8 @@ class Sequence:
     error: str | None = None
     error_kind: str | None = None  # "request": its own sampling parameters failed; "unavailable": the engine
     # process stopped under it (`EngineProcess`); "internal": anything else
-    on_done: Callable[["Sequence"], None] | None = None  # called once, on the engine thread, after the last text
+    on_done: Callable[["Sequence"], None] | None = None  # called once, after the last text (on the thread that
+    # runs the engine, or that reads an engine process's messages)
     cancelled: bool = False
     slot: int | None = None
     generator: torch.Generator | None = None

@@ -6,13 +6,15 @@ token is not held back behind everyone's next token. `set_serving_threads`: the 
 Messages, server to engine: ("submit", id, prompt_ids, SamplingParams), ("cancel", id), ("stop",).
 Engine to server: ("ready", tokenizer, context) or ("failed", exception) once, then ("events", [("text", id,
 piece) | ("first", id, read_at) | ("done", id, finish_reason, error, error_kind, output_ids)], stats, sent_at):
-"first" comes before a request's first text, with the time (`time.time()`) the engine read the request;
-`sent_at` is when the message was sent, so the server can tell where a first token's time went.
+"first" comes before a request's first text, with the time the engine read the request, and `sent_at` is when
+the message was sent (`time.monotonic()`, one clock for the machine's processes): the server can tell where a
+first text's time went.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 from typing import Callable
 
@@ -34,6 +36,8 @@ def set_serving_threads(requested: int | None, device_type: str) -> None:
 def serve_engine(conn, load: Callable, slots: int, compile: bool, threads: int | None) -> None:
     """The engine process's main: `load()` gives (model, tokenizer); serve requests from `conn` until the
     server says stop or goes away."""
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C reaches the whole group: the server stops us
+        signal.signal(stop_signal, signal.SIG_IGN)
     try:
         model, tokenizer = load()
         set_serving_threads(threads, next(model.parameters()).device.type)
@@ -86,16 +90,17 @@ class _Worker:
                     Engine.cancel(seq)
                 elif message[0] == "stop":
                     return False
-        except (EOFError, OSError):  # the server is gone
+        except Exception:  # the server is gone (EOF), or what it sent cannot be read: stop; it starts another
             return False
         return True
 
     def _submit(self, rid: int, prompt_ids: list[int], params) -> None:
-        self.read_at[rid] = time.time()
+        self.read_at[rid] = time.monotonic()
         try:
             self.requests[rid] = self.engine.submit(prompt_ids, params, on_text=lambda piece: self._text(rid, piece),
                                                     on_done=lambda seq: self._done(rid, seq))
         except Exception as exc:  # the server checks requests first: this is a bug, reported as one
+            self.read_at.pop(rid, None)
             self.events.append(("done", rid, "error", f"{type(exc).__name__}: {exc}", "internal", []))
 
     def _text(self, rid: int, piece: str) -> None:
@@ -112,6 +117,6 @@ class _Worker:
         if self.events:
             events, self.events = self.events, []
             try:
-                self.conn.send(("events", events, self.engine.stats(), time.time()))
-            except OSError:
+                self.conn.send(("events", events, self.engine.stats(), time.monotonic()))
+            except Exception:  # the server is gone, or an event would not pickle: stop (it fails what we held)
                 self.server_gone = True

@@ -9,8 +9,9 @@
 The engine runs `Engine.step()` while there is work, in a process of its own under `blueberry serve`
 (`EngineProcess`) or on a thread beside the event loop (`EngineLoop`, for an `Engine` built in this
 process): a request joins the running batch at the next step and leaves it when finished (continuous
-batching); a client that disconnects cancels its request. Streaming answers are server-sent events ending with `data: [DONE]`. Every error is OpenAI's
-JSON shape `{"error": {"message", "type", "param", "code"}}` with a 4xx status (a 500 only for a bug,
+batching); a client that disconnects cancels its request. Streaming answers are server-sent events ending
+with `data: [DONE]`. While an engine process is being started again, requests and /health get 503
+`engine_unavailable`. Every error is OpenAI's JSON shape `{"error": {"message", "type", "param", "code"}}` with a 4xx status (a 500 only for a bug,
 and without a traceback); the server keeps serving after any bad request. A body over 1 MiB is refused
 (413) on the bytes actually received, whatever the framing (Content-Length or chunked). A request that
 fails inside the engine fails alone; one whose own sampling parameters failed gets a 400.

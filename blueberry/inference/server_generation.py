@@ -21,7 +21,7 @@ from fastapi.responses import StreamingResponse
 from .engine import Engine, SamplingParams, Sequence
 from .server_errors import ApiError, error_body
 
-_END = object()  # the end of a stream's text, posted by the engine thread after its last piece
+_END = object()  # the end of a stream's text, posted by the runner after its last piece
 
 
 class EngineLoop:
@@ -31,6 +31,7 @@ class EngineLoop:
     def __init__(self, engine: Engine):
         self.engine = engine
         self.tokenizer, self.context, self.slot_count = engine.tokenizer, engine.context, len(engine.slots)
+        self.unavailable = None  # as EngineProcess's: an engine on a thread is always there
         self.wake = threading.Event()
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="blueberry-engine", daemon=True)
@@ -123,6 +124,8 @@ def stream(loop, request: Request, ids: list[int], params: SamplingParams, model
     queue: asyncio.Queue = asyncio.Queue()
     seq = loop.submit(ids, params, lambda d: aio_loop.call_soon_threadsafe(queue.put_nowait, d),
                       lambda _s: aio_loop.call_soon_threadsafe(queue.put_nowait, _END))
+    if seq.done.is_set() and seq.error_kind == "unavailable":  # it never reached an engine: a status, not a stream
+        raise_if_failed([seq])
     chunks = _Chunks(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", model, chat)
     return _GenerationStream(_events(request, queue, seq, chunks), seq, loop, media_type="text/event-stream")
 
@@ -165,7 +168,7 @@ class _GenerationStream(StreamingResponse):
 
 
 async def _pieces(request: Request, queue: asyncio.Queue):
-    """The items the engine thread posts to `queue`, in order, as lists of those waiting together, until
+    """The items the runner posts to `queue`, in order, as lists of those waiting together, until
     `_END` (the last item of the last list); stops early, without it, when the client hangs up. One
     pending `get` is kept across waits, so none is lost."""
     getter, gone = asyncio.ensure_future(queue.get()), asyncio.ensure_future(client_gone(request))

@@ -52,6 +52,8 @@ router = APIRouter()
 
 @router.get("/health", response_model=Health)
 async def health(state: State) -> Health:
+    if (why := state.loop.unavailable) is not None:
+        raise ApiError(503, f"the engine is unavailable: {why}", "server_error", code="engine_unavailable")
     return Health(model=state.model_name, **state.loop.stats())
 
 

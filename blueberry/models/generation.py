@@ -35,8 +35,10 @@ def _scaled(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: 
     unnormalised log-probabilities); temperature > 0, not greedy."""
     logits = logits.float()
     top = logits.amax(-1, keepdim=True)  # nan in a row makes its max nan, +inf inf, all -inf -inf
-    if bool(torch.isfinite(top).all()):  # the usual case, in fewer passes: -inf entries stay -inf, no nan arises
-        scaled = (logits - top).mul_(1.0 / temperature)
+    inverse = 1.0 / temperature
+    if inverse >= torch.finfo(torch.float32).tiny and bool(torch.isfinite(top).all()):
+        # the usual case, in fewer passes: -inf entries stay -inf (times a positive float32), no nan arises
+        scaled = (logits - top).mul_(inverse)
     else:
         logits = clean_logits(logits)
         empty = ~torch.isfinite(logits).any(-1, keepdim=True)  # nothing usable in the row: uniform
