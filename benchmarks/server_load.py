@@ -8,7 +8,8 @@ interpreter lock, and the cores, from the server they measure), each sending `--
 another (sampled, temperature 0.8, distinct seeds; a stop string that never appears, so every request
 yields exactly --max-tokens tokens unless it hits end-of-text). Reports requests/s, output tokens/s,
 p50/p99 time to first token and total latency, errors, and where the first tokens' time went on average (the
-server's /health: waiting for the engine process to read the request, in the engine, back to the server).
+server's /health: waiting for the engine process to read the request, in the engine, back to the server),
+and the cores each side used meanwhile (CPU seconds over wall seconds, from /proc: Linux only).
 The server process group is killed at the end; then,
 for the same levels, the engine alone in this process (C such requests at once, `--requests` times, with the
 server's thread count and --compile): what the HTTP side costs, beside the batching the engine itself gets.
@@ -45,7 +46,27 @@ def small_run(workdir: Path) -> Path:
 
 
 COLUMNS = ["clients", "requests", "req/s", "output tokens/s", "TTFT p50 ms", "TTFT p99 ms", "latency p50 s",
-           "latency p99 s", "errors", "first token ms: to engine / in it / back"]
+           "latency p99 s", "errors", "first token ms: to engine / in it / back", "cores: server / engine / clients"]
+
+
+def cpu_seconds(server_pid: int) -> list[float] | None:
+    """CPU seconds so far of the server's process, of its children (the engine process) and of this one."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def of(pid) -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+
+    try:
+        children = [c for task in Path(f"/proc/{server_pid}/task").iterdir()
+                    for c in (task / "children").read_text().split()]
+        return [of(server_pid), sum(of(c) for c in children), of("self")]
+    except OSError:
+        return None
+
+
+def cores(before, after, wall: float) -> str:
+    return "-" if before is None or after is None else " / ".join(f"{(b - a) / wall:.2f}" for a, b in zip(before, after))
 
 
 def first_token(base: str) -> dict:
@@ -152,16 +173,16 @@ def main() -> None:
                 time.sleep(0.2)
         asyncio.run(clients(base, 1, 1, 8))  # warm-up
         for level in map(int, args.levels.split(",")):
-            before = first_token(base)
+            before, cpu_before = first_token(base), cpu_seconds(server.pid)
             results, wall = asyncio.run(clients(base, level, args.requests, args.max_tokens))
-            path = first_token_path(before, first_token(base))
+            path, used = first_token_path(before, first_token(base)), cores(cpu_before, cpu_seconds(server.pid), wall)
             good = [r for r in results if r["ok"]]
             rows.append([level, len(results), f"{len(good) / wall:.2f}",
                          f"{sum(r['chunks'] for r in good) / wall:,.0f}",
                          f"{percentile([r['ttft'] for r in good], 0.5) * 1000:.0f}",
                          f"{percentile([r['ttft'] for r in good], 0.99) * 1000:.0f}",
                          f"{percentile([r['latency'] for r in good], 0.5):.2f}",
-                         f"{percentile([r['latency'] for r in good], 0.99):.2f}", len(results) - len(good), path])
+                         f"{percentile([r['latency'] for r in good], 0.99):.2f}", len(results) - len(good), path, used])
             print(table(COLUMNS, rows[-1:]), flush=True)
     finally:
         os.killpg(server.pid, signal.SIGKILL)

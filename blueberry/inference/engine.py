@@ -18,6 +18,7 @@ of the shared decode forward fails the batch (`fail_active`), and the engine the
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import random
 import threading
@@ -84,6 +85,14 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def mark_done(self) -> None:
+        """Set `done` and call `on_done`: once, when it has ended (a listener gone, its event loop closed, must
+        not stop whoever ends it)."""
+        self.done.set()
+        if self.on_done is not None:
+            with contextlib.suppress(Exception):
+                self.on_done(self)
 
 
 class Engine:
@@ -404,12 +413,7 @@ class Engine:
     def _finish(self, seq: Sequence) -> None:
         with self._lock:
             self.finished_counts[seq.finish_reason] += 1
-        seq.done.set()
-        if seq.on_done is not None:
-            try:
-                seq.on_done(seq)
-            except Exception:  # a listener gone (its event loop closed) must not stop the engine
-                pass
+        seq.mark_done()
 
     def _drop_cancelled(self) -> list[Sequence]:
         finished = []

@@ -10,6 +10,7 @@ messages between the two, are `engine_worker`.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import multiprocessing
 import queue
@@ -38,6 +39,7 @@ class EngineProcess:
         self._spec = (load, slots, compile, threads)
         self.slot_count = slots
         self._lock = threading.Lock()  # guards the state below; never held while sending or receiving
+        self._ending = threading.Lock()  # one thread at a time waits for a process to end (and reaps it)
         self._requests: dict[int, Sequence] = {}  # in flight, by id
         self._ids = itertools.count(1)
         self._finished: Counter = Counter()
@@ -60,19 +62,23 @@ class EngineProcess:
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked threads or locks
         ours, theirs = context.Pipe()
         process = context.Process(target=serve_engine, args=(theirs, *self._spec), name="blueberry-engine")
-        process.start()
-        self._process = process  # `close` stops it even while it loads
+        with self._lock:  # `close` either comes first (no process) or stops this one, even while it loads
+            if self._closing:
+                ours.close(), theirs.close()
+                raise EngineProcessError("the server is stopping")
+            process.start()
+            self._process = process
         theirs.close()
         try:
             message = ours.recv()
         except BaseException as exc:
-            _end_process(process, ours)
+            self._end_process(process, ours)
             if isinstance(exc, EOFError):
                 raise EngineProcessError(f"the engine process exited while loading the model (exit code "
                                          f"{process.exitcode})") from None
             raise
         if message[0] == "failed":
-            _end_process(process, ours)
+            self._end_process(process, ours)
             raise message[1]
         _, self.tokenizer, self.context = message
         return ours
@@ -129,7 +135,8 @@ class EngineProcess:
             self._closing = True
             conn, self._conn = self._conn, None
         if conn is None:  # loading (being started again): nothing to ask
-            self._process.kill()
+            with self._ending:
+                self._process.kill()
         self._stop(self._process, conn)
         self._fail_in_flight("the server is stopping")
 
@@ -137,10 +144,8 @@ class EngineProcess:
     def _send_all(self) -> None:
         while True:
             conn, message = self._outbox.get()
-            try:
+            with contextlib.suppress(OSError, ValueError):  # that engine process is gone: the reader fails its requests
                 conn.send(message)
-            except (OSError, ValueError):
-                pass  # that engine process is gone: the reader fails its requests
 
     def _read(self) -> None:
         while not self._closing:
@@ -151,7 +156,7 @@ class EngineProcess:
             try:
                 _, events, stats, sent_at = conn.recv()
             except (EOFError, OSError):
-                self._lost_engine(f"the engine process stopped (exit code {self._exit_code()})")
+                self._lost_engine()
                 continue
             except Exception as exc:  # a message that does not unpickle: start afresh rather than guess
                 self._lost_engine(f"the engine process sent what could not be read ({type(exc).__name__}: {exc})")
@@ -197,12 +202,7 @@ class EngineProcess:
         with self._lock:
             self._finished[finish_reason] += 1
             self._submitted_at.pop(seq.id, None)
-        seq.done.set()
-        if seq.on_done is not None:
-            try:
-                seq.on_done(seq)
-            except Exception:
-                pass
+        seq.mark_done()
 
     def _fail_in_flight(self, reason: str) -> list[Sequence]:
         with self._lock:
@@ -211,22 +211,17 @@ class EngineProcess:
             self._end(seq, "error", reason, "unavailable", [])
         return lost
 
-    def _exit_code(self):
-        self._process.join(5)
-        if self._process.is_alive():  # alive but not talking: it goes, so that its memory is free for the next
-            self._process.kill()
-            self._process.join()
-        return self._process.exitcode
-
-    def _lost_engine(self, reason: str) -> None:
-        """The engine process died or cannot be understood: fail the requests it held; the reader starts
-        another."""
+    def _lost_engine(self, why: str | None = None) -> None:
+        """The engine process died (`why` None) or cannot be understood: make sure it is gone (its memory
+        free for the next), fail the requests it held; the reader starts another."""
         with self._lock:
             conn, self._conn = self._conn, None
-            self._unavailable = None if self._closing else f"{reason}; it is being started again"
+            self._unavailable = None if self._closing else "the engine process is being started again"
         if self._closing:
             return
         self._stop(self._process, conn)
+        reason = why or f"the engine process stopped (exit code {self._process.exitcode})"
+        self._unavailable = f"{reason}; it is being started again"
         lost = self._fail_in_flight(reason)
         print(f"blueberry serve: {reason}; {len(lost)} requests failed, starting it again", file=sys.stderr,
               flush=True)
@@ -260,14 +255,14 @@ class EngineProcess:
         it does."""
         if conn is not None:
             self._outbox.put((conn, ("stop",)))
-        _end_process(process, conn)
+        self._end_process(process, conn)
 
-
-def _end_process(process, conn) -> None:
-    """Wait for `process` to end (killing it after 10 s), then close our end of its pipe."""
-    process.join(10)
-    if process.is_alive():
-        process.kill()
-        process.join()
-    if conn is not None:
-        conn.close()
+    def _end_process(self, process, conn) -> None:
+        """Wait for `process` to end (killing it after 10 s), then close our end of its pipe."""
+        with self._ending:
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        if conn is not None:
+            conn.close()
