@@ -12,7 +12,7 @@ server's /health: waiting for the engine process to read the request, in the eng
 and the cores each side used meanwhile (CPU seconds over wall seconds, from /proc: Linux only).
 The server process group is killed at the end; then,
 for the same levels, the engine alone in this process (C such requests at once, `--requests` times, with the
-server's thread count and --compile): what the HTTP side costs, beside the batching the engine itself gets.
+server's thread count and --compile, for the same row counts): what the HTTP side costs, beside the batching the engine itself gets.
 """
 
 from __future__ import annotations
@@ -120,15 +120,16 @@ def engine_alone(run: str, levels: list[int], requests: int, max_tokens: int, sl
                  compile: bool) -> list[float]:
     """Output tokens/s of each level's number of such requests at once through one engine in this process,
     `requests` times."""
-    from blueberry.inference.engine import Engine, SamplingParams
+    from blueberry.inference.engine import Engine, SamplingParams, row_buckets
     from blueberry.inference.engine_worker import set_serving_threads
     from blueberry.runs.loading import load_model
 
     model, _, tokenizer, _ = load_model(run, device="cpu")
     set_serving_threads(threads, "cpu")  # as `blueberry serve` sets them
-    engine = Engine(model, tokenizer, slots=slots, compile=compile)
+    engine = Engine(model, tokenizer, slots=slots, compile=compile, compile_rows=row_buckets(slots))
+    engine.warm_up()  # compiled: every row count, as the server's engine process does
     ids = tokenizer.encode("ROMEO:")
-    engine.generate([ids], SamplingParams(max_new_tokens=8, temperature=0.8, seed=0))  # warm-up (and compile)
+    engine.generate([ids], SamplingParams(max_new_tokens=8, temperature=0.8, seed=0))  # warm-up
     rates = []
     for level in levels:
         start, tokens = time.perf_counter(), 0

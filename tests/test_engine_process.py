@@ -1,6 +1,6 @@
 """`EngineProcess`, the engine in a process of its own that `blueberry serve` runs: the same tokens and text
 as an `Engine` built in this process (greedy and seeded sampling, streamed pieces adding up to the text, the
-first tokens' time accounted),
+first tokens' time accounted; compiled too),
 a load failure raised here as the loader raised it (and `blueberry serve` exiting on it with one line), a
 cancelled request ending as cancelled, and a dead engine started again (retried while it cannot be, refusing
 requests meanwhile; closing while it loads ends everything)."""
@@ -56,6 +56,26 @@ def test_the_engine_process_answers_as_an_engine_here(served_run):
     assert stats == {"active": 0, "queued": 0, "finished": {"length": len(prompts)}}
     assert first["count"] == len(prompts) and first["in_engine_s"] > 0  # every first text, each after a prefill
     assert min(first["to_engine_s"], first["back_s"]) >= 0
+
+
+@pytest.mark.slow
+def test_a_compiled_engine_process_answers_as_an_eager_engine_here(served_run):
+    """`serve --compile`: the engine process compiles its step for each row count before it is ready (a
+    server's buckets, here 1 and 2), then gives the greedy tokens of the eager engine."""
+    load = functools.partial(served_model, str(served_run), "cpu", "fp32")
+    model, tok = load()
+    prompts = [tok.encode(p) for p in PROMPTS[:3]]
+    params = SamplingParams(max_new_tokens=16, temperature=0, stop_at_eot=False)
+    here = Engine(model, tok, slots=2).generate(prompts, params)
+    engine = EngineProcess(load, slots=2, compile=True, threads=1)
+    try:
+        there = [engine.submit(p, params) for p in prompts]
+        for seq in there:
+            assert seq.done.wait(300), "the engine process did not answer"
+    finally:
+        engine.close()
+    assert [s.output_ids for s in there] == [s.output_ids for s in here]
+    assert all(s.finish_reason == "length" and s.error is None for s in there)
 
 
 def test_a_cancelled_request_ends_as_cancelled(served_run):

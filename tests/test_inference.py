@@ -277,14 +277,19 @@ def test_chat_keeps_the_conversation_resets_and_quits(tok):
     assert "(conversation cleared)\n" in written
 
 
-@pytest.mark.parametrize("model_type,slots", [("standard", 4), ("moe", 4), ("moe", 6)])
-def test_compiled_decode_equals_eager_and_transformers(tok, tmp_path, model_type, slots):
+@pytest.mark.parametrize("model_type,slots,buckets", [("standard", 4, True), ("moe", 4, False), ("moe", 6, False)])
+def test_compiled_decode_equals_eager_and_transformers(tok, tmp_path, model_type, slots, buckets):
     """The compiled step (with the device's inductor options: on CPU frozen weights, C++ wrapper, C++ GEMM
     templates) and the eager one (attending over the reached positions only, weights stored by input
     rows): the same greedy tokens as transformers' generate() on the export, batched and alone. MoE with 6
     slots: more expert assignments than twice the experts, the dispatched path (a graph break at its
-    per-expert counts) instead of the gathered one."""
+    per-expert counts) instead of the gathered one. With `buckets` (a server's 1, 2, ..., slots rows,
+    compiled by `warm_up`): each step takes the smallest that holds its rows, and no request compiles."""
     import copy
+
+    from torch._dynamo.utils import counters
+
+    from blueberry.inference.engine import row_buckets
 
     from transformers import AutoModelForCausalLM
 
@@ -298,12 +303,20 @@ def test_compiled_decode_equals_eager_and_transformers(tok, tmp_path, model_type
     for p in ps:
         out = hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=12)[0, len(p):].tolist()
         theirs.append(out[:-1] if out and out[-1] == tok.eot_id else out)
-    compiled = Engine(copy.deepcopy(model), tok, slots=slots, compile=True)
+    compiled = Engine(copy.deepcopy(model), tok, slots=slots, compile=True,
+                      compile_rows=row_buckets(slots) if buckets else None)
+    compiled.warm_up()
+    graphs = counters["stats"]["unique_graphs"]
+    rows_used = []
+    decode = compiled._decode
+    compiled._decode = lambda tokens, *rest: rows_used.append(tokens.shape[0]) or decode(tokens, *rest)
     eager = Engine(copy.deepcopy(model), tok, slots=slots)
     for engine in (compiled, eager):
         assert [s.output_ids for s in engine.generate(ps, params)] == theirs
         assert [engine.generate([p], params)[0].output_ids for p in ps] == theirs
     assert compiled.compile_failure is None
+    assert counters["stats"]["unique_graphs"] == graphs  # warm_up compiled every row count
+    assert ({1, 4} <= set(rows_used) <= {1, 2, 4}) if buckets else set(rows_used) == {slots}  # 3 prompts: 4 rows
 
 
 @pytest.mark.parametrize("kw,together", [({"model_type": "moe"}, True), ({"model_type": "standard"}, True),

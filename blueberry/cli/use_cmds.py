@@ -111,7 +111,8 @@ def _serve_parser(sub) -> None:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--slots", type=int, default=8, help="requests decoded together (continuous batching)")
     s.add_argument("--model-name", default=None, help="the model id clients ask for (default: the run's name)")
-    s.add_argument("--compile", action="store_true", help="compile the decode step")
+    s.add_argument("--compile", action="store_true",
+                   help="compile the decode step, for 1, 2, 4, ... rows and all the slots, before serving")
     s.add_argument("--threads", type=int, default=None,
                    help="torch's intra-op threads (default on a CPU: one core fewer than it has, the other "
                         "left to the HTTP side, unless OMP_NUM_THREADS is set)")
@@ -387,6 +388,7 @@ def quantize_command(args) -> int:
 def serve_command(args) -> int:
     uvicorn = require("uvicorn", "serve", "blueberry serve")
     require("fastapi", "serve", "blueberry serve")
+    from ..inference.engine import row_buckets
     from ..inference.engine_process import EngineProcess
     from ..inference.server import create_app
     from ..runs.checkpoint import resolve_run, run_dir_of
@@ -397,6 +399,9 @@ def serve_command(args) -> int:
         raise UsageError(f"--threads must be positive, got {args.threads}")
     ckpt = resolve_run(args.checkpoint)
     name = args.model_name or run_dir_of(ckpt).name
+    if args.compile:
+        rows = ", ".join(map(str, row_buckets(args.slots)))
+        print(f"Compiling the decode step for {rows} rows before serving (once per start)", flush=True)
     engine = EngineProcess(functools.partial(served_model, str(ckpt), args.device, args.dtype), slots=args.slots,
                            compile=args.compile, threads=args.threads)
     print(f"Serving {ckpt} as model {name!r} at http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)

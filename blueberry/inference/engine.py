@@ -2,8 +2,9 @@
 
 A fixed number of slots, each a row of a static (pre-allocated) KV cache. A request is prefilled alone
 into the first free slot (its prompt in one forward); then every `step()` decodes one token for the
-slots at once — compiled (`torch.compile`, as gpt-fast does), always all of them, one fixed-shape call
-whatever they hold; eager, the slots up to the last busy one. A row's result does not depend on the
+slots at once — eager, the slots up to the last busy one; compiled (`torch.compile`, as gpt-fast does),
+a fixed-shape call over the smallest of its compiled row counts (`compile_rows`, by default all the
+slots) that holds the last busy one. A row's result does not depend on the
 others. Requests join at the next step and
 leave when they finish (continuous batching). Each request samples with its own temperature, top-k,
 top-p and seeded generator, and stops at end-of-text, at a stop string or after max_new_tokens.
@@ -95,8 +96,18 @@ class Sequence:
                 self.on_done(self)
 
 
+def row_buckets(slots: int) -> tuple[int, ...]:
+    """Row counts to compile a server's decode step for: the powers of two below `slots`, and `slots`. One
+    stream then runs the one-row step, not a step over every slot."""
+    return tuple(sorted({1 << i for i in range(slots.bit_length()) if 1 << i < slots} | {slots}))
+
+
 class Engine:
-    def __init__(self, model, tokenizer, *, slots: int = 8, compile: bool = False, dtype: torch.dtype | None = None):
+    def __init__(self, model, tokenizer, *, slots: int = 8, compile: bool = False, dtype: torch.dtype | None = None,
+                 compile_rows: tuple[int, ...] | None = None):
+        """`compile_rows`: the row counts the compiled step is compiled for (each at its first use, or all at
+        once by `warm_up`), each step taking the smallest that holds the last busy slot; default all the
+        slots alone (one compilation). Ignored without `compile`."""
         self.model = model.eval()
         if dtype is not None:
             self.model.to(dtype)
@@ -113,7 +124,23 @@ class Engine:
         self._lock = threading.Lock()
         self.compiled = compile
         self.compile_failure: str | None = None  # why the compiled step fell back to eager, if it did
+        self.compile_rows = tuple(sorted(set(compile_rows or ()) | {slots}))
+        if not 1 <= self.compile_rows[0] <= self.compile_rows[-1] <= slots:
+            raise ValueError(f"compile_rows must be between 1 and the {slots} slots, got {compile_rows}")
         self._decode = self._compiled(self._decode_logits) if compile else self._decode_logits
+
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """Compile the decode step for each of `compile_rows` now, before any request (so that none waits for a
+        compilation); nothing without `compile`. What it writes into the cache lies at position 0, which a
+        request's prefill writes first."""
+        if self.has_work():
+            raise RuntimeError("warm_up runs before any request")
+        for rows in self.compile_rows:
+            if not self.compiled:  # no compiler here (`compile_failure`): nothing to warm
+                return
+            tokens, positions = (torch.zeros(rows, 1, dtype=torch.long, device=self.device) for _ in range(2))
+            self._decode(tokens, positions, None)  # two tensors, as a step passes (dynamo guards on aliasing)
 
     # ---- requests ----
     def check(self, prompt_len: int, max_new_tokens: int) -> None:
@@ -182,8 +209,10 @@ class Engine:
         active = [i for i, s in enumerate(self.slots) if s is not None]
         if not active:
             return []
-        # compiled: always every slot (one fixed shape); eager: the slots up to the last busy one
-        rows = len(self.slots) if self.compiled else active[-1] + 1
+        # eager: the slots up to the last busy one; compiled: the smallest compiled row count that holds them
+        rows = active[-1] + 1
+        if self.compiled:
+            rows = next(r for r in self.compile_rows if r >= rows)
         last, where = [0] * rows, [0] * rows
         for i in active:
             seq = self.slots[i]
@@ -295,10 +324,11 @@ class Engine:
         return self.model(ids, kv_caches=caches, positions=positions, logits_at=last).logits
 
     def _decode_logits(self, tokens: torch.Tensor, positions: torch.Tensor, length: int | None) -> torch.Tensor:
-        """Logits of one token per row; eager (`length` given): over the first rows and the positions any
-        of them has reached, compiled: over the whole cache (one fixed shape)."""
+        """Logits of one token for each of the first rows; eager (`length` given): over the positions any of
+        them has reached, compiled: over all the cache's positions (one fixed shape per row count)."""
         rows = tokens.shape[0]
-        caches = self.caches if length is None else [c.rows(0, rows, length) for c in self.caches]
+        caches = (self.caches if length is None and rows == len(self.slots)
+                  else [c.rows(0, rows, length) for c in self.caches])
         return self.model(tokens, kv_caches=caches, positions=positions).logits[:, -1]
 
     def _compiled(self, fn):

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from ..system import detect_capabilities
-from .engine import Engine, Sequence
+from .engine import Engine, Sequence, row_buckets
 
 
 def set_serving_threads(requested: int | None, device_type: str) -> None:
@@ -41,7 +41,8 @@ def serve_engine(conn, load: Callable, slots: int, compile: bool, threads: int |
     try:
         model, tokenizer = load()
         set_serving_threads(threads, next(model.parameters()).device.type)
-        engine = Engine(model, tokenizer, slots=slots, compile=compile)
+        engine = Engine(model, tokenizer, slots=slots, compile=compile, compile_rows=row_buckets(slots))
+        engine.warm_up()  # compiled: every row count now, not while the first requests wait
     except BaseException as exc:  # the server shows the error and exits (a bad checkpoint, no memory)
         conn.send(("failed", _picklable(exc)))
         return
