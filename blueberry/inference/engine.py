@@ -129,7 +129,7 @@ class Engine:
             raise ValueError(f"compile_rows must be between 1 and the {slots} slots, got {compile_rows}")
         self._decode = self._compiled(self._decode_logits) if compile else self._decode_logits
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def warm_up(self) -> None:
         """Compile the decode step for each of `compile_rows` now, before any request (so that none waits for a
         compilation); nothing without `compile`. What it writes into the cache lies at position 0, which a
@@ -197,13 +197,13 @@ class Engine:
         Returns the requests that finished during this step."""
         return self.admit() + self.decode()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def admit(self) -> list[Sequence]:
         """The first half of a step: drop the cancelled requests, prefill queued ones into the free slots
         (each gets its first token). Returns the requests that finished."""
         return self._drop_cancelled() + self._admit()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def decode(self) -> list[Sequence]:
         """The second half of a step: one token for every busy slot. Returns the requests that finished."""
         active = [i for i, s in enumerate(self.slots) if s is not None]
