@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -141,6 +142,20 @@ def engine_alone(run: str, levels: list[int], requests: int, max_tokens: int, sl
     return rates
 
 
+def wait_until_ready(base: str, server: subprocess.Popen, deadline: float) -> None:
+    """Until the server's /health says 200; SystemExit if it exits first or the deadline passes."""
+    import httpx
+
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"the server exited (code {server.returncode}) before it was ready")
+        with contextlib.suppress(httpx.HTTPError):  # not listening yet
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise SystemExit("the server was not ready in time")
+
+
 def percentile(values, q):
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))]
@@ -166,12 +181,7 @@ def main() -> None:
                               start_new_session=True)
     rows = []
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_until_ready(base, server, deadline=time.monotonic() + 1800)  # `--compile`: every row count first
         asyncio.run(clients(base, 1, 1, 8))  # warm-up
         for level in map(int, args.levels.split(",")):
             before, cpu_before = first_token(base), cpu_seconds(server.pid)

@@ -61,7 +61,8 @@ def test_the_engine_process_answers_as_an_engine_here(served_run):
 @pytest.mark.slow
 def test_a_compiled_engine_process_answers_as_an_eager_engine_here(served_run):
     """`serve --compile`: the engine process compiles its step for each row count before it is ready (a
-    server's buckets, here 1 and 2), then gives the greedy tokens of the eager engine."""
+    server's buckets, here 1 and 2) without falling back to eager, then gives the eager engine's greedy
+    tokens."""
     load = functools.partial(served_model, str(served_run), "cpu", "fp32")
     model, tok = load()
     prompts = [tok.encode(p) for p in PROMPTS[:3]]
@@ -69,6 +70,7 @@ def test_a_compiled_engine_process_answers_as_an_eager_engine_here(served_run):
     here = Engine(model, tok, slots=2).generate(prompts, params)
     engine = EngineProcess(load, slots=2, compile=True, threads=1)
     try:
+        assert engine.compile_failure is None
         there = [engine.submit(p, params) for p in prompts]
         for seq in there:
             assert seq.done.wait(300), "the engine process did not answer"

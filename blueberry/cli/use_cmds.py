@@ -404,6 +404,8 @@ def serve_command(args) -> int:
         print(f"Compiling the decode step for {rows} rows before serving (once per start)", flush=True)
     engine = EngineProcess(functools.partial(served_model, str(ckpt), args.device, args.dtype), slots=args.slots,
                            compile=args.compile, threads=args.threads)
+    if engine.compile_failure:
+        print(f"--compile: no working compiler here, decoding eager ({engine.compile_failure})", flush=True)
     print(f"Serving {ckpt} as model {name!r} at http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)
     try:
         uvicorn.run(create_app(engine, name), host=args.host, port=args.port, log_level="warning")

@@ -124,16 +124,19 @@ class Engine:
         self._lock = threading.Lock()
         self.compiled = compile
         self.compile_failure: str | None = None  # why the compiled step fell back to eager, if it did
-        self.compile_rows = tuple(sorted(set(compile_rows or ()) | {slots}))
-        if not 1 <= self.compile_rows[0] <= self.compile_rows[-1] <= slots:
+        if slots < 1:
+            raise ValueError(f"an engine needs at least one slot, got {slots}")
+        self.compile_rows = tuple(sorted(set(compile_rows or ()) | {slots})) if compile else ()
+        if compile and not 1 <= self.compile_rows[0] <= self.compile_rows[-1] <= slots:
             raise ValueError(f"compile_rows must be between 1 and the {slots} slots, got {compile_rows}")
         self._decode = self._compiled(self._decode_logits) if compile else self._decode_logits
 
     @torch.inference_mode()
     def warm_up(self) -> None:
         """Compile the decode step for each of `compile_rows` now, before any request (so that none waits for a
-        compilation); nothing without `compile`. What it writes into the cache lies at position 0, which a
-        request's prefill writes first."""
+        compilation); nothing without `compile`. It decodes a token at position 0 in every row: a KV cache
+        keeps it at position 0, which a request's prefill writes first, and a recurrent state (Mamba-2,
+        retention) starts afresh at a forward from position 0, as every prefill is."""
         if self.has_work():
             raise RuntimeError("warm_up runs before any request")
         for rows in self.compile_rows:

@@ -33,7 +33,9 @@ class EngineProcessError(BlueberryError):
 
 class EngineProcess:
     """Runs `Engine(model, tokenizer, slots=, compile=)` in a spawned process, where `load()` (picklable)
-    returns (model, tokenizer). Starting waits until the model is loaded and raises what loading raised."""
+    returns (model, tokenizer). Starting waits until the model is loaded (and, with `compile`, the step
+    compiled for each of `engine.row_buckets(slots)`: minutes on a CPU, at every start, restarts too) and
+    raises what loading raised; `compile_failure` says why the step stayed eager, if it did."""
 
     def __init__(self, load: Callable, *, slots: int = 8, compile: bool = False, threads: int | None = None):
         self._spec = (load, slots, compile, threads)
@@ -80,7 +82,7 @@ class EngineProcess:
         if message[0] == "failed":
             self._end_process(process, ours)
             raise message[1]
-        _, self.tokenizer, self.context = message
+        _, self.tokenizer, self.context, self.compile_failure = message
         return ours
 
     # ---- the runner's interface (as EngineLoop's) ----
