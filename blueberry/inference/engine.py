@@ -108,6 +108,8 @@ class Engine:
         """`compile_rows`: the row counts the compiled step is compiled for (each at its first use, or all at
         once by `warm_up`), each step taking the smallest that holds the last busy slot; default all the
         slots alone (one compilation). Ignored without `compile`."""
+        if slots < 1:
+            raise ValueError(f"an engine needs at least one slot, got {slots}")
         self.model = model.eval()
         if dtype is not None:
             self.model.to(dtype)
@@ -124,8 +126,6 @@ class Engine:
         self._lock = threading.Lock()
         self.compiled = compile
         self.compile_failure: str | None = None  # why the compiled step fell back to eager, if it did
-        if slots < 1:
-            raise ValueError(f"an engine needs at least one slot, got {slots}")
         self.compile_rows = tuple(sorted(set(compile_rows or ()) | {slots})) if compile else ()
         if compile and not 1 <= self.compile_rows[0] <= self.compile_rows[-1] <= slots:
             raise ValueError(f"compile_rows must be between 1 and the {slots} slots, got {compile_rows}")

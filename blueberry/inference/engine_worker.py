@@ -4,8 +4,9 @@ its end. One message per half step (after the prefills, after the decode), so th
 token is not held back behind everyone's next token. `set_serving_threads`: the engine's intra-op threads.
 
 Messages, server to engine: ("submit", id, prompt_ids, SamplingParams), ("cancel", id), ("stop",).
-Engine to server: ("ready", tokenizer, context, compile_failure) or ("failed", exception) once, then ("events", [("text", id,
-piece) | ("first", id, read_at) | ("done", id, finish_reason, error, error_kind, output_ids)], stats, sent_at):
+Engine to server: ("ready", tokenizer, context, compile_failure) or ("failed", exception) once, then
+("events", [("text", id, piece) | ("first", id, read_at) | ("done", id, finish_reason, error, error_kind,
+output_ids)], stats, sent_at):
 "first" comes before a request's first text, with the time the engine read the request, and `sent_at` is when
 the message was sent (`time.monotonic()`, one clock for the machine's processes): the server can tell where a
 first text's time went.
